@@ -1,14 +1,853 @@
-"""FlashAttention forward/backward in Pallas (work in progress: being written now)."""
+"""FlashAttention in Pallas: a tiled forward with online softmax and a
+recomputing backward, with causal, sliding-window and block-sparse skipping.
+
+Layout follows JAX: ``q`` is ``[batch, q_len, heads, head_dim]`` and ``k``, ``v``
+are ``[batch, kv_len, kv_heads, head_dim]`` with ``heads`` a multiple of
+``kv_heads`` (GQA/MQA read K/V through the head index, never repeated).
+
+Forward (FlashAttention-2): one program per (query tile, batch, head) streams
+the key/value tiles it can see, keeps the running max ``m``, denominator ``l``
+and un-normalised output in registers, and writes ``O`` and the row
+log-sum-exp. No ``q_len x kv_len`` array ever reaches HBM.
+
+Which key tiles a query tile visits comes from the mask geometry: a causal or
+sliding-window mask bounds the tile range, and tiles wholly inside the visible
+band run without any masking arithmetic; only the band's edge tiles are
+masked. A block-sparse mask goes through an index list per query tile, so cost
+falls with the number of live tiles.
+
+Backward (FlashAttention-2): residuals are only Q, K, V, O and the
+log-sum-exp. ``delta = rowsum(dO * O)`` is one fused XLA reduction; then one
+kernel parallel over key tiles accumulates dK and dV (looping over the query
+heads of its KV group and the query tiles that see it), and one kernel parallel
+over query tiles accumulates dQ. Both recompute the probabilities from the
+saved log-sum-exp. Splitting dQ from dK/dV avoids atomics and keeps each
+accumulator in registers.
+"""
+
+from __future__ import annotations
+
 import dataclasses
-from flashjax.reference import attention_reference
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from flashjax._backend import resolve_interpret
+from flashjax.reference import normalize_window
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+MAX_HEAD_DIM = 256
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    block_q: int = 128
-    block_k: int = 64
+    """Tile sizes and launch parameters of the kernels.
+
+    ``None`` picks a default for the head dimension. Every tile is clamped to
+    the (power-of-two rounded) sequence length, so short inputs work as is.
+    """
+
+    block_q: int | None = None  # forward: query rows per program
+    block_k: int | None = None  # forward: key rows per loop step
+    block_q_bwd: int | None = None  # backward: query tile (dQ program / dK,dV loop step)
+    block_k_bwd: int | None = None  # backward: key tile (dK,dV program / dQ loop step)
+    num_warps: int | None = None
+    num_stages: int | None = None
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int | None = None
+
+    def resolved(self, head_dim: int, interpret: bool) -> "BlockSizes":
+        if interpret:  # small tiles: CPU tests exercise many tiles cheaply
+            d = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16,
+                     num_warps=4, num_stages=1, num_warps_bwd=4, num_stages_bwd=1)
+        elif head_dim <= 64:
+            d = dict(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=128,
+                     num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
+        elif head_dim <= 128:
+            d = dict(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=128,
+                     num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)
+        else:
+            d = dict(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=64,
+                     num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)
+        for f in dataclasses.fields(self):
+            val = getattr(self, f.name)
+            if val is not None:
+                d[f.name] = int(val)
+        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+            b = d[name]
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"block_sizes.{name} must be a power of two >= 16, got {b}")
+        return BlockSizes(**d)
 
 
-def flash_attention(q, k, v, **kwargs):  # replaced by the Pallas kernel shortly
-    kwargs.pop("block_sizes", None); kwargs.pop("interpret", None)
-    return attention_reference(q, k, v, **kwargs).astype(q.dtype)
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static description of one attention call (hashable: a jit/vjp static)."""
+
+    q_len: int
+    kv_len: int
+    q_pad: int
+    kv_pad: int
+    heads: int
+    kv_heads: int
+    head_dim: int  # padded head dim the kernels see
+    sm_scale: float
+    causal: bool
+    left: int  # keys visible left of the aligned diagonal; -1 unbounded
+    right: int  # keys visible right of it; -1 unbounded
+    softcap: float | None
+    has_q_lengths: bool
+    has_kv_lengths: bool
+    has_segments: bool
+    sparse: bool
+    blocks: BlockSizes
+    interpret: bool
+    poison: bool
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def offset(self) -> int:  # bottom-right alignment: query i sits at key i + offset
+        return self.kv_len - self.q_len
+
+    @property
+    def has_data_mask(self) -> bool:
+        return self.has_q_lengths or self.has_kv_lengths or self.has_segments
+
+    def k_band(self):
+        """Key offsets (a, b) visible from query x: keys in [x + a, x + b] (None: unbounded)."""
+        a = None if self.left < 0 else self.offset - self.left
+        b = None if self.right < 0 else self.offset + self.right
+        return a, b
+
+    def q_band(self):
+        """Query offsets visible from key y: queries in [y + a, y + b] (None: unbounded)."""
+        a = None if self.right < 0 else -self.offset - self.right
+        b = None if self.left < 0 else -self.offset + self.left
+        return a, b
+
+
+# ----------------------------------------------------------------------------
+# In-kernel helpers
+
+
+def _cdiv(x, t):
+    return lax.div(x + (t - 1), t)
+
+
+def _tile_ranges(start, n, tile, band, other_len, other_tiles, mask_tail):
+    """Tiles of the other axis seen by own positions [start, start+n).
+
+    Returns (lo, full_lo, full_hi, hi): tiles [lo, hi) are visited, and tiles in
+    [full_lo, full_hi) are visible from every own position (no mask needed).
+    """
+    a, b = band
+    zero = jnp.int32(0)
+    lo = zero if a is None else lax.div(jnp.maximum(start + a, 0), tile)
+    hi = jnp.int32(other_tiles) if b is None else jnp.minimum(
+        _cdiv(jnp.maximum(start + n + b, 0), tile), other_tiles)
+    lo = jnp.minimum(lo, other_tiles)
+    hi = jnp.maximum(hi, lo)
+    full_lo = zero if a is None else _cdiv(jnp.maximum(start + n - 1 + a, 0), tile)
+    full_hi = jnp.int32(other_tiles) if b is None else lax.div(jnp.maximum(start + b + 1, 0), tile)
+    if mask_tail and other_len % tile:
+        full_hi = jnp.minimum(full_hi, other_len // tile)
+    full_lo = jnp.clip(full_lo, lo, hi)
+    full_hi = jnp.clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _geometry_mask(spec, rows, cols, mask_tail):
+    """rows: query positions [R, 1]; cols: key positions [1, C]. None if nothing to mask."""
+    mask = None
+
+    def _and(m, c):
+        return c if m is None else jnp.logical_and(m, c)
+
+    if mask_tail and spec.kv_pad != spec.kv_len:
+        mask = _and(mask, jnp.broadcast_to(cols < spec.kv_len, (rows.shape[0], cols.shape[1])))
+    diff = cols - (rows + spec.offset)
+    if spec.right >= 0:
+        mask = _and(mask, diff <= spec.right)
+    if spec.left >= 0:
+        mask = _and(mask, diff >= -spec.left)
+    return mask
+
+
+def _and(m, c):
+    return c if m is None else jnp.logical_and(m, c)
+
+
+def _dot(a, b, trans_b=False):
+    """a @ b (or a @ b.T) with a float32 accumulator; exact fp32 products for fp32 inputs."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _scores(spec, s):
+    """Raw q.k -> scores in log2 units (soft-cap applied). Also returns tanh for the backward."""
+    if spec.softcap is None:
+        return s * (spec.sm_scale * LOG2E), None
+    t = jnp.tanh(s * (spec.sm_scale / spec.softcap))
+    return t * (spec.softcap * LOG2E), t
+
+
+def _unpack_aux(spec, refs):
+    """Split the optional input refs (in the order _aux_inputs builds them)."""
+    refs = list(refs)
+    out = {}
+    for name, present in (("q_len", spec.has_q_lengths), ("kv_len", spec.has_kv_lengths),
+                          ("q_seg", spec.has_segments), ("kv_seg", spec.has_segments),
+                          ("idx", spec.sparse), ("cnt", spec.sparse)):
+        out[name] = refs.pop(0) if present else None
+    return out, refs
+
+
+# ----------------------------------------------------------------------------
+# Forward kernel
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: _Spec, bq: int, bk: int, n_k_tiles: int):
+    aux, (o_ref, lse_ref) = _unpack_aux(spec, refs)
+    n_q_tiles = spec.q_pad // bq
+    pid = pl.program_id(0)
+    qt = (n_q_tiles - 1 - pid) if spec.causal else pid  # heavy causal rows first
+    q_start = qt * bq
+    d = spec.head_dim
+    q = q_ref[...]
+    rows = q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    q_len_b = aux["q_len"][0] if spec.has_q_lengths else None
+    kv_len_b = aux["kv_len"][0] if spec.has_kv_lengths else None
+    q_seg = aux["q_seg"][pl.ds(q_start, bq)] if spec.has_segments else None
+
+    def data_mask(cols, k_start):
+        mask = None
+        if spec.has_kv_lengths:
+            mask = _and(mask, jnp.broadcast_to(cols < kv_len_b, (bq, bk)))
+        if spec.has_q_lengths:
+            mask = _and(mask, jnp.broadcast_to(rows < q_len_b, (bq, bk)))
+        if spec.has_segments:
+            kv_seg = aux["kv_seg"][pl.ds(k_start, bk)]
+            mask = _and(mask, q_seg[:, None] == kv_seg[None, :])
+        return mask
+
+    def body(kt, carry, geometric: bool):
+        acc, m_prev, l_prev = carry
+        k_start = pl.multiple_of(kt * bk, bk)
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        s, _ = _scores(spec, _dot(q, k, trans_b=True))
+        cols = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        mask = data_mask(cols, k_start)
+        if geometric:
+            mask = _and(mask, _geometry_mask(spec, rows, cols, mask_tail=True))
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        # A row with no visible key yet keeps m = -inf; use 0 there so exp2 gives 0, not NaN.
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_prev - m_use)
+        p = jnp.exp2(s - m_use[:, None])
+        l_new = l_prev * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l_new
+
+    carry = (jnp.zeros((bq, d), jnp.float32),
+             jnp.full((bq,), -jnp.inf, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+    if spec.sparse:
+        count = aux["cnt"][0]
+        if spec.has_q_lengths:
+            count = jnp.where(q_start < q_len_b, count, 0)
+        carry = lax.fori_loop(
+            0, count, lambda t, c: body(aux["idx"][t], c, True), carry)
+    else:
+        lo, full_lo, full_hi, hi = _tile_ranges(
+            q_start, bq, bk, spec.k_band(), spec.kv_len, n_k_tiles, mask_tail=True)
+        if spec.has_kv_lengths:
+            hi = jnp.maximum(jnp.minimum(hi, _cdiv(kv_len_b, bk)), lo)
+            full_lo = jnp.minimum(full_lo, hi)
+            full_hi = jnp.clip(full_hi, full_lo, hi)
+        if spec.has_q_lengths:
+            hi = jnp.where(q_start < q_len_b, hi, lo)
+            full_lo = jnp.minimum(full_lo, hi)
+            full_hi = jnp.clip(full_hi, full_lo, hi)
+        a, _ = spec.k_band()
+        if a is not None:
+            carry = lax.fori_loop(lo, full_lo, functools.partial(body, geometric=True), carry)
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, geometric=False), carry)
+        carry = lax.fori_loop(full_hi, hi, functools.partial(body, geometric=True), carry)
+    acc, m, l = carry
+    live = l > 0.0
+    o = acc / jnp.where(live, l, 1.0)[:, None]
+    o_ref[...] = o.astype(o_ref.dtype)
+    # log2-domain log-sum-exp; +inf marks a row with no visible key (its p is 0 in the backward).
+    lse_ref[...] = jnp.where(live, m + jnp.log2(jnp.where(live, l, 1.0)), jnp.inf)
+
+
+def _aux_inputs(spec, aux, seg_q, seg_k, batch_of):
+    """Optional inputs and their BlockSpecs, in the order `_unpack_aux` reads them."""
+    args, specs = [], []
+    if spec.has_q_lengths:
+        args.append(aux["q_lengths"])
+        specs.append(pl.BlockSpec((1,), lambda *g: (batch_of(*g),)))
+    if spec.has_kv_lengths:
+        args.append(aux["kv_lengths"])
+        specs.append(pl.BlockSpec((1,), lambda *g: (batch_of(*g),)))
+    if spec.has_segments:
+        args += [aux["q_segment_ids"], aux["kv_segment_ids"]]
+        specs += [seg_q, seg_k]
+    return args, specs
+
+
+def _list_inputs(lists, row_of):
+    idx, cnt = lists
+    return [idx, cnt], [pl.BlockSpec((None, idx.shape[1]), lambda *g: (row_of(*g), 0)),
+                        pl.BlockSpec((1,), lambda *g: (row_of(*g),))]
+
+
+def _pallas(kernel, *, spec, grid, inputs, in_specs, out_specs, out_shape, warps, stages, name):
+    """pallas_call; with spec.poison the outputs start as NaN buffers (aliased), so any
+    element a kernel does not write stays NaN."""
+    aliases = {}
+    if spec.poison:
+        n_in, n_out = len(inputs), len(out_shape)
+        inputs = [*inputs, *[jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]]
+        in_specs = [*in_specs, *out_specs]
+        aliases = {n_in + i: i for i in range(n_out)}
+        inner = kernel
+
+        def kernel(*refs):
+            return inner(*refs[:n_in], *refs[n_in + n_out:])
+
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+        interpret=spec.interpret,
+        name=name,
+    )(*inputs)
+
+
+def _fwd_call(q, k, v, aux, spec: _Spec):
+    batch, _, heads, d = q.shape
+    bs = spec.blocks
+    bq, bk = bs.block_q, bs.block_k
+    n_q_tiles, n_k_tiles = spec.q_pad // bq, spec.kv_pad // bk
+    group = spec.group
+
+    def q_tile(i, b, h):  # causal: heaviest query tiles launch first
+        return (n_q_tiles - 1 - i) if spec.causal else i
+
+    q_row = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, q_tile(i, b, h), h, 0))
+    kv_all = pl.BlockSpec((None, spec.kv_pad, None, d), lambda i, b, h: (b, 0, h // group, 0))
+    args, specs = _aux_inputs(
+        spec, aux,
+        seg_q=pl.BlockSpec((None, spec.q_pad), lambda i, b, h: (b, 0)),
+        seg_k=pl.BlockSpec((None, spec.kv_pad), lambda i, b, h: (b, 0)),
+        batch_of=lambda i, b, h: b)
+    if spec.sparse:
+        a2, s2 = _list_inputs(aux["fwd_lists"], q_tile)
+        args, specs = args + a2, specs + s2
+    return _pallas(
+        functools.partial(_fwd_kernel, spec=spec, bq=bq, bk=bk, n_k_tiles=n_k_tiles),
+        spec=spec,
+        grid=(n_q_tiles, batch, heads),
+        inputs=[q, k, v, *args],
+        in_specs=[q_row, kv_all, kv_all, *specs],
+        out_specs=[q_row, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, q_tile(i, b, h)))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, spec.q_pad), jnp.float32)],
+        warps=bs.num_warps, stages=bs.num_stages, name="flashjax_fwd")
+
+
+# ----------------------------------------------------------------------------
+# Backward kernels
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _Spec,
+               bq: int, bk: int, n_k_tiles: int):
+    aux, (dq_ref,) = _unpack_aux(spec, refs)
+    n_q_tiles = spec.q_pad // bq
+    pid = pl.program_id(0)
+    qt = (n_q_tiles - 1 - pid) if spec.causal else pid
+    q_start = qt * bq
+    rows = q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    q_len_b = aux["q_len"][0] if spec.has_q_lengths else None
+    kv_len_b = aux["kv_len"][0] if spec.has_kv_lengths else None
+    q_seg = aux["q_seg"][pl.ds(q_start, bq)] if spec.has_segments else None
+
+    def body(kt, dq, geometric: bool):
+        k_start = pl.multiple_of(kt * bk, bk)
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        s, t = _scores(spec, _dot(q, k, trans_b=True))
+        cols = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        mask = None
+        if spec.has_kv_lengths:
+            mask = _and(mask, jnp.broadcast_to(cols < kv_len_b, (bq, bk)))
+        if spec.has_q_lengths:
+            mask = _and(mask, jnp.broadcast_to(rows < q_len_b, (bq, bk)))
+        if spec.has_segments:
+            mask = _and(mask, q_seg[:, None] == aux["kv_seg"][pl.ds(k_start, bk)][None, :])
+        if geometric:
+            mask = _and(mask, _geometry_mask(spec, rows, cols, mask_tail=True))
+        if mask is not None:
+            s = jnp.where(mask, s, -jnp.inf)
+        p = jnp.exp2(s - lse[:, None])
+        dp = _dot(do, v, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = jnp.zeros((bq, spec.head_dim), jnp.float32)
+    if spec.sparse:
+        count = aux["cnt"][0]
+        dq = lax.fori_loop(0, count, lambda i, c: body(aux["idx"][i], c, True), dq)
+    else:
+        lo, full_lo, full_hi, hi = _tile_ranges(
+            q_start, bq, bk, spec.k_band(), spec.kv_len, n_k_tiles, mask_tail=True)
+        if spec.has_kv_lengths:
+            hi = jnp.maximum(jnp.minimum(hi, _cdiv(kv_len_b, bk)), lo)
+            full_lo = jnp.minimum(full_lo, hi)
+            full_hi = jnp.clip(full_hi, full_lo, hi)
+        if spec.has_q_lengths:
+            hi = jnp.where(q_start < q_len_b, hi, lo)
+            full_lo = jnp.minimum(full_lo, hi)
+            full_hi = jnp.clip(full_hi, full_lo, hi)
+        a, _ = spec.k_band()
+        if a is not None:
+            dq = lax.fori_loop(lo, full_lo, functools.partial(body, geometric=True), dq)
+        dq = lax.fori_loop(full_lo, full_hi, functools.partial(body, geometric=False), dq)
+        dq = lax.fori_loop(full_hi, hi, functools.partial(body, geometric=True), dq)
+    dq = dq * spec.sm_scale
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _Spec,
+                 bq: int, bk: int, n_q_tiles: int):
+    aux, (dk_ref, dv_ref) = _unpack_aux(spec, refs)
+    kt = pl.program_id(0)
+    k_start = kt * bk
+    k = k_ref[...]
+    v = v_ref[...]
+    cols = k_start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)  # key positions, as rows here
+    q_len_b = aux["q_len"][0] if spec.has_q_lengths else None
+    kv_len_b = aux["kv_len"][0] if spec.has_kv_lengths else None
+    kv_seg = aux["kv_seg"][pl.ds(k_start, bk)] if spec.has_segments else None
+
+    def body(qt, carry, geometric: bool):
+        dk, dv, g = carry
+        q_start = pl.multiple_of(qt * bq, bq)
+        q = q_ref[pl.ds(q_start, bq), g, :]
+        do = do_ref[pl.ds(q_start, bq), g, :]
+        lse = lse_ref[g, pl.ds(q_start, bq)]
+        delta = delta_ref[g, pl.ds(q_start, bq)]
+        s_t, t = _scores(spec, _dot(k, q, trans_b=True))  # [bk, bq]
+        rows = q_start + lax.broadcasted_iota(jnp.int32, (1, bq), 1)  # query positions
+        mask = None
+        if spec.has_kv_lengths:
+            mask = _and(mask, jnp.broadcast_to(cols < kv_len_b, (bk, bq)))
+        if spec.has_q_lengths:
+            mask = _and(mask, jnp.broadcast_to(rows < q_len_b, (bk, bq)))
+        if spec.has_segments:
+            q_seg = aux["q_seg"][pl.ds(q_start, bq)]
+            mask = _and(mask, kv_seg[:, None] == q_seg[None, :])
+        if geometric:
+            diff = cols - (rows + spec.offset)
+            if spec.right >= 0:
+                mask = _and(mask, diff <= spec.right)
+            if spec.left >= 0:
+                mask = _and(mask, diff >= -spec.left)
+        if mask is not None:
+            s_t = jnp.where(mask, s_t, -jnp.inf)
+        p_t = jnp.exp2(s_t - lse[None, :])
+        dv = dv + _dot(p_t.astype(do.dtype), do)
+        dp_t = _dot(v, do, trans_b=True)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if t is not None:
+            ds_t = ds_t * (1.0 - t * t)
+        dk = dk + _dot(ds_t.astype(q.dtype), q)
+        return dk, dv, g
+
+    d = spec.head_dim
+    dk = jnp.zeros((bk, d), jnp.float32)
+    dv = jnp.zeros((bk, d), jnp.float32)
+    if spec.sparse:
+        count = aux["cnt"][0]
+        if spec.has_kv_lengths:
+            count = jnp.where(k_start < kv_len_b, count, 0)
+
+        def per_head(g, c):
+            dk, dv = c
+            dk, dv, _ = lax.fori_loop(0, count, lambda i, cc: body(aux["idx"][i], cc, True), (dk, dv, g))
+            return dk, dv
+    else:
+        lo, full_lo, full_hi, hi = _tile_ranges(
+            k_start, bk, bq, spec.q_band(), spec.q_len, n_q_tiles, mask_tail=False)
+        if spec.kv_pad != spec.kv_len:  # the key tail tile is never "full"
+            full_hi = jnp.where(k_start + bk > spec.kv_len, full_lo, full_hi)
+        if spec.has_q_lengths:
+            hi = jnp.maximum(jnp.minimum(hi, _cdiv(q_len_b, bq)), lo)
+            full_lo = jnp.minimum(full_lo, hi)
+            full_hi = jnp.clip(full_hi, full_lo, hi)
+        if spec.has_kv_lengths:
+            hi = jnp.where(k_start < kv_len_b, hi, lo)
+            full_lo = jnp.minimum(full_lo, hi)
+            full_hi = jnp.clip(full_hi, full_lo, hi)
+        a, _ = spec.q_band()
+
+        def per_head(g, c):
+            c = (*c, g)
+            if a is not None:
+                c = lax.fori_loop(lo, full_lo, functools.partial(body, geometric=True), c)
+            c = lax.fori_loop(full_lo, full_hi, functools.partial(body, geometric=False), c)
+            c = lax.fori_loop(full_hi, hi, functools.partial(body, geometric=True), c)
+            return c[0], c[1]
+
+    if spec.group == 1:
+        dk, dv = per_head(0, (dk, dv))
+    else:
+        dk, dv = lax.fori_loop(0, spec.group, per_head, (dk, dv))
+    dk_ref[...] = (dk * spec.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
+    batch, _, heads, d = q.shape
+    kv_heads, group = spec.kv_heads, spec.group
+    bs = spec.blocks
+    bq, bk = bs.block_q_bwd, bs.block_k_bwd
+    n_q_tiles, n_k_tiles = spec.q_pad // bq, spec.kv_pad // bk
+    # delta_i = sum_d dO*O (natural units); a cotangent on the log-sum-exp folds in here.
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - dlse.astype(jnp.float32)
+    lse2 = lse2.astype(jnp.float32)
+
+    # dQ: one program per (query tile, batch, head), streaming the key tiles it sees.
+    def q_tile(i, b, h):
+        return (n_q_tiles - 1 - i) if spec.causal else i
+
+    q_row = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, q_tile(i, b, h), h, 0))
+    l_row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, q_tile(i, b, h)))
+    kv_all = pl.BlockSpec((None, spec.kv_pad, None, d), lambda i, b, h: (b, 0, h // group, 0))
+    args, specs = _aux_inputs(
+        spec, aux,
+        seg_q=pl.BlockSpec((None, spec.q_pad), lambda i, b, h: (b, 0)),
+        seg_k=pl.BlockSpec((None, spec.kv_pad), lambda i, b, h: (b, 0)),
+        batch_of=lambda i, b, h: b)
+    if spec.sparse:
+        a2, s2 = _list_inputs(aux["dq_lists"], q_tile)
+        args, specs = args + a2, specs + s2
+    [dq] = _pallas(
+        functools.partial(_dq_kernel, spec=spec, bq=bq, bk=bk, n_k_tiles=n_k_tiles),
+        spec=spec,
+        grid=(n_q_tiles, batch, heads),
+        inputs=[q, k, v, do, lse2, delta, *args],
+        in_specs=[q_row, kv_all, kv_all, q_row, l_row, l_row, *specs],
+        out_specs=[q_row],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+        warps=bs.num_warps_bwd, stages=bs.num_stages_bwd, name="flashjax_bwd_dq")
+
+    # dK, dV: one program per (key tile, batch, kv head), looping over the group's
+    # query heads and the query tiles that see the key tile.
+    k_row = pl.BlockSpec((None, bk, None, d), lambda j, b, h: (b, j, h, 0))
+    q_group = pl.BlockSpec((None, spec.q_pad, group, d), lambda j, b, h: (b, 0, h, 0))
+    l_group = pl.BlockSpec((None, group, spec.q_pad), lambda j, b, h: (b, h, 0))
+    args, specs = _aux_inputs(
+        spec, aux,
+        seg_q=pl.BlockSpec((None, spec.q_pad), lambda j, b, h: (b, 0)),
+        seg_k=pl.BlockSpec((None, spec.kv_pad), lambda j, b, h: (b, 0)),
+        batch_of=lambda j, b, h: b)
+    if spec.sparse:
+        a2, s2 = _list_inputs(aux["dkdv_lists"], lambda j, b, h: j)
+        args, specs = args + a2, specs + s2
+    dk, dv = _pallas(
+        functools.partial(_dkdv_kernel, spec=spec, bq=bq, bk=bk, n_q_tiles=n_q_tiles),
+        spec=spec,
+        grid=(n_k_tiles, batch, kv_heads),
+        inputs=[q, k, v, do, lse2, delta, *args],
+        in_specs=[q_group, k_row, k_row, q_group, l_group, l_group, *specs],
+        out_specs=[k_row, k_row],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        warps=bs.num_warps_bwd, stages=bs.num_stages_bwd, name="flashjax_bwd_dkdv")
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, aux, spec):
+    o, lse2 = _fwd_call(q, k, v, aux, spec)
+    return o, lse2
+
+
+def _flash_fwd(q, k, v, aux, spec):
+    o, lse2 = _fwd_call(q, k, v, aux, spec)
+    return (o, lse2), (q, k, v, o, lse2, aux)
+
+
+def _flash_bwd(spec, res, cts):
+    q, k, v, o, lse2, aux = res
+    do, dlse2 = cts
+    # lse2 is in log2 units: a cotangent on it equals LOG2E times one on the natural lse.
+    dlse = None if dlse2 is None else dlse2 * LOG2E
+    dq, dk, dv = _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec)
+    return dq, dk, dv, jax.tree.map(lambda _: None, aux)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Public entry point
+
+
+def _check_int_array(name, x, shape):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+    if x.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
+    return x.astype(jnp.int32)
+
+
+def _sparse_lists(active):
+    """active: bool [rows, cols] -> (indices of live cols first [rows, cols_pow2], counts [rows])."""
+    rows, cols = active.shape
+    width = max(1, pl.next_power_of_2(cols))
+    order = jnp.argsort(jnp.logical_not(active), axis=1, stable=True).astype(jnp.int32)
+    order = jnp.pad(order, ((0, 0), (0, width - cols)))
+    return order, jnp.sum(active, axis=1).astype(jnp.int32)
+
+
+def _band_tiles(n_own, own_tile, n_other, other_tile, band, other_len):
+    """Static bool [n_own, n_other]: which other-axis tiles any own position of a tile can see."""
+    a, b = band
+    own = np.arange(n_own)[:, None] * own_tile
+    oth = np.arange(n_other)[None, :] * other_tile
+    ok = oth < other_len
+    if a is not None:
+        ok = ok & (oth + other_tile - 1 >= own + a)
+    if b is not None:
+        ok = ok & (oth <= own + own_tile - 1 + b)
+    return ok
+
+
+def _sparse_aux(spec, block_mask, sbs):
+    bs = spec.blocks
+    bm = jnp.asarray(block_mask).astype(bool)
+
+    def expand(own_tile, own_pad, other_tile, other_pad, transpose):
+        n_own, n_other = own_pad // own_tile, other_pad // other_tile
+        own_blocks = (np.arange(n_own) * own_tile) // sbs
+        other_blocks = (np.arange(n_other) * other_tile) // sbs
+        if transpose:  # own axis = keys
+            live = bm[:, own_blocks][other_blocks, :].T
+            geo = _band_tiles(n_own, own_tile, n_other, other_tile, spec.q_band(), spec.q_len)
+        else:
+            live = bm[own_blocks][:, other_blocks]
+            geo = _band_tiles(n_own, own_tile, n_other, other_tile, spec.k_band(), spec.kv_len)
+        return _sparse_lists(jnp.logical_and(live, jnp.asarray(geo)))
+
+    return {
+        "fwd_lists": expand(bs.block_q, spec.q_pad, bs.block_k, spec.kv_pad, False),
+        "dq_lists": expand(bs.block_q_bwd, spec.q_pad, bs.block_k_bwd, spec.kv_pad, False),
+        "dkdv_lists": expand(bs.block_k_bwd, spec.kv_pad, bs.block_q_bwd, spec.q_pad, True),
+    }
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    q_lengths=None,
+    kv_lengths=None,
+    segment_ids=None,
+    window=None,
+    softcap: float | None = None,
+    block_mask=None,
+    sparse_block_size: int = 128,
+    block_sizes: BlockSizes | None = None,
+    return_lse: bool = False,
+    interpret: bool | None = None,
+    poison_outputs: bool = False,
+):
+    """Memory-efficient exact attention (FlashAttention-2) as Pallas kernels.
+
+    Args:
+      q: ``[batch, q_len, heads, head_dim]``.
+      k, v: ``[batch, kv_len, kv_heads, head_dim]``; ``heads % kv_heads == 0``.
+        Same dtype as ``q``: bfloat16, float16 or float32. ``head_dim`` up to
+        256 (powers of two run as is; others are zero-padded).
+      causal: mask keys after the query. Aligned bottom-right: query ``i``
+        sits at key position ``i + kv_len - q_len`` (decode/chunked-prefill
+        convention), so with ``q_len > kv_len`` the first rows see nothing.
+      sm_scale: logit scale, default ``1/sqrt(head_dim)``.
+      q_lengths, kv_lengths: int ``[batch]``; rows/keys at or past the length
+        are padding. Padding rows give zeros.
+      segment_ids: int ``[batch, seq]`` (self-attention) or a pair
+        ``(q_segment_ids [batch, q_len], kv_segment_ids [batch, kv_len])`` for
+        packed sequences; a query only sees keys of its own segment.
+      window: sliding window. An int ``w`` lets a query see ``w`` keys to the
+        left of its aligned position (and ``w`` to the right unless causal); a
+        pair ``(left, right)`` sets both sides, ``-1`` meaning unbounded.
+      softcap: logit soft-capping ``softcap * tanh(logits / softcap)``.
+      block_mask: bool ``[ceil(q_len / sparse_block_size), ceil(kv_len /
+        sparse_block_size)]``; False tiles are skipped entirely (block-sparse
+        attention). Combined with causal/window by logical and.
+      sparse_block_size: granularity of ``block_mask``; a multiple of every
+        tile size in use (default 128).
+      block_sizes: tile sizes and launch parameters (``BlockSizes``).
+      return_lse: also return the natural-log log-sum-exp ``[batch, heads,
+        q_len]`` (float32; ``-inf`` for rows that see no key). Differentiable.
+      interpret: Pallas interpret mode; ``None`` compiles on GPU and
+        interprets elsewhere.
+      poison_outputs: testing aid: the kernels write into NaN-filled buffers,
+        so an element a kernel forgets to write shows up as NaN.
+
+    Returns:
+      ``o`` of ``q``'s shape and dtype, or ``(o, lse)`` with ``return_lse``.
+      Rows that see no key are zeros, never NaN.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(
+                f"{name} must be a 4-d array [batch, seq, heads, head_dim], "
+                f"got shape {getattr(x, 'shape', type(x).__name__)}")
+    batch, q_len, heads, head_dim = q.shape
+    kb, kv_len, kv_heads, kd = k.shape
+    if kb != batch:
+        raise ValueError(f"k batch {kb} does not match q batch {batch}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {k.shape}, got {v.shape}")
+    if kd != head_dim:
+        raise ValueError(f"k/v head_dim {kd} does not match q head_dim {head_dim}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads}) for grouped-query attention")
+    if head_dim > MAX_HEAD_DIM or head_dim < 1:
+        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    if q_len == 0 or kv_len == 0 or batch == 0:
+        raise ValueError(f"empty input: q shape {q.shape}, k shape {k.shape}")
+    dtype = jnp.dtype(q.dtype)
+    if dtype not in [jnp.dtype(t) for t in _DTYPES]:
+        raise TypeError(f"q dtype must be bfloat16, float16 or float32, got {dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if jnp.dtype(x.dtype) != dtype:
+            raise TypeError(f"{name} dtype {x.dtype} does not match q dtype {dtype}")
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    sm_scale = float(sm_scale)
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not softcap > 0:
+            raise ValueError(f"softcap must be > 0, got {softcap}")
+    win = normalize_window(window, causal)
+    left, right = (-1, 0 if causal else -1) if win is None else win
+    if causal and right != 0:
+        right = 0
+
+    interpret = resolve_interpret(interpret)
+    d_pad = max(16, pl.next_power_of_2(head_dim))
+    blocks = (block_sizes or BlockSizes()).resolved(d_pad, interpret)
+
+    def clamp(b, n):
+        return min(b, max(16, pl.next_power_of_2(n)))
+
+    blocks = dataclasses.replace(
+        blocks,
+        block_q=clamp(blocks.block_q, q_len), block_k=clamp(blocks.block_k, kv_len),
+        block_q_bwd=clamp(blocks.block_q_bwd, q_len), block_k_bwd=clamp(blocks.block_k_bwd, kv_len))
+    sparse = block_mask is not None
+    if sparse:
+        sbs = int(sparse_block_size)
+        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+            if sbs % getattr(blocks, name):
+                raise ValueError(
+                    f"sparse_block_size {sbs} must be a multiple of block_sizes.{name}="
+                    f"{getattr(blocks, name)}")
+        want = (-(-q_len // sbs), -(-kv_len // sbs))
+        if tuple(jnp.shape(block_mask)) != want:
+            raise ValueError(
+                f"block_mask must have shape {want} (ceil(q_len/{sbs}), ceil(kv_len/{sbs})), "
+                f"got {tuple(jnp.shape(block_mask))}")
+    q_pad = _round_up(q_len, max(blocks.block_q, blocks.block_q_bwd))
+    kv_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_bwd))
+
+    aux: dict[str, Any] = {}
+    if q_lengths is not None:
+        aux["q_lengths"] = _check_int_array("q_lengths", q_lengths, (batch,))
+    if kv_lengths is not None:
+        aux["kv_lengths"] = _check_int_array("kv_lengths", kv_lengths, (batch,))
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            if len(segment_ids) != 2:
+                raise ValueError("segment_ids must be an array or a (q_segment_ids, kv_segment_ids) pair")
+            q_seg, kv_seg = segment_ids
+        else:
+            if q_len != kv_len:
+                raise ValueError(
+                    "a single segment_ids array needs q_len == kv_len; pass "
+                    "(q_segment_ids, kv_segment_ids) for cross attention")
+            q_seg = kv_seg = segment_ids
+        q_seg = _check_int_array("q_segment_ids", q_seg, (batch, q_len))
+        kv_seg = _check_int_array("kv_segment_ids", kv_seg, (batch, kv_len))
+        # Padding gets ids no real token has: -1 for queries, -2 for keys.
+        aux["q_segment_ids"] = jnp.pad(q_seg, ((0, 0), (0, q_pad - q_len)), constant_values=-1)
+        aux["kv_segment_ids"] = jnp.pad(kv_seg, ((0, 0), (0, kv_pad - kv_len)), constant_values=-2)
+
+    spec = _Spec(
+        q_len=q_len, kv_len=kv_len, q_pad=q_pad, kv_pad=kv_pad, heads=heads,
+        kv_heads=kv_heads, head_dim=d_pad, sm_scale=sm_scale, causal=bool(causal),
+        left=left, right=right, softcap=softcap,
+        has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
+        has_segments=segment_ids is not None, sparse=sparse, blocks=blocks,
+        interpret=interpret, poison=bool(poison_outputs))
+    if sparse:
+        aux.update(_sparse_aux(spec, block_mask, sbs))
+
+    def pad(x, seq):
+        widths = ((0, 0), (0, seq - x.shape[1]), (0, 0), (0, d_pad - head_dim))
+        return x if all(w == (0, 0) for w in widths) else jnp.pad(x, widths)
+
+    o, lse2 = _flash(pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), aux, spec)
+    o = o[:, :q_len, :, :head_dim]
+    if not return_lse:
+        return o
+    lse2 = lse2[:, :, :q_len]
+    lse = jnp.where(jnp.isinf(lse2), -jnp.inf, lse2 * LN2)
+    return o, lse
