@@ -1,0 +1,320 @@
+"""FlashAttention kernels against a float64 (CPU) / float32 (GPU) reference.
+
+On CPU the kernels run in Pallas interpret mode with 16-wide tiles, so small
+shapes already cover many tiles, band edges and ragged tails; on GPU they run
+compiled with the default tiles and larger shapes.
+"""
+
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flashjax import BlockSizes, attention_reference, flash_attention
+from flashjax._backend import on_gpu
+
+GPU = on_gpu()
+REF_DTYPE = jnp.float32 if GPU else jnp.float64
+# (atol, rtol) on outputs and on gradients, per input dtype.
+TOL = {
+    jnp.float32: (2e-5, 1e-5) if not GPU else (1e-4, 1e-4),
+    jnp.float16: (4e-3, 4e-3),
+    jnp.bfloat16: (3e-2, 3e-2),
+}
+GRAD_TOL = {
+    jnp.float32: (1e-4, 1e-4) if not GPU else (5e-4, 5e-4),
+    jnp.float16: (1.5e-2, 1.5e-2),
+    jnp.bfloat16: (8e-2, 8e-2),
+}
+SEED = int(np.random.SeedSequence().entropy % (2**31))
+
+
+def _key(request):
+    """Fresh inputs every run; the seed is in the failure message."""
+    return jax.random.PRNGKey(SEED ^ zlib.crc32(request.node.name.encode()))
+
+
+def make_qkv(key, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (batch, q_len, heads, head_dim), jnp.float32)
+    k = jax.random.normal(kk, (batch, kv_len, kv_heads, head_dim), jnp.float32)
+    v = jax.random.normal(kv, (batch, kv_len, kv_heads, head_dim), jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def reference(q, k, v, **kw):
+    with jax.enable_x64(not GPU):
+        args = [jnp.asarray(x, REF_DTYPE) for x in (q, k, v)]
+        return attention_reference(*args, dtype=REF_DTYPE, **kw)
+
+
+def reference_grads(q, k, v, ct, **kw):
+    with jax.enable_x64(not GPU):
+        args = [jnp.asarray(x, REF_DTYPE) for x in (q, k, v)]
+        ct = jnp.asarray(ct, REF_DTYPE)
+        _, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, dtype=REF_DTYPE, **kw), *args)
+        return [np.asarray(g) for g in vjp(ct)]
+
+
+def assert_close(actual, expected, tol, what):
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, what
+    assert np.all(np.isfinite(actual)), f"{what}: non-finite values (seed {SEED})"
+    atol, rtol = tol
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    err = np.abs(actual - expected)
+    bad = err > atol * scale + rtol * np.abs(expected)
+    assert not bad.any(), (
+        f"{what}: max err {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}, "
+        f"{bad.sum()} of {bad.size} out of tolerance {tol} (seed {SEED})")
+
+
+def check(request, *, batch=2, q_len, kv_len, heads=4, kv_heads=2, head_dim=32,
+          dtype=jnp.float32, grads=True, **kw):
+    q, k, v = make_qkv(_key(request), batch, q_len, kv_len, heads, kv_heads, head_dim, dtype)
+    o, lse = flash_attention(q, k, v, return_lse=True, poison_outputs=True, **kw)
+    assert o.dtype == q.dtype and o.shape == q.shape
+    ref_o, ref_lse = reference(q, k, v, return_lse=True, **kw)
+    assert_close(o, ref_o, TOL[dtype], "output")
+    ref_lse = np.asarray(ref_lse)
+    lse = np.asarray(lse)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)), "rows with no visible key differ"
+    live = np.isfinite(ref_lse)
+    assert_close(lse[live], ref_lse[live], (1e-4, 1e-4) if dtype == jnp.float32 else (2e-2, 2e-2), "lse")
+    if not grads:
+        return
+    ct = jax.random.normal(jax.random.fold_in(_key(request), 7), o.shape, jnp.float32).astype(dtype)
+    _, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, poison_outputs=True, **kw), q, k, v)
+    got = vjp(ct)
+    want = reference_grads(q, k, v, ct, **kw)
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == dtype
+        assert_close(g, w, GRAD_TOL[dtype], f"d{name}")
+
+
+def S(cpu, gpu):
+    return gpu if GPU else cpu
+
+
+# --------------------------------------------------------------------------- forward + grads
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dense(request, causal, dtype):
+    check(request, q_len=S(48, 384), kv_len=S(48, 384), causal=causal, dtype=dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ragged_lengths_not_multiple_of_tiles(request, causal):
+    check(request, q_len=S(37, 301), kv_len=S(53, 517), causal=causal, heads=3, kv_heads=1, head_dim=24)
+
+
+def test_gqa_and_mqa(request):
+    check(request, q_len=S(40, 256), kv_len=S(40, 256), heads=8, kv_heads=2, causal=True)
+    check(request, q_len=S(32, 200), kv_len=S(48, 300), heads=4, kv_heads=1)
+
+
+def test_causal_bottom_right_decode_shape(request):
+    # q_len < kv_len: chunked prefill / decode convention
+    check(request, q_len=S(5, 17), kv_len=S(45, 333), causal=True)
+
+
+def test_causal_more_queries_than_keys_gives_zero_rows(request):
+    q, k, v = make_qkv(_key(request), 1, S(40, 160), S(12, 50), 2, 2, 16, jnp.float32)
+    o = flash_attention(q, k, v, causal=True, poison_outputs=True)
+    first_visible = q.shape[1] - k.shape[1]
+    assert np.all(np.asarray(o[:, :first_visible]) == 0.0)
+    assert np.all(np.isfinite(np.asarray(o)))
+    check(request, q_len=S(40, 160), kv_len=S(12, 50), causal=True)
+
+
+@pytest.mark.parametrize("window,causal", [(7, True), ((5, 9), False), (0, True), ((20, 0), False)])
+def test_sliding_window(request, window, causal):
+    check(request, q_len=S(64, 512), kv_len=S(64, 512), window=window, causal=causal)
+
+
+def test_softcap(request):
+    check(request, q_len=S(40, 300), kv_len=S(40, 300), softcap=3.0, causal=True, sm_scale=0.5)
+
+
+def test_lengths_padded_batch(request):
+    b = 3
+    q_len, kv_len = S(40, 300), S(56, 420)
+    q_lengths = jnp.array([q_len, 1, 0], jnp.int32)
+    kv_lengths = jnp.array([17, kv_len, 5], jnp.int32)
+    check(request, batch=b, q_len=q_len, kv_len=kv_len, q_lengths=q_lengths, kv_lengths=kv_lengths)
+    check(request, batch=b, q_len=kv_len, kv_len=kv_len, kv_lengths=kv_lengths, causal=True)
+
+
+def test_segment_ids_packed(request):
+    n = S(64, 400)
+    rng = np.random.default_rng(SEED)
+    seg = np.sort(rng.integers(0, 4, size=(2, n)), axis=1).astype(np.int32)
+    check(request, q_len=n, kv_len=n, segment_ids=jnp.asarray(seg), causal=True)
+    check(request, q_len=n, kv_len=n + 8,
+          segment_ids=(jnp.asarray(seg), jnp.asarray(np.concatenate([seg, seg[:, -8:]], 1))))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse(request, causal):
+    sbs = 16 if not GPU else 128
+    n = S(70, 700)
+    nb = -(-n // sbs)
+    rng = np.random.default_rng(SEED + causal)
+    mask = rng.random((nb, nb)) < 0.5
+    mask[0, 0] = True
+    check(request, q_len=n, kv_len=n, block_mask=jnp.asarray(mask), sparse_block_size=sbs,
+          causal=causal, window=(3 * sbs, -1))
+
+
+def test_block_sparse_all_masked_row_is_zero(request):
+    sbs = 16 if not GPU else 128
+    n = 2 * sbs
+    mask = jnp.array([[False, False], [True, True]])
+    q, k, v = make_qkv(_key(request), 1, n, n, 2, 2, 32, jnp.float32)
+    o = flash_attention(q, k, v, block_mask=mask, sparse_block_size=sbs)
+    assert np.all(np.asarray(o[:, :sbs]) == 0.0)
+    g = jax.grad(lambda q: jnp.sum(flash_attention(q, k, v, block_mask=mask, sparse_block_size=sbs)))(q)
+    assert np.all(np.isfinite(np.asarray(g)))
+    check(request, q_len=n, kv_len=n, block_mask=mask, sparse_block_size=sbs)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 80])
+def test_head_dims(request, head_dim):
+    check(request, q_len=S(24, 200), kv_len=S(24, 200), heads=2, kv_heads=1, head_dim=head_dim,
+          causal=True, dtype=jnp.bfloat16)
+
+
+def test_lse_gradient(request):
+    q, k, v = make_qkv(_key(request), 1, S(24, 130), S(24, 130), 2, 1, 16, jnp.float32)
+
+    def f(fn, q, k, v):
+        o, lse = fn(q, k, v, causal=True, return_lse=True)
+        return jnp.sum(o * 0.3) + jnp.sum(jnp.sin(lse))
+
+    got = jax.grad(lambda *a: f(flash_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    with jax.enable_x64(not GPU):
+        args = [jnp.asarray(x, REF_DTYPE) for x in (q, k, v)]
+        ref = lambda q, k, v, **kw: attention_reference(q, k, v, dtype=REF_DTYPE, **kw)
+        want = jax.grad(lambda *a: f(ref, *a), argnums=(0, 1, 2))(*args)
+        want = [np.asarray(w) for w in want]
+    for g, w in zip(got, want):
+        assert_close(g, w, GRAD_TOL[jnp.float32], "lse grad")
+
+
+# --------------------------------------------------------------------------- transformations
+
+
+def test_jit_vmap_checkpoint(request):
+    q, k, v = make_qkv(_key(request), 2, S(32, 256), S(32, 256), 2, 1, 32, jnp.float32)
+    ref = np.asarray(reference(q, k, v, causal=True))
+    vm = jax.jit(jax.vmap(lambda q, k, v: flash_attention(q[None], k[None], v[None], causal=True)[0]))
+    assert_close(vm(q, k, v), ref, TOL[jnp.float32], "vmap")
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.tanh(fn(q, k, v)))
+
+    flash = lambda q, k, v: flash_attention(q, k, v, causal=True)
+    g = jax.jit(jax.grad(jax.checkpoint(lambda *a: loss(flash, *a)), argnums=(0, 1, 2)))(q, k, v)
+    with jax.enable_x64(not GPU):
+        args = [jnp.asarray(x, REF_DTYPE) for x in (q, k, v)]
+        rf = lambda q, k, v: attention_reference(q, k, v, causal=True, dtype=REF_DTYPE)
+        w = jax.grad(lambda *a: loss(rf, *a), argnums=(0, 1, 2))(*args)
+        w = [np.asarray(x) for x in w]
+    for a, b in zip(g, w):
+        assert_close(a, b, GRAD_TOL[jnp.float32], "checkpoint grad")
+
+
+def test_residuals_are_q_k_v_o_lse_only():
+    q, k, v = make_qkv(jax.random.PRNGKey(0), 1, 32, 32, 2, 1, 16, jnp.float32)
+    _, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True), q, k, v)
+    shapes = sorted(tuple(x.shape) for x in jax.tree.leaves(vjp) if hasattr(x, "shape"))
+    # q, o: [1,32,2,16]; k, v: [1,32,1,16]; lse: [1,2,32]. Nothing of size q_len*kv_len.
+    assert all(math.prod(s) < 32 * 32 * 2 for s in shapes), shapes
+    assert (1, 2, 32) in shapes
+
+
+def test_poison_catches_an_unwritten_element():
+    """The poisoning aid itself: an output block a kernel skips stays NaN."""
+    from jax.experimental import pallas as pl
+
+    from flashjax import attention as A
+
+    spec = type("S", (), {"poison": True, "interpret": True})()
+
+    def kernel(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    x = jnp.ones((32,), jnp.float32)
+    [out] = A._pallas(kernel, spec=spec, grid=(2,), inputs=[x],
+                      in_specs=[pl.BlockSpec((16,), lambda i: (i,))],
+                      out_specs=[pl.BlockSpec((16,), lambda i: (i,))],
+                      out_shape=[jax.ShapeDtypeStruct((32,), jnp.float32)],
+                      warps=4, stages=1, name="poison_probe")
+    assert np.all(np.asarray(out[:16]) == 1.0) and np.all(np.isnan(np.asarray(out[16:])))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _temp_bytes(fn, n):
+    q = jax.ShapeDtypeStruct((1, n, 2, 64), jnp.bfloat16)
+    compiled = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)),
+                                argnums=(0, 1, 2))).lower(q, q, q).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_memory_grows_linearly_with_sequence():
+    small, large = S(512, 4096), S(2048, 16384)
+    flash = lambda q, k, v: flash_attention(q, k, v, causal=True)
+    ratio = _temp_bytes(flash, large) / max(1, _temp_bytes(flash, small))
+    # 4x the sequence: linear memory is ~4x; quadratic would be ~16x.
+    assert ratio < 6, ratio
+    ref = lambda q, k, v: attention_reference(q, k, v, causal=True)
+    ref_ratio = _temp_bytes(ref, large) / max(1, _temp_bytes(ref, small))
+    assert ref_ratio > 10, ref_ratio  # the plain path really is quadratic: the test can tell
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _ok(n=32):
+    return make_qkv(jax.random.PRNGKey(1), 1, n, n, 4, 2, 32, jnp.float32)
+
+
+@pytest.mark.parametrize("mutate,exc,msg", [
+    (lambda q, k, v: (q[0], k, v), ValueError, "q must be a 4-d array"),
+    (lambda q, k, v: (q, k[..., :16], v[..., :16]), ValueError, "head_dim"),
+    (lambda q, k, v: (q, k, v[:, :5]), ValueError, "v must have k's shape"),
+    (lambda q, k, v: (q[:, :, :3], k, v), ValueError, "multiple of k/v heads"),
+    (lambda q, k, v: (q, k.astype(jnp.bfloat16), v), TypeError, "k dtype"),
+    (lambda q, k, v: (q.astype(jnp.int32), k, v), TypeError, "q dtype"),
+    (lambda q, k, v: (jnp.zeros((1, 4, 2, 512)), jnp.zeros((1, 4, 2, 512)), jnp.zeros((1, 4, 2, 512))),
+     ValueError, "head_dim must be in 1..256"),
+    (lambda q, k, v: (q, jnp.concatenate([k, k], 0), jnp.concatenate([v, v], 0)), ValueError, "batch"),
+])
+def test_bad_shapes_and_dtypes(mutate, exc, msg):
+    with pytest.raises(exc, match=msg):
+        flash_attention(*mutate(*_ok()))
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(kv_lengths=jnp.array([1, 2])), ValueError, "kv_lengths must have shape"),
+    (dict(q_lengths=jnp.array([1.0])), TypeError, "q_lengths must be an integer"),
+    (dict(segment_ids=jnp.zeros((1, 31), jnp.int32)), ValueError, "q_segment_ids must have shape"),
+    (dict(block_mask=jnp.ones((3, 3), bool)), ValueError, "block_mask must have shape"),
+    (dict(softcap=0.0), ValueError, "softcap must be > 0"),
+    (dict(window="wide"), ValueError, "window"),
+    (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
+    (dict(block_sizes=BlockSizes(block_q=48)), ValueError, "power of two"),
+])
+def test_bad_options(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        flash_attention(*_ok(), **kw)
