@@ -1,0 +1,620 @@
+"""Flash-Decoding: one query token per sequence against a (paged) KV cache.
+
+Two entry points share one Pallas kernel body:
+
+* `paged_decode_attention(q, k_pages, v_pages, block_tables, lengths)` reads
+  keys/values through a block table (the layout of `flashjax.kv_cache`):
+
+      q             [batch, heads, head_dim]
+      k_pages       [kv_heads, num_blocks, block_size, head_dim]
+      v_pages       [kv_heads, num_blocks, block_size, head_dim]
+      block_tables  int32 [batch, max_blocks]  (page ids; entries past a
+                    sequence's length are never dereferenced, may be garbage)
+      lengths       int32 [batch]              (0 <= length <= max_blocks*block_size)
+
+* `decode_attention(q, k, v, lengths)` reads a dense cache, by default
+  `k, v [batch, kv_len, kv_heads, head_dim]` (`kv_layout="bshd"`, the layout of
+  `flash_attention` and of a model's dense cache) or
+  `[batch, kv_heads, kv_len, head_dim]` (`kv_layout="bhsd"`).
+
+The kernel only differs in how the address of a KV tile is computed, so the
+two measure what paging costs.
+
+Algorithm (Flash-Decoding). The grid is (batch, kv_heads, num_splits). A
+program owns all query heads of one KV head (GQA/MQA: the group is padded to
+a [>=16, head_dim] q tile so each KV tile is read once and feeds a tensor-core
+dot), and one contiguous chunk of the sequence's KV tiles: the tiles of a
+sequence (its own length, not the batch maximum) are split evenly over the
+`num_splits` programs. Each program runs an online softmax over its tiles
+(full tiles unmasked, the one partial tile at the end of a sequence masked)
+and writes its normalised partial output and log-sum-exp (base 2) in float32;
+a small XLA combine step merges the splits with the log-sum-exp weights.
+
+`unified_max=phi` (FlashDecoding++): exponentials use the fixed maximum phi
+instead of a running maximum, so the inner loop never rescales the
+accumulator. Each program also tracks the true row maximum; if any score of
+the split lies outside [phi + lo, phi + hi] (where exp could overflow or
+underflow the accumulation dtype) the program recomputes its split with the
+online softmax, so the result is exact in all cases.
+
+Masking guarantees: keys at positions >= length are never used, and neither
+block-table entries past the length nor pages they would name are read in
+full tiles; in the final partial tile out-of-range page ids are replaced by a
+valid id and the values are discarded by `where`, so NaN/Inf garbage in
+unused pages or past the end of a partial page cannot leak into the result.
+A sequence of length 0 gives zeros (and lse = -inf).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from flashjax import _backend
+
+__all__ = [
+    "paged_decode_attention",
+    "decode_attention",
+    "decode_reference",
+    "choose_num_splits",
+    "SUPPORTED_HEAD_DIMS",
+]
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+# Window (in natural-log units, relative to phi) inside which the unified-max
+# path is exact for the accumulation dtype of P @ V; outside it, the split is
+# recomputed with the online softmax.
+_UNIFIED_WINDOW = {
+    jnp.dtype(jnp.float16): (-8.0, 10.0),  # p cast to fp16: stay normal, < 65504
+    jnp.dtype(jnp.bfloat16): (-40.0, 40.0),
+    jnp.dtype(jnp.float32): (-40.0, 40.0),
+}
+
+
+# Launch defaults (tuned with `benchmarks/decode.py --sweep` on an H100).
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 2
+DEFAULT_TILE_BYTES = 16 * 1024  # K bytes per inner-loop tile (same again for V)
+
+# Tests switch this off to show that their inputs really need the fallback.
+_UNIFIED_FALLBACK = True
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+# --------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------
+
+
+def _decode_kernel(
+    q_ref,  # [block_h, head_dim]
+    k_ref,  # paged: [num_blocks, block_size, head_dim]; dense: [kv_len, head_dim]
+    v_ref,
+    bt_ref,  # paged: [max_blocks_padded] int32; dense: None
+    len_ref,  # [batch] int32 (whole array)
+    o_ref,  # [block_h, head_dim] float32
+    lse_ref,  # [block_h] float32 (base-2 log-sum-exp)
+    *,
+    paged: bool,
+    tile: int,
+    pages_per_tile: int,
+    page_size: int,
+    num_pages: int,
+    kv_len: int,
+    num_splits: int,
+    group: int,
+    sm_scale: float,
+    softcap: float | None,
+    unified_max: float | None,
+    unified_window: tuple[float, float],
+    precision,
+):
+    b = pl.program_id(0)
+    split = pl.program_id(2)
+    block_h, head_dim = q_ref.shape
+    length = len_ref[b]
+    q = q_ref[...]
+
+    n_tiles = pl.cdiv(length, tile)
+    tiles_per_split = pl.cdiv(n_tiles, num_splits)
+    t_start = jnp.minimum(split * tiles_per_split, n_tiles)
+    t_end = jnp.minimum(t_start + tiles_per_split, n_tiles)
+    # Tiles [t_start, t_full) are entirely below `length`; [t_full, t_end) is
+    # the (at most one) partial tile at the end of the sequence.
+    t_full = jnp.maximum(t_start, jnp.minimum(t_end, length // tile))
+
+    def load_kv(t, masked: bool):
+        if paged:
+            ids = bt_ref[pl.ds(t * pages_per_tile, pages_per_tile)]
+            if masked:
+                page = t * pages_per_tile + jnp.arange(pages_per_tile, dtype=jnp.int32)
+                ids = jnp.where(page < pl.cdiv(length, page_size), ids, 0)
+            # Never form an address outside the pool, whatever the table says.
+            ids = jnp.minimum(jnp.maximum(ids, 0), num_pages - 1)
+            k = k_ref[ids].reshape(tile, head_dim)
+            v = v_ref[ids].reshape(tile, head_dim)
+        elif tile > kv_len or (masked and kv_len % tile):
+            # Clamp rows into the array (values past `length` are discarded).
+            rows = jnp.minimum(t * tile + jnp.arange(tile, dtype=jnp.int32), kv_len - 1)
+            k = k_ref[rows]
+            v = v_ref[rows]
+        else:
+            k = k_ref[pl.ds(t * tile, tile), :]
+            v = v_ref[pl.ds(t * tile, tile), :]
+        return k, v
+
+    def scores(t, k, masked: bool):
+        s = lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32, precision=precision,
+        )  # [block_h, tile]
+        if softcap is not None:
+            s = jnp.tanh(s * (sm_scale / softcap)) * (softcap * LOG2E)
+        else:
+            s = s * (sm_scale * LOG2E)
+        if masked:
+            pos = t * tile + jnp.arange(tile, dtype=jnp.int32)
+            s = jnp.where((pos < length)[None, :], s, -jnp.inf)
+        return s
+
+    def pv(p, v, t, masked: bool):
+        if masked:
+            pos = t * tile + jnp.arange(tile, dtype=jnp.int32)
+            v = jnp.where((pos < length)[:, None], v, jnp.zeros_like(v))
+        return lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32, precision=precision,
+        )
+
+    def online_body(masked: bool):
+        def body(t, carry):
+            acc, m, l = carry
+            k, v = load_kv(t, masked)
+            s = scores(t, k, masked)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            l = l * alpha + jnp.sum(p, axis=1)
+            acc = acc * alpha[:, None] + pv(p, v, t, masked)
+            return acc, m_new, l
+        return body
+
+    def run_online():
+        acc = jnp.zeros((block_h, head_dim), jnp.float32)
+        m = jnp.full((block_h,), -jnp.inf, jnp.float32)
+        l = jnp.zeros((block_h,), jnp.float32)
+        carry = lax.fori_loop(t_start, t_full, online_body(False), (acc, m, l))
+        return lax.fori_loop(t_full, t_end, online_body(True), carry)
+
+    if unified_max is None:
+        acc, m, l = run_online()
+    else:
+        phi = float(unified_max) * LOG2E
+        lo, hi = (w * LOG2E for w in unified_window)
+
+        def unified_body(masked: bool):
+            def body(t, carry):
+                acc, mx, l = carry
+                k, v = load_kv(t, masked)
+                s = scores(t, k, masked)
+                mx = jnp.maximum(mx, jnp.max(s, axis=1))
+                p = jnp.exp2(s - phi)
+                l = l + jnp.sum(p, axis=1)
+                acc = acc + pv(p, v, t, masked)
+                return acc, mx, l
+            return body
+
+        acc = jnp.zeros((block_h, head_dim), jnp.float32)
+        mx = jnp.full((block_h,), -jnp.inf, jnp.float32)
+        l = jnp.zeros((block_h,), jnp.float32)
+        carry = lax.fori_loop(t_start, t_full, unified_body(False), (acc, mx, l))
+        acc, mx, l = lax.fori_loop(t_full, t_end, unified_body(True), carry)
+        rel = mx - phi
+        row_ok = (jnp.arange(block_h) >= group) | ((rel >= lo) & (rel <= hi))
+        bad = jnp.max(jnp.where(row_ok, 0, 1)) > 0
+        bad = bad & (t_end > t_start)
+        m_phi = jnp.full((block_h,), phi, jnp.float32)
+        if _UNIFIED_FALLBACK:
+            acc, m, l = lax.cond(bad, run_online, lambda: (acc, m_phi, l))
+        else:
+            m = m_phi
+
+    has = l > 0
+    o = acc / jnp.where(has, l, 1.0)[:, None]
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
+
+
+# --------------------------------------------------------------------------
+# Heuristics
+# --------------------------------------------------------------------------
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_len: int, tile: int,
+                      num_sms: int | None = None, min_tiles_per_split: int = 4) -> int:
+    """Splits of the KV length so that batch*kv_heads*splits fills ~2 waves of
+    SMs, with each split keeping at least `min_tiles_per_split` tiles."""
+    if num_sms is None:
+        num_sms = _backend.num_multiprocessors()
+    programs = max(1, batch * kv_heads)
+    want = -(-2 * num_sms // programs)
+    max_tiles = -(-max(1, max_len) // tile)
+    cap = max(1, max_tiles // min_tiles_per_split)
+    return int(max(1, min(want, cap)))
+
+
+def _default_tile_tokens(head_dim: int, itemsize: int) -> int:
+    # DEFAULT_TILE_BYTES of K (and of V) per tile: 64 tokens at head_dim 128 in bf16.
+    return int(max(16, min(128, _next_pow2(DEFAULT_TILE_BYTES // (head_dim * itemsize)))))
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+
+def _check_q(q, name="q"):
+    if not hasattr(q, "shape") or q.ndim != 3:
+        raise ValueError(
+            f"{name} must have shape [batch, heads, head_dim] (one query token per "
+            f"sequence), got shape {getattr(q, 'shape', None)}")
+    if jnp.dtype(q.dtype) not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name} dtype must be bfloat16, float16 or float32, got {q.dtype}")
+
+
+def _check_head_dim(head_dim):
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim must be one of {SUPPORTED_HEAD_DIMS} (a power of two >= 16 that "
+            f"the kernel's tiles can hold), got {head_dim}; pad q, k and v with zeros "
+            f"up to the next power of two (and pass sm_scale=1/sqrt(original head_dim))")
+
+
+def _check_lengths(lengths, batch, cap, name="lengths"):
+    if not hasattr(lengths, "shape") or tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{name} must have shape [batch]=({batch},), got "
+                         f"{getattr(lengths, 'shape', None)}")
+    if jnp.dtype(lengths.dtype) != jnp.int32:
+        raise TypeError(f"{name} must be int32, got {lengths.dtype}")
+    if _is_concrete(lengths):
+        arr = np.asarray(lengths)
+        if arr.size and (arr.min() < 0 or arr.max() > cap):
+            raise ValueError(
+                f"{name} must lie in [0, {cap}] (the capacity of the cache per sequence), "
+                f"got min {arr.min()} max {arr.max()}")
+
+
+def _check_common(sm_scale, softcap, unified_max, num_splits, num_warps, num_stages):
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float, np.floating))
+                                     and math.isfinite(sm_scale)):
+        raise ValueError(f"sm_scale must be a finite python float, got {sm_scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float, np.floating)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+    if unified_max is not None and not (isinstance(unified_max, (int, float, np.floating))
+                                        and math.isfinite(unified_max)):
+        raise ValueError(f"unified_max must be a finite python float or None, got {unified_max!r}")
+    if num_splits is not None and (not isinstance(num_splits, (int, np.integer)) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    for name, val in (("num_warps", num_warps), ("num_stages", num_stages)):
+        if val is not None and (not isinstance(val, (int, np.integer)) or val < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {val!r}")
+
+
+# --------------------------------------------------------------------------
+# Shared driver
+# --------------------------------------------------------------------------
+
+
+def _combine(o, lse2, return_lse):
+    """o [B, Hkv, S, bh, D] f32 normalised per split, lse2 [B, Hkv, S, bh] base 2."""
+    if o.shape[2] == 1:
+        out, lse = o[:, :, 0], lse2[:, :, 0]
+    else:
+        m = jnp.max(lse2, axis=2, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        w = jnp.exp2(lse2 - m)  # 0 for empty splits
+        den = jnp.sum(w, axis=2)
+        out = jnp.einsum("bhsg,bhsgd->bhgd", w, o, precision=lax.Precision.HIGHEST)
+        out = out / jnp.where(den > 0, den, 1.0)[..., None]
+        lse = jnp.where(den > 0, m[:, :, 0] + jnp.log2(jnp.where(den > 0, den, 1.0)), -jnp.inf)
+    return out, (lse * LN2 if return_lse else None)
+
+
+def _run(q, k, v, bt, lengths, *, paged, kv_spec, kv_heads, tile, pages_per_tile, page_size,
+         num_pages, kv_len, max_len, sm_scale, softcap, num_splits, unified_max,
+         num_warps, num_stages, interpret, return_lse, name):
+    batch, heads, head_dim = q.shape
+    group = heads // kv_heads
+    block_h = max(16, _next_pow2(group))
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, kv_heads, max_len, tile)
+    num_splits = int(num_splits)
+    if num_warps is None:
+        num_warps = DEFAULT_NUM_WARPS
+    if num_stages is None:
+        num_stages = DEFAULT_NUM_STAGES
+    interpret = _backend.resolve_interpret(interpret)
+
+    qg = q.reshape(batch, kv_heads, group, head_dim)
+    if block_h != group:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, block_h - group), (0, 0)))
+    lengths = jnp.clip(lengths, 0, max_len).astype(jnp.int32)
+    precision = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if q.dtype == jnp.float32 else None
+
+    kernel = functools.partial(
+        _decode_kernel, paged=paged, tile=tile, pages_per_tile=pages_per_tile,
+        page_size=page_size, num_pages=num_pages, kv_len=kv_len, num_splits=num_splits,
+        group=group, sm_scale=float(sm_scale),
+        softcap=None if softcap is None else float(softcap),
+        unified_max=None if unified_max is None else float(unified_max),
+        unified_window=_UNIFIED_WINDOW[jnp.dtype(q.dtype)], precision=precision,
+    )
+    in_specs = [
+        pl.BlockSpec((None, None, block_h, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        kv_spec,
+        kv_spec,
+        (pl.BlockSpec((None, bt.shape[1]), lambda b, h, s: (b, 0)) if paged else None),
+        pl.BlockSpec((batch,), lambda b, h, s: (0,)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((batch, kv_heads, num_splits, block_h, head_dim), jnp.float32),
+        jax.ShapeDtypeStruct((batch, kv_heads, num_splits, block_h), jnp.float32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, block_h, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+        pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0)),
+    ]
+    o, lse2 = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=name,
+    )(qg, k, v, bt, lengths)
+    out, lse = _combine(o[:, :, :, :group], lse2[:, :, :, :group], return_lse)
+    out = out.reshape(batch, heads, head_dim).astype(q.dtype)
+    if return_lse:
+        return out, lse.reshape(batch, heads)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def paged_decode_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    lengths,
+    *,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+    pages_per_block: int | None = None,
+    softcap: float | None = None,
+    unified_max: float | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+    return_lse: bool = False,
+):
+    """Decode attention of one query token per sequence against a paged KV cache.
+
+    Args:
+      q: [batch, heads, head_dim] (bfloat16, float16 or float32).
+      k_pages, v_pages: [kv_heads, num_blocks, block_size, head_dim], same dtype
+        as q; heads % kv_heads == 0; block_size a power of two; head_dim in
+        SUPPORTED_HEAD_DIMS.
+      block_tables: int32 [batch, max_blocks]; block j of sequence b holds its
+        tokens [j*block_size, (j+1)*block_size). Only the first
+        ceil(lengths[b]/block_size) entries are used.
+      lengths: int32 [batch], 0 <= lengths <= max_blocks*block_size (clipped
+        into that range under jit). Length 0 gives a zero output.
+      sm_scale: score scale, default 1/sqrt(head_dim).
+      num_splits: KV splits per sequence (Flash-Decoding); None picks one from
+        batch, kv_heads, max_blocks*block_size and the number of SMs.
+      pages_per_block: pages loaded per inner-loop iteration (power of two;
+        tile = pages_per_block*block_size tokens, >= 16); None: ~16 KiB of K.
+      softcap: if set, scores become softcap*tanh(scores/softcap).
+      unified_max: FlashDecoding++ fixed softmax maximum phi (in units of the
+        scaled, soft-capped score); exact, with per-split fallback.
+      num_warps, num_stages: Triton compiler parameters (defaults 4 and 2).
+      interpret: None = compile on GPU, interpret elsewhere.
+      return_lse: also return the natural log-sum-exp [batch, heads] (float32,
+        -inf for empty sequences).
+
+    Returns:
+      [batch, heads, head_dim] in q.dtype (and the lse if requested).
+    """
+    _check_q(q)
+    _check_common(sm_scale, softcap, unified_max, num_splits, num_warps, num_stages)
+    batch, heads, head_dim = q.shape
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if not hasattr(x, "shape") or x.ndim != 4:
+            raise ValueError(f"{name} must have shape [kv_heads, num_blocks, block_size, head_dim], "
+                             f"got shape {getattr(x, 'shape', None)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {x.dtype} must equal q dtype {q.dtype}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages and v_pages must have the same shape, got {k_pages.shape} "
+                         f"and {v_pages.shape}")
+    kv_heads, num_pages, page_size, head_dim_k = k_pages.shape
+    if head_dim_k != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) must equal head_dim of k_pages/v_pages "
+                         f"({head_dim_k})")
+    _check_head_dim(head_dim)
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"q heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if not _is_pow2(page_size):
+        raise ValueError(f"block_size (k_pages.shape[2]) must be a power of two, got {page_size}")
+    if num_pages < 1:
+        raise ValueError("k_pages must hold at least one block")
+    if not hasattr(block_tables, "shape") or block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must have shape [batch={batch}, max_blocks], got "
+                         f"{getattr(block_tables, 'shape', None)}")
+    if jnp.dtype(block_tables.dtype) != jnp.int32:
+        raise TypeError(f"block_tables must be int32, got {block_tables.dtype}")
+    max_blocks = block_tables.shape[1]
+    if max_blocks < 1:
+        raise ValueError("block_tables must have at least one column")
+    max_len = max_blocks * page_size
+    _check_lengths(lengths, batch, max_len)
+    if pages_per_block is None:
+        tile = _default_tile_tokens(head_dim, jnp.dtype(q.dtype).itemsize)
+        pages_per_block = max(1, tile // page_size)
+        pages_per_block = min(pages_per_block, _next_pow2(max_blocks))
+    if not isinstance(pages_per_block, (int, np.integer)) or not _is_pow2(int(pages_per_block)):
+        raise ValueError(f"pages_per_block must be a power of two, got {pages_per_block!r}")
+    pages_per_block = max(int(pages_per_block), -(-16 // page_size))  # tile >= 16 rows
+    tile = pages_per_block * page_size
+    # Pad the table to whole tiles so a tile never reads past a row's end.
+    pad = -max_blocks % pages_per_block
+    bt = jnp.pad(block_tables, ((0, 0), (0, pad))) if pad else block_tables
+    kv_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
+    return _run(
+        q, k_pages, v_pages, bt, lengths, paged=True, kv_spec=kv_spec, kv_heads=kv_heads,
+        tile=tile, pages_per_tile=pages_per_block, page_size=page_size, num_pages=num_pages,
+        kv_len=max_len, max_len=max_len, sm_scale=sm_scale, softcap=softcap,
+        num_splits=num_splits, unified_max=unified_max, num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret, return_lse=return_lse,
+        name=f"flashjax_paged_decode_p{pages_per_block}x{page_size}",
+    )
+
+
+def decode_attention(
+    q,
+    k,
+    v,
+    lengths=None,
+    *,
+    kv_layout: str = "bshd",
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+    block_k: int | None = None,
+    softcap: float | None = None,
+    unified_max: float | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+    return_lse: bool = False,
+):
+    """Decode attention against a dense (contiguous) KV cache; same kernel body
+    as `paged_decode_attention`.
+
+    Args:
+      q: [batch, heads, head_dim].
+      k, v: [batch, kv_len, kv_heads, head_dim] (kv_layout="bshd", default) or
+        [batch, kv_heads, kv_len, head_dim] (kv_layout="bhsd"); same dtype as q.
+      lengths: int32 [batch] valid keys per sequence (default: kv_len for all).
+      block_k: tokens per inner-loop tile (power of two >= 16; default ~16 KiB of K).
+      Other arguments as in `paged_decode_attention`.
+    """
+    _check_q(q)
+    _check_common(sm_scale, softcap, unified_max, num_splits, num_warps, num_stages)
+    batch, heads, head_dim = q.shape
+    if kv_layout not in ("bshd", "bhsd"):
+        raise ValueError(f"kv_layout must be 'bshd' or 'bhsd', got {kv_layout!r}")
+    for name, x in (("k", k), ("v", v)):
+        if not hasattr(x, "shape") or x.ndim != 4:
+            raise ValueError(f"{name} must have shape {_layout_doc(kv_layout)}, got shape "
+                             f"{getattr(x, 'shape', None)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {x.dtype} must equal q dtype {q.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if kv_layout == "bshd":
+        kb, kv_len, kv_heads, head_dim_k = k.shape
+    else:
+        kb, kv_heads, kv_len, head_dim_k = k.shape
+    if kb != batch:
+        raise ValueError(f"k/v batch ({kb}) must equal q batch ({batch})")
+    if head_dim_k != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) must equal head_dim of k/v ({head_dim_k})")
+    _check_head_dim(head_dim)
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"q heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if kv_len < 1:
+        raise ValueError("k/v must hold at least one position (kv_len >= 1)")
+    if lengths is None:
+        lengths = jnp.full((batch,), kv_len, jnp.int32)
+    _check_lengths(lengths, batch, kv_len)
+    if block_k is None:
+        block_k = _default_tile_tokens(head_dim, jnp.dtype(q.dtype).itemsize)
+        block_k = max(16, min(block_k, _next_pow2(kv_len)))
+    if not isinstance(block_k, (int, np.integer)) or not _is_pow2(int(block_k)) or block_k < 16:
+        raise ValueError(f"block_k must be a power of two >= 16, got {block_k!r}")
+    block_k = int(block_k)
+    if kv_layout == "bshd":
+        kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0))
+    return _run(
+        q, k, v, None, lengths, paged=False, kv_spec=kv_spec, kv_heads=kv_heads,
+        tile=block_k, pages_per_tile=1, page_size=block_k, num_pages=1, kv_len=kv_len,
+        max_len=kv_len, sm_scale=sm_scale, softcap=softcap, num_splits=num_splits,
+        unified_max=unified_max, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret, return_lse=return_lse,
+        name=f"flashjax_decode_{kv_layout}_k{block_k}",
+    )
+
+
+def _layout_doc(kv_layout):
+    return ("[batch, kv_len, kv_heads, head_dim]" if kv_layout == "bshd"
+            else "[batch, kv_heads, kv_len, head_dim]")
+
+
+def decode_reference(q, k, v, lengths=None, *, sm_scale=None, softcap=None,
+                     return_lse=False, dtype=jnp.float32):
+    """Plain-XLA decode attention over a dense [batch, kv_len, kv_heads, head_dim]
+    cache, computed in `dtype`; the XLA peer of the benchmark and a test oracle."""
+    batch, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    qf = q.astype(dtype).reshape(batch, kv_heads, group, head_dim)
+    s = jnp.einsum("bhgd,bkhd->bhgk", qf, k.astype(dtype),
+                   preferred_element_type=dtype) * sm_scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    if lengths is not None:
+        mask = jnp.arange(kv_len)[None, :] < lengths[:, None]
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhgk,bkhd->bhgd", p, v.astype(dtype), preferred_element_type=dtype)
+    o = (o / jnp.where(l > 0, l, 1.0)).reshape(batch, heads, head_dim)
+    if return_lse:
+        lse = jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)), -jnp.inf)
+        return o, lse.reshape(batch, heads)
+    return o
