@@ -14,11 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MAX_BYTES = 3_000_000
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+from flashjax.models.cli_args import DEFAULT_MAX_BYTES  # noqa: E402  (one source of truth)
+# Not library code: installed packages, test suites, codec tables, pydoc's text dump.
+_SKIP_DIRS = {
+    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
+    "encodings", "pydoc_data",
+}
 
 
 def stdlib_files() -> list[Path]:
+    """The standard library's *.py files (library code only), sorted by relative path."""
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -27,6 +32,29 @@ def stdlib_files() -> list[Path]:
             if name.endswith(".py"):
                 out.append(Path(dirpath) / name)
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _spread(files: list[Path], max_bytes: int | None) -> list[Path]:
+    """A deterministic subset of at most ~max_bytes spread over the whole sorted list
+    (every k-th file first, then the next offset, ...), returned in sorted order."""
+    sizes = []
+    for f in files:
+        try:
+            sizes.append(f.stat().st_size)
+        except OSError:
+            sizes.append(0)
+    total = sum(sizes)
+    if not max_bytes or total <= max_bytes:
+        return files
+    k = -(-total // max_bytes)
+    chosen, used = [], 0
+    for offset in range(k):
+        for i in range(offset, len(files), k):
+            if used >= max_bytes:
+                break
+            chosen.append(i)
+            used += sizes[i]
+    return [files[i] for i in sorted(chosen)]
 
 
 def _text_files(root: Path) -> list[Path]:
@@ -55,13 +83,14 @@ def _read_text(path: Path) -> str | None:
 def load_corpus(data: str | os.PathLike | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
     """Documents (strings) of the corpus, in a deterministic order.
 
-    `data`: None for the standard library's Python sources, else a UTF-8 text
+    `data`: None for the standard library's Python sources (library code, no
+    tests; with a cap, files spread over the whole library), else a UTF-8 text
     file or a directory (all its UTF-8 text files, recursively, sorted).
     `max_bytes` caps the total size (the last document is cut); None or 0: no cap.
     Raises a one-line ValueError for a missing, unreadable or empty corpus.
     """
     if data is None:
-        files = stdlib_files()
+        files = _spread(stdlib_files(), max_bytes)
         where = f"the standard library ({sysconfig.get_paths()['stdlib']})"
     else:
         path = Path(data)

@@ -8,7 +8,6 @@ value stored in the checkpoint).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -443,36 +442,3 @@ def train(args=None, **kwargs) -> dict[str, Any]:
         "attention": impl,
         "tokens_per_s": tok_s,
     }
-
-
-# --------------------------------------------------------------------------
-# argparse
-# --------------------------------------------------------------------------
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `flashjax train` options (defaults None: resolved by train())."""
-    p.add_argument("--preset", help="model preset: nano, llama-nano, gpt2, llama-1b (default nano)")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field (repeatable)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
-    p.add_argument("--out", help="run directory for checkpoint, metrics and loss.png (default runs/<preset>)")
-    p.add_argument("--data", help="text file or directory (default: the Python standard library's sources)")
-    p.add_argument("--max-bytes", type=int, help=f"corpus size cap in bytes, 0 for none (default {DEFAULT_MAX_BYTES})")
-    p.add_argument("--val-fraction", type=float, help="fraction of tokens held out for validation (default 0.05)")
-    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (default 16)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default min(256, max_seq_len))")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3 for small models, else 6e-4)")
-    p.add_argument("--min-lr-ratio", type=float, help="final/peak learning rate (default 0.1)")
-    p.add_argument("--warmup", type=int, help="warmup steps (default min(100, steps/10))")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
-    p.add_argument("--clip", type=float, help="global gradient-norm clip (default 1.0)")
-    p.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
-    p.add_argument("--eval-interval", type=int, help="steps between validation passes (default steps/5)")
-    p.add_argument("--eval-batches", type=int, help="validation batches per pass (default 4)")
-    p.add_argument("--ckpt-interval", type=int, help="steps between checkpoints (default steps/4)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--overwrite", action="store_true", help="discard a checkpoint already in --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or summary")
-    p.add_argument("--stop-at", type=int, help=argparse.SUPPRESS)
-    return p

@@ -1,0 +1,5 @@
+import sys
+
+from flashjax.models.cli import main
+
+sys.exit(main())
