@@ -1,0 +1,511 @@
+"""Attention benchmark: flashjax vs. cuDNN, XLA and JAX's bundled Pallas op.
+
+    python benchmarks/attention.py                 # full GPU run (~4 min on an H100)
+    python benchmarks/attention.py --quick         # tiny sizes: CPU smoke test
+    python benchmarks/attention.py --plot --readme # also a PNG and the README section
+    python benchmarks/attention.py --sweep         # only: time flashjax block_sizes candidates
+
+Measures TFLOP/s of the forward and forward+backward passes, causal and not,
+bf16, over seq 512..16384 with batch*seq = 16384 tokens (batch = 16384 // seq;
+the headline config batch 4, seq 4096, 16 heads, head_dim 128 is one of them),
+head_dim 64 and 128 with heads*head_dim = 2048. All peers run in the same
+process on the same inputs. FLOPs: forward 4*b*h*sq*sk*d (x0.5 when causal);
+forward+backward 3.5x forward. Peak memory: XLA's compiled memory analysis
+(temp bytes) of each implementation's forward+backward. A peer that fails
+records an error string ("OOM", "unsupported: ...") in its cell.
+Results: benchmarks/results/attention-<device>-<date>.json (+ .png with --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+PEERS = {
+    "flashjax": "flashjax.flash_attention (Pallas; compiled on GPU, interpret mode on CPU)",
+    "cudnn": 'jax.nn.dot_product_attention(implementation="cudnn")',
+    "pallas_mha": "jax.experimental.pallas.ops.gpu.attention.mha (JAX's bundled Pallas op, default blocks)",
+    "xla": 'jax.nn.dot_product_attention(implementation="xla")',
+}
+MODES = ("fwd", "fwd_bwd")
+MODE_LABEL = {"fwd": "forward", "fwd_bwd": "forward+backward"}
+FWD_BWD_FACTOR = 3.5
+FLOPS_NOTE = {
+    "fwd": "4 * batch * heads * q_len * kv_len * head_dim, times 0.5 when causal",
+    "fwd_bwd": f"{FWD_BWD_FACTOR} x forward",
+}
+
+TOKENS = 16384
+SEQS = (512, 1024, 2048, 4096, 8192, 16384)
+HEAD_DIMS = (128, 64)
+MODEL_WIDTH = 2048  # heads * head_dim
+HEADLINE = dict(batch=4, seq=4096, heads=16, head_dim=128)
+
+QUICK = dict(tokens=256, seqs=(128, 256), head_dims=(64,), width=128, headline=dict(batch=1, seq=256, heads=2, head_dim=64))
+
+# Candidate flashjax.BlockSizes overrides for --sweep (<= 12). Each is applied as
+# dataclasses.replace(flashjax.BlockSizes(), **cfg), so unknown fields fail loudly.
+SWEEP_CONFIGS = [
+    {},
+    dict(block_q=64, block_k=64, num_warps=4, num_stages=2),
+    dict(block_q=64, block_k=128, num_warps=4, num_stages=2),
+    dict(block_q=128, block_k=64, num_warps=4, num_stages=2),
+    dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
+    dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
+    dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
+    dict(block_q=128, block_k=128, num_warps=8, num_stages=3),
+    dict(block_q_bwd=64, block_k_bwd=64, num_warps_bwd=4, num_stages_bwd=2),
+    dict(block_q_bwd=64, block_k_bwd=128, num_warps_bwd=4, num_stages_bwd=2),
+    dict(block_q_bwd=128, block_k_bwd=64, num_warps_bwd=8, num_stages_bwd=2),
+    dict(block_q_bwd=128, block_k_bwd=128, num_warps_bwd=8, num_stages_bwd=2),
+]
+
+
+# ---------------------------------------------------------------------------
+# Peers
+# ---------------------------------------------------------------------------
+
+def _load_pallas_mha():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu.attention import mha
+    return mha
+
+
+def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None):
+    """(q, k, v) -> o for one peer; q/k/v are [batch, seq, heads, head_dim]."""
+    import jax
+
+    if peer == "flashjax":
+        import flashjax
+
+        extra = {} if block_sizes is None else {"block_sizes": block_sizes}
+        return lambda q, k, v: flashjax.flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, **extra)
+    if peer in ("cudnn", "xla"):
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, scale=sm_scale, is_causal=causal, implementation=peer)
+    if peer == "pallas_mha":
+        mha = _load_pallas_mha()
+        interpret = jax.default_backend() != "gpu"
+        return lambda q, k, v: mha(q, k, v, None, sm_scale=sm_scale, causal=causal, interpret=interpret)
+    raise ValueError(f"unknown peer {peer!r}")
+
+
+def build(attn, mode: str):
+    import jax
+
+    if mode == "fwd":
+        return attn
+
+    def fwd_bwd(q, k, v, do):
+        _, vjp = jax.vjp(attn, q, k, v)
+        return vjp(do)
+
+    return fwd_bwd
+
+
+def forward_flops(batch, seq, heads, head_dim, causal) -> float:
+    return 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+
+
+def make_inputs(key, batch, seq, heads, head_dim, dtype):
+    import jax
+
+    kq, kk, kv, kd = jax.random.split(key, 4)
+    shape = (batch, seq, heads, head_dim)
+    return tuple(jax.random.normal(k, shape, dtype) for k in (kq, kk, kv, kd))
+
+
+def measure(attn, mode, inputs, *, flops, warmup, reps, mem_limit):
+    """Compile once (AOT), read its memory analysis, time it. Returns (cell, output)."""
+    import jax
+
+    args = inputs[:3] if mode == "fwd" else inputs
+    t0 = time.perf_counter()
+    compiled = jax.jit(build(attn, mode)).lower(*args).compile()
+    cell = {"compile_s": round(time.perf_counter() - t0, 2)}
+    mem = common.compiled_memory(compiled)
+    if mem:
+        cell["memory"] = mem
+        need = mem.get("temp_bytes", 0) + mem.get("argument_bytes", 0) + mem.get("output_bytes", 0)
+        if mem_limit and need > mem_limit:
+            return {**cell, "error": f"OOM (needs {need / 2**30:.1f} GiB)"}, None
+    timing = common.time_call(compiled, args, warmup=warmup, reps=reps)
+    out = compiled(*args) if mode == "fwd" else None
+    tflops = (flops if mode == "fwd" else FWD_BWD_FACTOR * flops) / (timing["ms"] * 1e-3) / 1e12
+    return {**cell, **timing, "tflops": tflops}, out
+
+
+# ---------------------------------------------------------------------------
+# Main benchmark
+# ---------------------------------------------------------------------------
+
+def configs(args):
+    if args.quick:
+        seqs, head_dims, tokens, width, headline = (QUICK["seqs"], QUICK["head_dims"], QUICK["tokens"],
+                                                    QUICK["width"], QUICK["headline"])
+    else:
+        seqs, head_dims, tokens, width, headline = SEQS, HEAD_DIMS, TOKENS, MODEL_WIDTH, HEADLINE
+    seqs = args.seqs or seqs
+    head_dims = args.head_dims or head_dims
+    causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
+    out = []
+    for d in head_dims:
+        for causal in causals:
+            for s in seqs:
+                cfg = dict(batch=max(1, tokens // s), seq=s, heads=max(1, width // d), head_dim=d, causal=causal)
+                cfg["headline"] = all(cfg[k] == v for k, v in headline.items())
+                out.append(cfg)
+    # Headline configs first, so that they are measured whatever the budget.
+    return sorted(out, key=lambda c: not c["headline"])
+
+
+def run_benchmark(args) -> tuple[dict, str]:
+    """Runs every shape x peer x mode; returns (results, JSON path). The JSON is
+    rewritten after each shape (with "partial": true) so a crash loses little."""
+    import jax
+    import jax.numpy as jnp
+
+    import flashjax
+
+    info = common.env_info()
+    dtype = jnp.dtype(args.dtype)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    reps = args.reps if args.reps is not None else (2 if args.quick else 10)
+    peers = args.peers or list(PEERS)
+    mem_limit = info["device_memory_bytes"]
+    cfgs = configs(args)
+    path = args.out or common.results_path("attention", info["device"], quick=args.quick)
+    print(f"# attention benchmark on {info['device']} ({info['backend']}), jax {info['versions']['jax']}, "
+          f"{dtype.name}, {len(cfgs)} shapes x {len(peers)} peers x {len(MODES)} modes, "
+          f"median of {reps} after {warmup} warmup; budget {args.budget:.0f} s", flush=True)
+
+    results = []
+    data = {
+        "benchmark": "attention",
+        **info,
+        "quick": bool(args.quick),
+        "dtype": dtype.name,
+        "tokens_per_batch": (QUICK["tokens"] if args.quick else TOKENS),
+        "headline": (QUICK["headline"] if args.quick else HEADLINE),
+        "flops": FLOPS_NOTE,
+        "timing": {"warmup": warmup, "reps": reps, "statistic": "median wall time, jax.block_until_ready",
+                   "compile": "jax.jit(f).lower(...).compile(), timed separately"},
+        "memory": "XLA compiled memory_analysis(): temp bytes of each implementation's jitted function",
+        "peers": {p: PEERS[p] for p in peers},
+        "partial": True,
+        "results": results,
+    }
+    oom_at = {}  # (peer, mode, head_dim, causal) -> seq of the first OOM
+    start = time.perf_counter()
+    total = len(cfgs) * len(peers)
+    n = 0
+    key = jax.random.key(0)
+    ref_fn = jax.jit(lambda q, k, v, causal: flashjax.attention_reference(q, k, v, causal=causal),
+                     static_argnums=3)
+    for cfg in cfgs:
+        b, s, h, d, causal = cfg["batch"], cfg["seq"], cfg["heads"], cfg["head_dim"], cfg["causal"]
+        sm_scale = 1.0 / math.sqrt(d)
+        flops = forward_flops(b, s, h, d, causal)
+        inputs = make_inputs(key, b, s, h, d, dtype)
+        reference = None
+        if cfg["headline"]:
+            try:
+                reference = ref_fn(*inputs[:3], causal)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  (reference failed: {common.describe_error(exc)})")
+        for peer in peers:
+            n += 1
+            entry = {**cfg, "peer": peer, "dtype": dtype.name, "forward_flops": flops}
+            elapsed = time.perf_counter() - start
+            try:
+                attn = make_attention(peer, causal=causal, sm_scale=sm_scale)
+            except Exception as exc:  # noqa: BLE001 - e.g. an import that fails
+                attn, load_error = None, common.describe_error(exc)
+            for mode in MODES:
+                skey = (peer, mode, d, causal)
+                if elapsed > args.budget and not cfg["headline"]:
+                    entry[mode] = {"error": "skipped: time budget"}
+                elif attn is None:
+                    entry[mode] = {"error": load_error}
+                elif skey in oom_at and s > oom_at[skey]:
+                    entry[mode] = {"error": f"OOM (skipped: OOM at seq {oom_at[skey]})"}
+                else:
+                    try:
+                        entry[mode], out = measure(attn, mode, inputs, flops=flops, warmup=warmup,
+                                                   reps=reps, mem_limit=mem_limit)
+                        if out is not None and reference is not None:
+                            entry["max_abs_err_vs_reference"] = float(
+                                jnp.max(jnp.abs(out.astype(jnp.float32) - reference.astype(jnp.float32))))
+                        del out
+                    except Exception as exc:  # noqa: BLE001 - a failing peer is a result
+                        entry[mode] = {"error": common.describe_error(exc)}
+                    if entry[mode].get("error", "").startswith("OOM"):
+                        oom_at.setdefault(skey, s)
+            results.append(entry)
+            print(f"[{n:3d}/{total}] {_shape_label(entry)} {peer:<10} "
+                  + " | ".join(f"{MODE_LABEL[m]} {_cell(entry[m], verbose=True)}" for m in MODES)
+                  + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+        del inputs, reference
+        data["wall_s"] = round(time.perf_counter() - start, 1)
+        common.write_json(data, path)
+
+    data["partial"] = False
+    data["wall_s"] = round(time.perf_counter() - start, 1)
+    return data, str(common.write_json(data, path))
+
+
+def _shape_label(e) -> str:
+    return f"d={e['head_dim']:<3} {'causal' if e['causal'] else 'full  '} seq={e['seq']:<5} b={e['batch']:<2} h={e['heads']:<2}"
+
+
+def _cell(cell: dict | None, *, verbose: bool = False) -> str:
+    if not cell:
+        return "-"
+    if "error" in cell:
+        return cell["error"] if verbose else _short_error(cell["error"])
+    x = cell["tflops"]
+    text = f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+    if verbose:
+        text = f"{cell['ms']:.3f} ms {text} TFLOP/s"
+    return text
+
+
+def _short_error(err: str) -> str:
+    if err.startswith("OOM"):
+        return "OOM"
+    return err if len(err) <= 40 else err[:39] + "…"
+
+
+def _mib(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    mem = cell.get("memory")
+    if mem and "temp_bytes" in mem:
+        mib = mem["temp_bytes"] / 2**20
+        return f"{mib:,.0f}" if mib >= 10 else f"{mib:.2g}"
+    return _short_error(cell["error"]) if "error" in cell else "-"
+
+
+def tables(data: dict) -> str:
+    """Markdown: headline line, then TFLOP/s (fwd, fwd+bwd) and fwd+bwd temp memory tables."""
+    peers = list(data["peers"])
+    by_shape: dict[tuple, dict] = {}
+    for e in data["results"]:
+        shape = (e["head_dim"], e["causal"], e["seq"], e["batch"], e["heads"], e.get("headline", False))
+        by_shape.setdefault(shape, {})[e["peer"]] = e
+    shapes = sorted(by_shape)
+    headers = ["head_dim", "mask", "seq", "batch", *peers]
+
+    def rows(fn, mode):
+        out = []
+        for shape in shapes:
+            d, causal, s, b, _, headline = shape
+            label = f"**{s}**" if headline else str(s)
+            out.append([str(d), "causal" if causal else "full", label, str(b),
+                        *(fn(by_shape[shape].get(p, {}).get(mode)) for p in peers)])
+        return out
+
+    parts = []
+    for shape in shapes:
+        if shape[5]:
+            d, causal, s, b, h, _ = shape
+            cells = []
+            for p in peers:
+                e = by_shape[shape].get(p, {})
+                err = e.get("max_abs_err_vs_reference")
+                cells.append(f"{p} {_cell(e.get('fwd'))} / {_cell(e.get('fwd_bwd'))}"
+                             + (f" (max abs err {err:.1e})" if err is not None else ""))
+            cells = ", ".join(cells)
+            parts.append(f"Headline (batch {b}, seq {s}, {h} heads, head_dim {d}, {data['dtype']}, "
+                         f"{'causal' if causal else 'full'}), TFLOP/s fwd / fwd+bwd: {cells}.")
+    for mode, title in (("fwd", "Forward TFLOP/s"), ("fwd_bwd", "Forward+backward TFLOP/s")):
+        parts.append(f"{title}:\n\n" + common.markdown_table(headers, rows(_cell, mode)))
+    parts.append("Forward+backward temp memory (MiB, XLA memory analysis):\n\n"
+                 + common.markdown_table(headers, rows(_mib, "fwd_bwd")))
+    return "\n\n".join(parts)
+
+
+def readme_section(data: dict, json_path=None) -> str:
+    v = data["versions"]
+    lines = [
+        f"Measured {data['created'][:10]} on {data['device']} ({data['backend']}); jax {v['jax']}, "
+        f"jaxlib {v['jaxlib']}, flax {v.get('flax')}; {data['dtype']}, batch*seq = {data['tokens_per_batch']} "
+        f"tokens, heads*head_dim = {data['results'][0]['heads'] * data['results'][0]['head_dim'] if data['results'] else '?'}; "
+        f"{data['timing']['statistic']} of {data['timing']['reps']} runs. "
+        f"FLOPs: forward {data['flops']['fwd']}; forward+backward {data['flops']['fwd_bwd']}. "
+        f"Bold seq = headline config.",
+        "",
+        "Peers: " + "; ".join(f"`{k}` = {desc}" for k, desc in data["peers"].items()) + ".",
+        "",
+        tables(data),
+    ]
+    if json_path:
+        json_path = Path(json_path).resolve()
+        root = common.README.parent
+
+        def shown(p: Path) -> str:
+            return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+        lines += ["", f"Raw results: `{shown(json_path)}`."]
+        png = json_path.with_suffix(".png")
+        if png.exists() and png.is_relative_to(root):
+            lines += ["", f"![TFLOP/s vs sequence length]({shown(png)})"]
+    return "\n".join(lines)
+
+
+def plot(data: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(e["head_dim"], e["causal"]) for e in data["results"]})
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
+    for col, (d, causal) in enumerate(panels):
+        for row, mode in enumerate(MODES):
+            ax = axes[row][col]
+            for peer in data["peers"]:
+                pts = sorted((e["seq"], e[mode]["tflops"]) for e in data["results"]
+                             if e["peer"] == peer and e["head_dim"] == d and e["causal"] == causal
+                             and "tflops" in e.get(mode, {}))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=peer)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{MODE_LABEL[mode]}, d={d}, {'causal' if causal else 'full'}", fontsize=9)
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Attention, {data['dtype']}, {data['device']} (jax {data['versions']['jax']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Block-size sweep
+# ---------------------------------------------------------------------------
+
+def run_sweep(args) -> dict:
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    import flashjax
+
+    cands = json.loads(open(args.sweep_configs).read()) if args.sweep_configs else SWEEP_CONFIGS
+    if args.quick and not args.sweep_configs:
+        cands = cands[:3]
+    if len(cands) > 12:
+        raise SystemExit(f"--sweep: {len(cands)} configs; keep it to 12 or fewer")
+    try:  # validate all first: an unknown field must fail loudly, before any timing
+        block_sizes = [dataclasses.replace(flashjax.BlockSizes(), **cfg) for cfg in cands]
+    except TypeError as exc:
+        fields = [f.name for f in dataclasses.fields(flashjax.BlockSizes)]
+        raise SystemExit(f"--sweep: a config does not fit flashjax.BlockSizes (fields: {fields}): {exc}")
+
+    info = common.env_info()
+    shape = QUICK["headline"] if args.quick else HEADLINE
+    b, s, h, d = shape["batch"], shape["seq"], shape["heads"], shape["head_dim"]
+    dtype = jnp.dtype(args.dtype)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    reps = args.reps if args.reps is not None else (2 if args.quick else 10)
+    inputs = make_inputs(jax.random.key(0), b, s, h, d, dtype)
+    causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
+    print(f"# block_sizes sweep on {info['device']}: batch {b}, seq {s}, heads {h}, head_dim {d}, "
+          f"{dtype.name}, {len(cands)} configs", flush=True)
+    rows = []
+    for causal in causals:
+        flops = forward_flops(b, s, h, d, causal)
+        for cfg, bs in zip(cands, block_sizes):
+            attn = make_attention("flashjax", causal=causal, sm_scale=1.0 / math.sqrt(d), block_sizes=bs)
+            row = {"causal": causal, "config": cfg, "block_sizes": dataclasses.asdict(bs)}
+            for mode in MODES:
+                try:
+                    row[mode], _ = measure(attn, mode, inputs, flops=flops, warmup=warmup, reps=reps,
+                                           mem_limit=None)
+                except Exception as exc:  # noqa: BLE001
+                    row[mode] = {"error": common.describe_error(exc)}
+            if "ms" in row["fwd"] and "ms" in row["fwd_bwd"]:
+                bwd_ms = row["fwd_bwd"]["ms"] - row["fwd"]["ms"]
+                row["bwd"] = {"ms": bwd_ms, "tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12 if bwd_ms > 0 else None}
+            rows.append(row)
+            tail = (f"bwd {row['bwd']['ms']:.3f} ms" if "bwd" in row
+                    else f"fwd+bwd {_cell(row['fwd_bwd'], verbose=True)}")
+            print(f"  {'causal' if causal else 'full  '} {cfg or '(defaults)'}: "
+                  f"fwd {_cell(row['fwd'], verbose=True)} | {tail}", flush=True)
+    best = {}
+    for causal in causals:
+        for part in ("fwd", "bwd"):
+            ok = [r for r in rows if r["causal"] == causal and r.get(part, {}).get("ms")]
+            if ok:
+                r = min(ok, key=lambda r: r[part]["ms"])
+                best[f"{'causal' if causal else 'full'}_{part}"] = {"config": r["config"], "ms": r[part]["ms"]}
+    print("# best:")
+    for k, v in best.items():
+        print(f"  {k:<12} {v['ms']:.3f} ms  {v['config'] or '(defaults)'}")
+    return {"benchmark": "attention-sweep", **info, "quick": bool(args.quick), "dtype": dtype.name,
+            "shape": shape, "timing": {"warmup": warmup, "reps": reps, "statistic": "median"},
+            "note": "bwd = fwd_bwd - fwd; bwd TFLOP/s counts 2.5x forward FLOPs",
+            "rows": rows, "best": best}
+
+
+# ---------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    p.add_argument("--peers", nargs="+", choices=list(PEERS), help="subset of peers (default: all)")
+    p.add_argument("--seqs", nargs="+", type=int, help="sequence lengths (default: 512..16384)")
+    p.add_argument("--head-dims", nargs="+", type=int, help="head dims (default: 128 64)")
+    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--warmup", type=int, help="warmup calls (default 3; 1 with --quick)")
+    p.add_argument("--reps", type=int, help="timed calls, median reported (default 10; 2 with --quick)")
+    p.add_argument("--budget", type=float, default=225.0,
+                   help="seconds after which remaining non-headline shapes are skipped (default 225)")
+    p.add_argument("--plot", action="store_true", help="also write a PNG of TFLOP/s vs seq")
+    p.add_argument("--readme", action="store_true", help="rewrite README.md's benchmark section from this run")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/attention-<device>-<date>.json)")
+    p.add_argument("--sweep", action="store_true",
+                   help="only time flashjax block_sizes candidates at the headline shape")
+    p.add_argument("--sweep-configs", help="JSON file with a list of BlockSizes overrides (<= 12)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.sweep:
+        data = run_sweep(args)
+        path = args.out or common.results_path("attention-sweep", data["device"], quick=args.quick)
+        print(f"wrote {common.write_json(data, path)}")
+        return 0
+    data, path = run_benchmark(args)
+    print()
+    print(tables(data))
+    print(f"\nwrote {path} ({data['wall_s']} s)")
+    if args.plot:
+        png = os.path.splitext(str(path))[0] + ".png"
+        try:
+            plot(data, png)
+            print(f"wrote {png}")
+        except Exception as exc:  # noqa: BLE001 - plotting must not lose the results
+            print(f"plot failed: {common.describe_error(exc)}")
+    if args.readme:
+        print(f"updated {common.update_readme(readme_section(data, path))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

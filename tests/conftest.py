@@ -1,0 +1,73 @@
+"""Shared test set-up.
+
+* `rng` fixture: `rng()` gives a fresh jax.random key (`rng(n)` a tuple of n).
+  Seeds come from the test's id plus a per-session seed printed in the header;
+  rerun with FLASHJAX_TEST_SEED=<that seed> to reproduce a failure.
+* `@pytest.mark.gpu`: skipped, with the reason, unless jax's backend is a GPU.
+* Hypothesis: a small "cpu" profile by default (HYPOTHESIS_PROFILE picks another).
+* Tolerances: `from helpers import tol, assert_close` (tests/helpers.py).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from helpers import KeySeq, derive_seed
+
+_ENV = "FLASHJAX_TEST_SEED"
+SESSION_SEED = int(os.environ[_ENV]) if os.environ.get(_ENV) else random.SystemRandom().randrange(2**31)
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "cpu", max_examples=20, deadline=None, derandomize=False,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile(
+        "gpu", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cpu"))
+except ImportError:  # hypothesis is in the [test] extra; tolerate its absence
+    pass
+
+
+def pytest_report_header(config):
+    return f"flashjax test seed: {SESSION_SEED} (reproduce with {_ENV}={SESSION_SEED})"
+
+
+@pytest.fixture
+def rng(request) -> KeySeq:
+    return KeySeq(derive_seed(SESSION_SEED, request.node.nodeid))
+
+
+def _backend() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    backend = _backend()
+    if backend == "gpu":
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU (jax backend is {backend!r})")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and "rng" in getattr(item, "fixturenames", ()):
+        report.sections.append((
+            "flashjax rng",
+            f"{_ENV}={SESSION_SEED} (this test's seed {derive_seed(SESSION_SEED, item.nodeid)})",
+        ))
+    return report

@@ -1,0 +1,79 @@
+"""Small helpers shared by the tests (import as `from helpers import tol, assert_close`).
+
+pytest puts tests/ on sys.path (rootdir-relative "prepend" import mode, no
+tests/__init__.py), so test modules can import this file directly.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+# (atol, rtol) for attention outputs against `flashjax.attention_reference`.
+# float32 on a GPU is looser because Triton dots may run in TF32.
+_TOL = {
+    "float64": (1e-9, 1e-9),
+    "float32": (1e-5, 1e-5),
+    "float32-gpu": (2e-3, 2e-3),
+    "bfloat16": (2e-2, 2e-2),
+    "float16": (4e-3, 4e-3),
+}
+# Gradients sum over a whole sequence, so they get this many times more slack.
+GRAD_FACTOR = 4.0
+
+
+def tol(dtype, *, grad: bool = False, backend: str | None = None) -> tuple[float, float]:
+    """(atol, rtol) for comparing an attention output (or gradient) of `dtype`."""
+    name = np.dtype(dtype).name
+    if name == "float32":
+        if backend is None:
+            import jax
+
+            backend = jax.default_backend()
+        if backend == "gpu":
+            name = "float32-gpu"
+    try:
+        atol, rtol = _TOL[name]
+    except KeyError:
+        raise ValueError(f"no tolerance defined for dtype {name}") from None
+    if grad:
+        atol, rtol = atol * GRAD_FACTOR, rtol * GRAD_FACTOR
+    return atol, rtol
+
+
+def assert_close(actual, expected, dtype=None, *, grad: bool = False, err_msg: str = "") -> None:
+    """np.testing.assert_allclose in float64 with `tol(dtype)`; dtype defaults to actual's."""
+    dtype = dtype if dtype is not None else np.asarray(actual).dtype
+    atol, rtol = tol(dtype, grad=grad)
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    np.testing.assert_allclose(a, e, atol=atol, rtol=rtol, err_msg=err_msg)
+
+
+def derive_seed(session_seed: int, nodeid: str) -> int:
+    """Deterministic per-test seed from the session seed and the test's id."""
+    return (session_seed * 1_000_003 + zlib.crc32(nodeid.encode())) % (2**31)
+
+
+class KeySeq:
+    """Fresh `jax.random` keys on demand: `rng()` returns a new key each call.
+
+    `rng(3)` returns a tuple of 3 keys. `rng.seed` is the integer seed.
+    """
+
+    def __init__(self, seed: int):
+        import jax
+
+        self.seed = seed
+        self._key = jax.random.key(seed)
+
+    def __call__(self, n: int | None = None):
+        import jax
+
+        if n is None:
+            self._key, sub = jax.random.split(self._key)
+            return sub
+        keys = jax.random.split(self._key, n + 1)
+        self._key = keys[0]
+        return tuple(keys[1:])

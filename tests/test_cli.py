@@ -1,0 +1,89 @@
+"""The `flashjax` command line: help at every level, errors, lazy subcommands, demo."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from flashjax import cli
+
+
+def _run(argv, capsys):
+    """main(argv) -> (exit status, stdout, stderr), whether it returns or exits."""
+    try:
+        status = cli.main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    status, out, _ = _run(["--help"], capsys)
+    assert status == 0
+    assert "usage: flashjax" in out
+    for cmd in cli.SUBCOMMANDS:
+        assert cmd.name in out
+
+
+@pytest.mark.parametrize("name", [c.name for c in cli.SUBCOMMANDS])
+def test_subcommand_help(name, capsys):
+    status, out, _ = _run([name, "--help"], capsys)
+    assert status == 0
+    assert f"usage: flashjax {name}" in out
+
+
+def test_version(capsys):
+    import flashjax
+
+    status, out, _ = _run(["--version"], capsys)
+    assert status == 0
+    assert out.strip() == f"flashjax {flashjax.__version__}"
+
+
+def test_unknown_subcommand_fails_with_message(capsys):
+    status, _, err = _run(["no-such-command"], capsys)
+    assert status != 0
+    assert "invalid choice" in err and "no-such-command" in err
+
+
+def test_no_subcommand_prints_help_and_fails(capsys):
+    status, _, err = _run([], capsys)
+    assert status != 0
+    assert "usage: flashjax" in err and "demo" in err
+
+
+def test_subcommand_targets_are_imported_lazily(capsys):
+    """Building the parser and --help must not import a subcommand's module."""
+    fake = cli.Subcommand(
+        "fake", "a registered-but-missing subcommand",
+        lambda p: p.add_argument("--n", type=int, default=1),
+        "flashjax_no_such_module.sub:main",
+    )
+    status, out, _ = _run(["fake", "--help"], capsys)  # default registry: fake is unknown
+    assert status != 0
+    try:
+        status = cli.main(["fake", "--help"], subcommands=[*cli.SUBCOMMANDS, fake])
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 0 and "--n" in capsys.readouterr().out
+    assert "flashjax_no_such_module" not in sys.modules
+    status = cli.main(["fake", "--n", "2"], subcommands=[*cli.SUBCOMMANDS, fake])
+    assert status == 1
+    assert "cannot load flashjax_no_such_module.sub:main" in capsys.readouterr().err
+
+
+def test_demo_smoke(capsys):
+    status, out, err = _run(
+        ["demo", "--batch", "1", "--seq", "128", "--heads", "2", "--head-dim", "32", "--reps", "1"],
+        capsys,
+    )
+    assert status == 0, out + err
+    assert "max |flash - reference|" in out and "OK" in out
+    assert "mode:" in out and "ms" in out
+
+
+def test_demo_rejects_bad_kv_heads(capsys):
+    status, _, err = _run(["demo", "--heads", "4", "--kv-heads", "3"], capsys)
+    assert status == 2 and "--kv-heads" in err
