@@ -83,7 +83,7 @@ _UNIFIED_WINDOW = {
 
 # Launch defaults (tuned with `benchmarks/decode.py --sweep` on an H100).
 DEFAULT_NUM_WARPS = 4
-DEFAULT_NUM_STAGES = 2
+DEFAULT_NUM_STAGES = 3
 DEFAULT_TILE_BYTES = 16 * 1024  # K bytes per inner-loop tile (same again for V)
 
 # Tests switch this off to show that their inputs really need the fallback.
@@ -108,14 +108,16 @@ def _is_concrete(x) -> bool:
 
 
 def _decode_kernel(
-    q_ref,  # [block_h, head_dim]
+    q_ref,  # [group, head_dim]: the query heads of one KV head
     k_ref,  # paged: [num_blocks, block_size, head_dim]; dense: [kv_len, head_dim]
     v_ref,
     bt_ref,  # paged: [max_blocks_padded] int32; dense: None
     len_ref,  # [batch] int32 (whole array)
-    o_ref,  # [block_h, head_dim] float32
-    lse_ref,  # [block_h] float32 (base-2 log-sum-exp)
+    o_ref,  # [group, head_dim]: q dtype if one split, else float32 partial
+    lse_ref,  # [group] float32 (base-2 log-sum-exp of this split)
     *,
+    block_h: int,
+    max_len: int,
     paged: bool,
     tile: int,
     pages_per_tile: int,
@@ -132,9 +134,14 @@ def _decode_kernel(
 ):
     b = pl.program_id(0)
     split = pl.program_id(2)
-    block_h, head_dim = q_ref.shape
-    length = len_ref[b]
-    q = q_ref[...]
+    head_dim = q_ref.shape[-1]
+    length = jnp.minimum(jnp.maximum(len_ref[b], 0), max_len)
+    rows = pl.ds(0, block_h)
+    row_valid = jnp.arange(block_h) < group
+    if group == block_h:
+        q = q_ref[...]
+    else:  # pad the group to block_h (>= 16) rows for the tensor-core dots
+        q = plgpu.load(q_ref.at[rows, :], mask=row_valid[:, None], other=0)
 
     n_tiles = pl.cdiv(length, tile)
     tiles_per_split = pl.cdiv(n_tiles, num_splits)
@@ -231,7 +238,7 @@ def _decode_kernel(
         carry = lax.fori_loop(t_start, t_full, unified_body(False), (acc, mx, l))
         acc, mx, l = lax.fori_loop(t_full, t_end, unified_body(True), carry)
         rel = mx - phi
-        row_ok = (jnp.arange(block_h) >= group) | ((rel >= lo) & (rel <= hi))
+        row_ok = ~row_valid | ((rel >= lo) & (rel <= hi))
         bad = jnp.max(jnp.where(row_ok, 0, 1)) > 0
         bad = bad & (t_end > t_start)
         m_phi = jnp.full((block_h,), phi, jnp.float32)
@@ -241,9 +248,14 @@ def _decode_kernel(
             m = m_phi
 
     has = l > 0
-    o = acc / jnp.where(has, l, 1.0)[:, None]
-    o_ref[...] = o.astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
+    o = (acc / jnp.where(has, l, 1.0)[:, None]).astype(o_ref.dtype)
+    lse = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)
+    if group == block_h:
+        o_ref[...] = o
+        lse_ref[...] = lse
+    else:
+        plgpu.store(o_ref.at[rows, :], o, mask=row_valid[:, None])
+        plgpu.store(lse_ref.at[rows], lse, mask=row_valid)
 
 
 # --------------------------------------------------------------------------
@@ -326,19 +338,28 @@ def _check_common(sm_scale, softcap, unified_max, num_splits, num_warps, num_sta
 # --------------------------------------------------------------------------
 
 
-def _combine(o, lse2, return_lse):
-    """o [B, Hkv, S, bh, D] f32 normalised per split, lse2 [B, Hkv, S, bh] base 2."""
-    if o.shape[2] == 1:
-        out, lse = o[:, :, 0], lse2[:, :, 0]
-    else:
-        m = jnp.max(lse2, axis=2, keepdims=True)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        w = jnp.exp2(lse2 - m)  # 0 for empty splits
-        den = jnp.sum(w, axis=2)
-        out = jnp.einsum("bhsg,bhsgd->bhgd", w, o, precision=lax.Precision.HIGHEST)
-        out = out / jnp.where(den > 0, den, 1.0)[..., None]
-        lse = jnp.where(den > 0, m[:, :, 0] + jnp.log2(jnp.where(den > 0, den, 1.0)), -jnp.inf)
-    return out, (lse * LN2 if return_lse else None)
+def _lse_monoid(x, y):
+    """Merge (max, sum of 2^(lse - max), sum of 2^(lse - max) * o) pairs."""
+    m1, l1, a1 = x
+    m2, l2, a2 = y
+    m = jnp.maximum(m1, m2)
+    s1 = jnp.where(m1 == -jnp.inf, 0.0, jnp.exp2(m1 - m))
+    s2 = jnp.where(m2 == -jnp.inf, 0.0, jnp.exp2(m2 - m))
+    return m, l1 * s1 + l2 * s2, a1 * s1 + a2 * s2
+
+
+def _combine(o, lse2):
+    """Merge splits: o [B, Hkv, S, G, D] f32 (normalised per split) and lse2
+    [B, Hkv, S, G] (base 2) -> o [B, Hkv, G, D] f32, lse2 [B, Hkv, G]. One
+    variadic XLA reduction (log-sum-exp monoid), so a single small kernel."""
+    m_in = jnp.broadcast_to(lse2[..., None], o.shape)
+    l_in = jnp.ones_like(o)
+    f32 = jnp.float32
+    m, l, a = lax.reduce((m_in, l_in, o), (f32(-jnp.inf), f32(0.0), f32(0.0)), _lse_monoid, (2,))
+    has = l > 0
+    out = jnp.where(has, a / jnp.where(has, l, 1.0), 0.0)
+    lse = jnp.where(has, m + jnp.log2(jnp.where(has, l, 1.0)), -jnp.inf)[..., 0]
+    return out, lse
 
 
 def _run(q, k, v, bt, lengths, *, paged, kv_spec, kv_heads, tile, pages_per_tile, page_size,
@@ -358,35 +379,38 @@ def _run(q, k, v, bt, lengths, *, paged, kv_spec, kv_heads, tile, pages_per_tile
         num_stages = DEFAULT_NUM_STAGES
     interpret = _backend.resolve_interpret(interpret)
 
-    qg = q.reshape(batch, kv_heads, group, head_dim)
-    if block_h != group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, block_h - group), (0, 0)))
-    lengths = jnp.clip(lengths, 0, max_len).astype(jnp.int32)
+    qg = q.reshape(batch, kv_heads, group, head_dim)  # free: heads are kv-head major
     precision = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if q.dtype == jnp.float32 else None
-
     kernel = functools.partial(
-        _decode_kernel, paged=paged, tile=tile, pages_per_tile=pages_per_tile,
-        page_size=page_size, num_pages=num_pages, kv_len=kv_len, num_splits=num_splits,
-        group=group, sm_scale=float(sm_scale),
+        _decode_kernel, block_h=block_h, max_len=max_len, paged=paged, tile=tile,
+        pages_per_tile=pages_per_tile, page_size=page_size, num_pages=num_pages, kv_len=kv_len,
+        num_splits=num_splits, group=group, sm_scale=float(sm_scale),
         softcap=None if softcap is None else float(softcap),
         unified_max=None if unified_max is None else float(unified_max),
         unified_window=_UNIFIED_WINDOW[jnp.dtype(q.dtype)], precision=precision,
     )
     in_specs = [
-        pl.BlockSpec((None, None, block_h, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
         kv_spec,
         kv_spec,
         (pl.BlockSpec((None, bt.shape[1]), lambda b, h, s: (b, 0)) if paged else None),
         pl.BlockSpec((batch,), lambda b, h, s: (0,)),
     ]
-    out_shape = [
-        jax.ShapeDtypeStruct((batch, kv_heads, num_splits, block_h, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((batch, kv_heads, num_splits, block_h), jnp.float32),
-    ]
-    out_specs = [
-        pl.BlockSpec((None, None, None, block_h, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-        pl.BlockSpec((None, None, None, block_h), lambda b, h, s: (b, h, s, 0)),
-    ]
+    if num_splits == 1:
+        # One split: the kernel writes the final output; nothing to combine.
+        out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), q.dtype),
+                     jax.ShapeDtypeStruct((batch, kv_heads, group), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
+                     pl.BlockSpec((None, None, group), lambda b, h, s: (b, h, 0))]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, kv_heads, num_splits, group, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, kv_heads, num_splits, group), jnp.float32),
+        ]
+        out_specs = [
+            pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
+        ]
     o, lse2 = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),
@@ -397,10 +421,11 @@ def _run(q, k, v, bt, lengths, *, paged, kv_spec, kv_heads, tile, pages_per_tile
         interpret=interpret,
         name=name,
     )(qg, k, v, bt, lengths)
-    out, lse = _combine(o[:, :, :, :group], lse2[:, :, :, :group], return_lse)
-    out = out.reshape(batch, heads, head_dim).astype(q.dtype)
+    if num_splits > 1:
+        o, lse2 = _combine(o, lse2)
+    out = o.reshape(batch, heads, head_dim).astype(q.dtype)
     if return_lse:
-        return out, lse.reshape(batch, heads)
+        return out, (lse2 * LN2).reshape(batch, heads)
     return out
 
 
@@ -446,7 +471,7 @@ def paged_decode_attention(
       softcap: if set, scores become softcap*tanh(scores/softcap).
       unified_max: FlashDecoding++ fixed softmax maximum phi (in units of the
         scaled, soft-capped score); exact, with per-split fallback.
-      num_warps, num_stages: Triton compiler parameters (defaults 4 and 2).
+      num_warps, num_stages: Triton compiler parameters (DEFAULT_NUM_WARPS/STAGES).
       interpret: None = compile on GPU, interpret elsewhere.
       return_lse: also return the natural log-sum-exp [batch, heads] (float32,
         -inf for empty sequences).

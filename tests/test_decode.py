@@ -113,6 +113,7 @@ CONFIGS = [
     (jnp.float16, 8, 2, 4, 16, 4),  # more splits than tiles
     (jnp.float32, 4, 1, 16, 5, 1),  # MQA
     (jnp.bfloat16, 2, 2, 8, 4, 2),  # MHA (group 1 padded to 16 rows)
+    (jnp.float32, 6, 2, 8, 2, 2),  # group of 3 (not a power of two)
 ]
 
 
@@ -354,3 +355,76 @@ def test_lowers_to_triton_for_h100(monkeypatch):
                 S((B, H, D), jnp.float16), S((B, 1000, Hkv, D), jnp.float16),
                 S((B, 1000, Hkv, D), jnp.float16), S((B,), jnp.int32))
     assert "__gpu$xla.gpu.triton" in txt
+
+
+# ------------------------------------------------ compiled on a GPU (Triton)
+
+
+def _gpu_inputs(seed, *, batch, lengths, dtype, num_blocks=None, bs=16, max_blocks=160,
+                heads=32, kv_heads=8, head_dim=128):
+    return make_paged(seed, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                      block_size=bs, max_blocks=max_blocks, lengths=lengths, dtype=dtype,
+                      num_blocks=num_blocks, poison=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("kwargs", [{}, dict(num_splits=7, pages_per_block=2),
+                                    dict(unified_max=3.0), dict(num_stages=3, num_warps=8)])
+def test_gpu_paged(dtype, kwargs):
+    lengths = [2560, 1, 16, 17, 1000, 0, 2047, 333]
+    q, kp, vp, bt, ln = _gpu_inputs(1, batch=8, lengths=lengths, dtype=dtype)
+    out = jax.jit(lambda *a: paged_decode_attention(*a, **kwargs))(q, kp, vp, bt, ln)
+    q2, kp2, vp2, bt2, ln2 = make_paged(1, batch=8, heads=32, kv_heads=8, head_dim=128,
+                                        block_size=16, max_blocks=160, lengths=lengths,
+                                        dtype=dtype)
+    ref, _ = reference(q2, dense_from_pages(kp2, bt2, 2560), dense_from_pages(vp2, bt2, 2560), ln2)
+    check(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_gpu_contiguous(layout):
+    rng = np.random.default_rng(2)
+    b, L = 4, 3000
+    q = jnp.asarray(rng.standard_normal((b, 32, 128)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((b, L, 8, 128)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((b, L, 8, 128)), jnp.bfloat16)
+    ln = jnp.asarray([3000, 1, 64, 2999], jnp.int32)
+    ref, _ = reference(q, k, v, ln)
+    if layout == "bhsd":
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    out = decode_attention(q, k, v, ln, kv_layout=layout)
+    check(out, ref, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_unified_max_fallback():
+    q, kp, vp, bt, ln = _gpu_inputs(3, batch=2, lengths=[2000, 50], dtype=jnp.bfloat16)
+    q = (q.astype(jnp.float32) * 40).astype(jnp.bfloat16)
+    out = paged_decode_attention(q, kp, vp, bt, ln, unified_max=0.0)
+    ref = paged_decode_attention(q, kp, vp, bt, ln)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_pool_over_4gib():
+    """Pages past byte offset 2**32 (64-bit addressing in the Triton lowering)."""
+    kv_heads, bs, d = 8, 16, 128
+    num_blocks = (2**32 // (kv_heads * bs * d * 2)) + 64  # > 4 GiB per pool in bf16
+    kp = jnp.zeros((kv_heads, num_blocks, bs, d), jnp.bfloat16)
+    vp = jnp.zeros((kv_heads, num_blocks, bs, d), jnp.bfloat16)
+    rng = np.random.default_rng(4)
+    last = np.arange(num_blocks - 8, num_blocks, dtype=np.int32)
+    kv = jnp.asarray(rng.standard_normal((2, kv_heads, 8, bs, d)), jnp.bfloat16)
+    kp = kp.at[:, last].set(kv[0])
+    vp = vp.at[:, last].set(kv[1])
+    q = jnp.asarray(rng.standard_normal((1, 32, d)), jnp.bfloat16)
+    bt = jnp.asarray(last[None, ::-1].copy())
+    ln = jnp.asarray([8 * bs - 3], jnp.int32)
+    out = paged_decode_attention(q, kp, vp, bt, ln)
+    k = kv[0][:, ::-1].reshape(kv_heads, 8 * bs, d).swapaxes(0, 1)[None]
+    v = kv[1][:, ::-1].reshape(kv_heads, 8 * bs, d).swapaxes(0, 1)[None]
+    ref, _ = reference(q, k, v, ln)
+    check(out, ref, jnp.bfloat16)

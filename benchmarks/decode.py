@@ -1,0 +1,444 @@
+"""Decode-attention benchmark: achieved KV bandwidth of flashjax's paged and
+contiguous Flash-Decoding kernel vs JAX's bundled Pallas ops and XLA.
+
+    python benchmarks/decode.py            # full GPU run (< 4 min on an H100)
+    python benchmarks/decode.py --quick    # tiny sizes, CPU smoke test (interpret mode)
+    python benchmarks/decode.py --sweep    # only: time launch parameters of our kernel
+                                           # at batch 1, context 32k (--sweep-batch/--sweep-context)
+
+One query token per sequence, all sequences at the full context length;
+GQA 32 query heads / 8 KV heads, head_dim 128, bf16, paged block size 16.
+Batch in {1, 8, 32, 64, 256} x context in {1k, 4k, 16k, 32k, 128k}; shapes
+whose K+V exceed --max-kv-gb (40 GB) are skipped. Bandwidth = bytes of K and V
+read (batch * context * kv_heads * head_dim * 2 * itemsize) / time. Each
+timing runs `--chain` dependent calls in one jitted function (so launch gaps
+are amortised like in a decode loop), median over `--reps`. A device copy
+(read + write of a 2 GiB buffer) measured in the same run gives the HBM
+bandwidth that the "% copy" columns refer to.
+
+Peers (same process, same inputs; paged peers read the same page pool and
+shuffled block tables, contiguous peers the same dense [batch, ctx, kv_heads,
+head_dim] cache):
+  ours_paged       flashjax.paged_decode_attention (defaults: auto num_splits)
+  ours_contiguous  flashjax.decode_attention (same kernel body, dense cache)
+  pallas_paged     jax.experimental.pallas.ops.gpu.paged_attention.paged_attention
+  pallas_gqa       jax.experimental.pallas.ops.gpu.decode_attention.gqa
+  xla              jnp.einsum over the dense cache (bf16 in, f32 accumulation)
+A peer that fails records an error string in its cell. Every output is
+checked against XLA on its first two sequences (max abs error in the JSON).
+Results: benchmarks/results/decode-<device>-<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+PEERS = {
+    "ours_paged": "flashjax.paged_decode_attention (Pallas Triton, Flash-Decoding, paged)",
+    "ours_contiguous": "flashjax.decode_attention (same kernel, dense [b, s, h, d] cache)",
+    "pallas_paged": "jax.experimental.pallas.ops.gpu.paged_attention.paged_attention (defaults)",
+    "pallas_gqa": "jax.experimental.pallas.ops.gpu.decode_attention.gqa (defaults)",
+    "xla": "jnp.einsum over the dense cache (XLA)",
+}
+PAGED_PEERS = ("ours_paged", "pallas_paged")
+DENSE_PEERS = ("ours_contiguous", "pallas_gqa", "xla")
+
+BATCHES = (1, 8, 32, 64, 256)
+CONTEXTS = (1024, 4096, 16384, 32768, 131072)
+HEADLINE = (1, 32768)  # (batch, context)
+SHAPE = dict(heads=32, kv_heads=8, head_dim=128, block_size=16)
+QUICK = dict(batches=(1, 2), contexts=(256, 512), heads=4, kv_heads=2, head_dim=32, block_size=16)
+
+# (num_splits, pages_per_block, num_warps, num_stages); None = our default.
+# The contiguous kernel is swept over the num_splits=None subset only
+# (block_k = pages_per_block * block_size).
+SWEEP = [
+    dict(num_splits=s, pages_per_block=p, num_warps=w, num_stages=st)
+    for s, p, (w, st) in itertools.product(
+        (None, 32, 64, 128), (2, 4, 8), ((4, 2), (4, 3), (8, 3)))
+]
+QUICK_SWEEP = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=2)
+               for s in (None, 2) for p in (1, 2)]
+
+
+# ---------------------------------------------------------------------------
+# Peers
+# ---------------------------------------------------------------------------
+
+def make_peer(name: str, *, interpret: bool, **kw):
+    """Returns fn(q, kv_inputs..., lengths) -> [batch, heads, head_dim]."""
+    import jax.numpy as jnp
+
+    import flashjax.decode as fd
+
+    if name == "ours_paged":
+        return lambda q, kp, vp, bt, ln: fd.paged_decode_attention(q, kp, vp, bt, ln, **kw)
+    if name == "ours_contiguous":
+        return lambda q, k, v, ln: fd.decode_attention(q, k, v, ln, **kw)
+    if name == "pallas_paged":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from jax.experimental.pallas.ops.gpu import paged_attention as pa
+        return lambda q, kp, vp, bt, ln: pa.paged_attention(q, kp, vp, bt, ln, interpret=interpret)
+    if name == "pallas_gqa":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from jax.experimental.pallas.ops.gpu import decode_attention as da
+        return lambda q, k, v, ln: da.gqa(q, k, v, kv_seq_len=ln, interpret=interpret)
+    if name == "xla":
+        def xla(q, k, v, ln):
+            b, h, d = q.shape
+            hkv = k.shape[2]
+            qg = q.reshape(b, hkv, h // hkv, d)
+            s = jnp.einsum("bhgd,bkhd->bhgk", qg, k, preferred_element_type=jnp.float32)
+            s = s * (1.0 / math.sqrt(d))
+            mask = jnp.arange(k.shape[1])[None, :] < ln[:, None]
+            s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+            p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+            p = p / jnp.sum(p, axis=-1, keepdims=True)
+            o = jnp.einsum("bhgk,bkhd->bhgd", p.astype(v.dtype), v,
+                           preferred_element_type=jnp.float32)
+            return o.reshape(b, h, d).astype(q.dtype)
+        return xla
+    raise ValueError(f"unknown peer {name!r}")
+
+
+def chained(fn, chain: int):
+    """`chain` dependent calls of fn in one jitted function: each call's q
+    depends (numerically not at all) on the previous output, so XLA can
+    neither hoist nor merge them."""
+    import jax
+    import jax.numpy as jnp
+
+    def run(q, *rest):
+        out = fn(q, *rest)
+        for _ in range(chain - 1):
+            q = q + (out * jnp.asarray(1e-30, out.dtype)).astype(q.dtype)
+            out = fn(q, *rest)
+        return out
+
+    return jax.jit(run)
+
+
+def measure(fn, args, *, chain, warmup, reps):
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = chained(fn, chain).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    timing = common.time_call(compiled, args, warmup=warmup, reps=reps)
+    out = jax.jit(fn)(*args)
+    return {"compile_s": round(compile_s, 2), "ms": timing["ms"] / chain,
+            "min_ms": timing["min_ms"] / chain, "chain": chain, "reps": reps}, out
+
+
+def copy_bandwidth(nbytes: int, *, warmup, reps) -> dict:
+    """Read+write bandwidth of an elementwise device copy (GB/s)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    fn = jax.jit(lambda x: -x)
+    timing = common.time_call(fn, (x,), warmup=warmup, reps=reps)
+    del x
+    return {"bytes": nbytes, "ms": timing["ms"], "tb_s": 2 * nbytes / (timing["ms"] * 1e-3) / 1e12}
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+def make_inputs(seed, batch, ctx, heads, kv_heads, head_dim, block_size, dtype, *, paged):
+    """q, lengths and either (k_pages, v_pages, block_tables) or dense (k, v).
+    The paged pool holds exactly the pages in use, in shuffled order."""
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.key(seed)
+    kq, kk, kv, kp = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (batch, heads, head_dim), dtype)
+    lengths = jnp.full((batch,), ctx, jnp.int32)
+    if paged:
+        pages = batch * (ctx // block_size)
+        shape = (kv_heads, pages, block_size, head_dim)
+        k_pages = jax.random.normal(kk, shape, dtype)
+        v_pages = jax.random.normal(kv, shape, dtype)
+        tables = jax.random.permutation(kp, pages).astype(jnp.int32).reshape(batch, -1)
+        return q, (k_pages, v_pages, tables), lengths
+    shape = (batch, ctx, kv_heads, head_dim)
+    return q, (jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype)), lengths
+
+
+def dense_from_paged(k_pages, v_pages, tables):
+    import jax.numpy as jnp
+
+    def one(p):  # [hkv, N, bs, d] -> [b, ctx, hkv, d]
+        g = p[:, tables]  # [hkv, b, nblk, bs, d]
+        hkv, b, nblk, bs, d = g.shape
+        return jnp.moveaxis(g.reshape(hkv, b, nblk * bs, d), 0, 2)
+
+    return one(k_pages), one(v_pages)
+
+
+# ---------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------
+
+def kv_bytes(batch, ctx, kv_heads, head_dim, itemsize):
+    return batch * ctx * kv_heads * head_dim * 2 * itemsize
+
+
+def pick_chain(est_bytes, bw_guess=2.0e12, target_s=2e-3, max_chain=16):
+    """Enough chained calls that one timed call lasts ~2 ms."""
+    per_call = max(est_bytes / bw_guess, 5e-6)
+    return int(max(2, min(max_chain, math.ceil(target_s / per_call))))
+
+
+def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s):
+    import jax
+    import jax.numpy as jnp
+
+    b, ctx = cfg["batch"], cfg["context"]
+    heads, hkv, d, bs = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["block_size"]
+    nbytes = kv_bytes(b, ctx, hkv, d, jnp.dtype(dtype).itemsize)
+    chain = 1 if interpret else pick_chain(nbytes)
+    xla = jax.jit(make_peer("xla", interpret=interpret))
+    cells = {}
+    for group, is_paged in ((PAGED_PEERS, True), (DENSE_PEERS, False)):
+        todo = [p for p in peers if p in group]
+        if not todo:
+            continue
+        try:
+            q, kv, lengths = make_inputs(0, b, ctx, heads, hkv, d, bs, dtype, paged=is_paged)
+            # Reference for the correctness check: XLA on the first <= 2 sequences.
+            n = min(b, 2)
+            if is_paged:
+                kd, vd = dense_from_paged(kv[0], kv[1], kv[2][:n])
+            else:
+                kd, vd = kv[0][:n], kv[1][:n]
+            ref = xla(q[:n], kd, vd, lengths[:n]).astype(jnp.float32)
+            del kd, vd
+        except Exception as e:  # noqa: BLE001
+            for p in todo:
+                cells[p] = {"error": common.describe_error(e)}
+            continue
+        for peer in todo:
+            try:
+                fn = make_peer(peer, interpret=interpret)
+                cell, out = measure(fn, (q, *kv, lengths), chain=chain, warmup=warmup, reps=reps)
+                cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
+                if copy_tb_s:
+                    cell["frac_copy_bw"] = cell["tb_s"] / copy_tb_s
+                err = jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref))
+                cell["max_abs_err_vs_xla"] = float(err)
+                del out
+                cells[peer] = cell
+            except Exception as e:  # noqa: BLE001
+                cells[peer] = {"error": common.describe_error(e)}
+            print(f"  b={b:<4d} ctx={ctx:<6d} {peer:16s} {fmt_cell(cells[peer])}", flush=True)
+        del q, kv, lengths, ref
+    ours = [cells.get(p, {}) for p in ("ours_paged", "ours_contiguous")]
+    overhead = None
+    if all("ms" in c for c in ours):
+        overhead = 100.0 * (ours[0]["ms"] / ours[1]["ms"] - 1.0)
+    return {**cfg, "kv_bytes": nbytes, "chain": chain, "peers": cells,
+            "paged_overhead_pct": overhead}
+
+
+def fmt_cell(cell):
+    if "error" in cell:
+        return cell["error"][:60]
+    s = f"{cell['ms'] * 1e3:9.1f} us  {cell['tb_s'] * 1e3:7.1f} GB/s"
+    if "frac_copy_bw" in cell:
+        s += f"  ({100 * cell['frac_copy_bw']:.0f}% copy)"
+    if "max_abs_err_vs_xla" in cell:
+        s += f"  err {cell['max_abs_err_vs_xla']:.1e}"
+    return s
+
+
+def table(results, peers):
+    headers = ["batch", "context", "KV MB"] + [f"{p} GB/s (% copy)" for p in peers] + ["paged overhead"]
+    rows = []
+    for r in results:
+        row = [r["batch"], r["context"], f"{r['kv_bytes'] / 1e6:.0f}"]
+        for p in peers:
+            c = r["peers"].get(p, {})
+            if "tb_s" in c:
+                frac = f" ({100 * c['frac_copy_bw']:.0f}%)" if "frac_copy_bw" in c else ""
+                row.append(f"{c['tb_s'] * 1e3:.0f}{frac}")
+            else:
+                row.append(c.get("error", c.get("skipped", "-"))[:40])
+        ov = r.get("paged_overhead_pct")
+        row.append("-" if ov is None else f"{ov:+.1f}%")
+        rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
+def run_benchmark(args) -> dict:
+    import jax.numpy as jnp
+
+    from flashjax import _backend
+
+    info = common.env_info()
+    interpret = not _backend.on_gpu()
+    dtype = jnp.dtype(args.dtype)
+    dims = dict(QUICK if args.quick else SHAPE)
+    batches = args.batches or (QUICK["batches"] if args.quick else BATCHES)
+    contexts = args.contexts or (QUICK["contexts"] if args.quick else CONTEXTS)
+    peers = args.peers or list(PEERS)
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
+    reps = args.reps if args.reps is not None else (1 if args.quick else 7)
+    print(f"# decode benchmark on {info['device']} ({info['backend']}), jax "
+          f"{info['versions']['jax']}, {dtype.name}, heads {dims['heads']}/{dims['kv_heads']}, "
+          f"head_dim {dims['head_dim']}, block {dims['block_size']}", flush=True)
+    copy = None
+    if not interpret:
+        copy = copy_bandwidth(2 << 30, warmup=2, reps=10)
+        print(f"# device copy bandwidth (read+write): {copy['tb_s']:.3f} TB/s", flush=True)
+    start = time.perf_counter()
+    results = []
+    shapes = list(itertools.product(batches, contexts))
+    # The headline shape first, so the time budget never skips it.
+    shapes.sort(key=lambda bc: bc != HEADLINE)
+    for b, ctx in shapes:
+        cfg = dict(batch=b, context=ctx)
+        nbytes = kv_bytes(b, ctx, dims["kv_heads"], dims["head_dim"], dtype.itemsize)
+        if nbytes > args.max_kv_gb * 1e9:
+            results.append({**cfg, "kv_bytes": nbytes, "skipped": f"KV {nbytes / 1e9:.0f} GB > "
+                            f"{args.max_kv_gb:.0f} GB", "peers": {}})
+            continue
+        if time.perf_counter() - start > args.budget:
+            results.append({**cfg, "kv_bytes": nbytes, "skipped": "time budget", "peers": {}})
+            continue
+        results.append(run_config(cfg, peers, dims, dtype, interpret=interpret, warmup=warmup,
+                                  reps=reps, copy_tb_s=copy["tb_s"] if copy else None))
+    results.sort(key=lambda r: (r["batch"], r["context"]))
+    measured = [r for r in results if "skipped" not in r]
+    md = table(measured, peers)
+    print()
+    print(md)
+    skipped = [f"{r['batch']}x{r['context']} ({r['skipped']})" for r in results if "skipped" in r]
+    if skipped:
+        print("\nskipped: " + ", ".join(skipped))
+    return {
+        **info,
+        "benchmark": "decode",
+        "quick": bool(args.quick),
+        "dtype": dtype.name,
+        "shape": dims,
+        "peers_desc": {p: PEERS[p] for p in peers},
+        "copy_bandwidth": copy,
+        "timing": {"warmup": warmup, "reps": reps, "statistic": "median, per call of a chain"},
+        "results": results,
+        "markdown": md,
+        "elapsed_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def run_sweep(args) -> dict:
+    import jax.numpy as jnp
+
+    from flashjax import _backend
+
+    info = common.env_info()
+    interpret = not _backend.on_gpu()
+    dtype = jnp.dtype(args.dtype)
+    dims = dict(QUICK if args.quick else SHAPE)
+    b = args.sweep_batch or (1 if args.quick else 1)
+    ctx = args.sweep_context or (128 if args.quick else 32768)
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
+    reps = args.reps if args.reps is not None else (1 if args.quick else 7)
+    nbytes = kv_bytes(b, ctx, dims["kv_heads"], dims["head_dim"], dtype.itemsize)
+    chain = 1 if interpret else pick_chain(nbytes)
+    copy = None if interpret else copy_bandwidth(2 << 30, warmup=2, reps=10)
+    print(f"# decode sweep on {info['device']}: batch {b}, context {ctx}, KV {nbytes / 1e6:.0f} MB"
+          + (f", copy {copy['tb_s']:.3f} TB/s" if copy else ""), flush=True)
+    rows, results = [], []
+    configs = QUICK_SWEEP if args.quick else SWEEP
+    for paged in (True, False):
+        q, kv, lengths = make_inputs(0, b, ctx, dims["heads"], dims["kv_heads"], dims["head_dim"],
+                                     dims["block_size"], dtype, paged=paged)
+        seen = set()
+        for cfg in configs:
+            kw = dict(cfg)
+            if not paged:  # contiguous: tile = pages_per_block * block_size tokens
+                if kw["num_splits"] is not None and not args.quick:
+                    continue
+                kw["block_k"] = kw.pop("pages_per_block") * dims["block_size"]
+            key = tuple(sorted(kw.items(), key=lambda x: x[0]))
+            if key in seen:
+                continue
+            seen.add(key)
+            name = "ours_paged" if paged else "ours_contiguous"
+            try:
+                cell, _ = measure(make_peer(name, interpret=interpret, **kw), (q, *kv, lengths),
+                                  chain=chain, warmup=warmup, reps=reps)
+                cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
+                if copy:
+                    cell["frac_copy_bw"] = cell["tb_s"] / copy["tb_s"]
+            except Exception as e:  # noqa: BLE001
+                cell = {"error": common.describe_error(e)}
+            results.append({"peer": name, **kw, **cell})
+            print(f"  {name:16s} {kw}  {fmt_cell(cell)}", flush=True)
+            rows.append([name, *(str(kw.get(k)) for k in ("num_splits", "pages_per_block", "block_k",
+                                                           "num_warps", "num_stages")),
+                         fmt_cell(cell)])
+        del q, kv, lengths
+    md = common.markdown_table(["kernel", "num_splits", "pages_per_block", "block_k", "num_warps",
+                                "num_stages", "result"], rows)
+    print()
+    print(md)
+    ok = [r for r in results if "tb_s" in r]
+    best = {}
+    for name in ("ours_paged", "ours_contiguous"):
+        cand = [r for r in ok if r["peer"] == name]
+        if cand:
+            best[name] = max(cand, key=lambda r: r["tb_s"])
+            print(f"best {name}: {best[name]}")
+    return {**info, "benchmark": "decode-sweep", "quick": bool(args.quick), "dtype": dtype.name,
+            "shape": {**dims, "batch": b, "context": ctx}, "copy_bandwidth": copy,
+            "results": results, "best": best, "markdown": md}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test, interpret mode)")
+    p.add_argument("--peers", nargs="+", choices=list(PEERS), help="subset of peers (default: all)")
+    p.add_argument("--batches", nargs="+", type=int, help="batch sizes (default 1 8 32 64 256)")
+    p.add_argument("--contexts", nargs="+", type=int,
+                   help="context lengths (default 1024 4096 16384 32768 131072)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-kv-gb", type=float, default=40.0, help="skip shapes with more K+V than this")
+    p.add_argument("--warmup", type=int, help="warmup calls (default 2; 0 with --quick)")
+    p.add_argument("--reps", type=int, help="timed calls, median reported (default 7; 1 with --quick)")
+    p.add_argument("--budget", type=float, default=200.0,
+                   help="seconds after which remaining shapes are skipped (default 200)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/decode-<device>-<date>.json)")
+    p.add_argument("--sweep", action="store_true",
+                   help="only time our kernel's (num_splits, pages_per_block, num_warps, num_stages)")
+    p.add_argument("--sweep-batch", type=int, help="sweep batch (default 1)")
+    p.add_argument("--sweep-context", type=int, help="sweep context (default 32768)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data = run_sweep(args) if args.sweep else run_benchmark(args)
+    kind = "decode-sweep" if args.sweep else "decode"
+    path = args.out or common.results_path(kind, data["device"], quick=args.quick)
+    common.write_json(data, path)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
