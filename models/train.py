@@ -155,6 +155,30 @@ def make_eval_step(graphdef):
     return jax.jit(lambda p, x, y: loss_fn(graphdef, p, x, y))
 
 
+_OPT_FIELDS = ("lr", "min_lr_ratio", "warmup", "weight_decay", "clip", "b1", "b2")
+_COMPILED: dict = {}
+
+
+def _optimizer_key(a: TrainArgs) -> tuple:
+    return tuple((name, getattr(a, name)) for name in _OPT_FIELDS)
+
+
+def _compiled(config: ModelConfig, opt_key: tuple, steps: int):
+    """(graphdef, tx, schedule, train_step, eval_step), shared by train() calls
+    with the same model and optimizer in one process (so a resume in-process,
+    as in the tests, reuses the compiled executables)."""
+    key = (config, opt_key, steps)
+    hit = _COMPILED.get(key)
+    if hit is None:
+        graphdef, _ = nnx.split(abstract_model(config))
+        tx, schedule = make_optimizer(TrainArgs(**dict(opt_key)), steps)
+        hit = (graphdef, tx, schedule, make_train_step(graphdef, tx), make_eval_step(graphdef))
+        if len(_COMPILED) >= 4:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = hit
+    return hit
+
+
 # --------------------------------------------------------------------------
 # Metrics and plot
 # --------------------------------------------------------------------------
@@ -317,16 +341,16 @@ def train(args=None, **kwargs) -> dict[str, Any]:
     if saved.get("corpus_fingerprint") and saved["corpus_fingerprint"] != fingerprint:
         raise ValueError("--resume: the corpus differs from the one the checkpoint was trained on")
 
-    tx, schedule = make_optimizer(a, a.steps)
+    graphdef, tx, schedule, train_step, eval_step = _compiled(config, _optimizer_key(a), a.steps)
     if existing is not None:
-        graphdef, params_t = nnx.split(abstract_model(config))
+        _, params_t = nnx.split(abstract_model(config))
         opt_t = jax.eval_shape(tx.init, params_t)
         params, opt_state, start = ckpt.load_checkpoint(
             existing, params_template=params_t, opt_state_template=opt_t, config=config
         )
     else:
         model = GPT(config, rngs=nnx.Rngs(a.seed))
-        graphdef, params = nnx.split(model)
+        _, params = nnx.split(model)
         del model
         opt_state = tx.init(params)
         start = 0
@@ -352,8 +376,6 @@ def train(args=None, **kwargs) -> dict[str, Any]:
     history = [m for m in _read_metrics(metrics_path) if m.get("step", 0) <= start] if start else []
     _write_metrics(metrics_path, history)
 
-    train_step = make_train_step(graphdef, tx)
-    eval_step = make_eval_step(graphdef)
     vbatches = val_batches(data.val, a.seq_len, micro, a.eval_batches)
     train_args = _trajectory(a)
     train_args["corpus_fingerprint"] = fingerprint
