@@ -840,11 +840,20 @@ def flash_attention(
     if sparse:
         aux.update(_sparse_aux(spec, block_mask, sbs))
 
+    return _run(q, k, v, aux, spec=spec, return_lse=bool(return_lse))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "return_lse"))
+def _run(q, k, v, aux, *, spec: _Spec, return_lse: bool):
+    # Jitted so eager calls reuse compiled kernels (a pallas_call outside jit would be
+    # re-lowered on every call); under an outer jit this simply inlines.
+    q_len, kv_len, head_dim = spec.q_len, spec.kv_len, q.shape[-1]
+
     def pad(x, seq):
-        widths = ((0, 0), (0, seq - x.shape[1]), (0, 0), (0, d_pad - head_dim))
+        widths = ((0, 0), (0, seq - x.shape[1]), (0, 0), (0, spec.head_dim - head_dim))
         return x if all(w == (0, 0) for w in widths) else jnp.pad(x, widths)
 
-    o, lse2 = _flash(pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad), aux, spec)
+    o, lse2 = _flash(pad(q, spec.q_pad), pad(k, spec.kv_pad), pad(v, spec.kv_pad), aux, spec)
     o = o[:, :q_len, :, :head_dim]
     if not return_lse:
         return o
