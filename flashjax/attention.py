@@ -69,15 +69,16 @@ class BlockSizes:
         if interpret:  # small tiles: CPU tests exercise many tiles cheaply
             d = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16,
                      num_warps=4, num_stages=1, num_warps_bwd=4, num_stages_bwd=1)
+        # Defaults from sweeps on an H100 (benchmarks/attention.py --sweep), bf16.
         elif head_dim <= 64:
-            d = dict(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=128,
+            d = dict(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64,
                      num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
         elif head_dim <= 128:
-            d = dict(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=128,
-                     num_warps=8, num_stages=3, num_warps_bwd=8, num_stages_bwd=2)
+            d = dict(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64,
+                     num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
         else:
-            d = dict(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=64,
-                     num_warps=8, num_stages=2, num_warps_bwd=8, num_stages_bwd=1)
+            d = dict(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=32,
+                     num_warps=8, num_stages=2, num_warps_bwd=4, num_stages_bwd=1)
         for f in dataclasses.fields(self):
             val = getattr(self, f.name)
             if val is not None:
