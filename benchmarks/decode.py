@@ -66,8 +66,12 @@ SWEEP = [
     for s, p, (w, st) in itertools.product(
         (None, 32, 64, 128), (2, 4, 8), ((4, 2), (4, 3), (8, 3)))
 ]
+# ... and the other way of addressing a paged tile (flashjax.decode.PAGED_GATHER).
+SWEEP += [dict(num_splits=None, pages_per_block=p, num_warps=w, num_stages=st, gather="pages")
+          for p, (w, st) in itertools.product((2, 4, 8), ((4, 2), (4, 3), (8, 3)))]
 QUICK_SWEEP = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=2)
-               for s in (None, 2) for p in (1, 2)]
+               for s in (None, 2) for p in (1, 2)] + [
+    dict(num_splits=None, pages_per_block=2, num_warps=4, num_stages=2, gather="pages")]
 
 
 # ---------------------------------------------------------------------------
@@ -347,6 +351,8 @@ def run_benchmark(args) -> dict:
 def run_sweep(args) -> dict:
     import jax.numpy as jnp
 
+    import flashjax.decode as fd
+
     from flashjax import _backend
 
     info = common.env_info()
@@ -370,16 +376,21 @@ def run_sweep(args) -> dict:
         seen = set()
         for cfg in configs:
             kw = dict(cfg)
+            gather = kw.pop("gather", "rows")
+            if not paged and gather != "rows":
+                continue
             if not paged:  # contiguous: tile = pages_per_block * block_size tokens
                 if kw["num_splits"] is not None and not args.quick:
                     continue
                 kw["block_k"] = kw.pop("pages_per_block") * dims["block_size"]
-            key = tuple(sorted(kw.items(), key=lambda x: x[0]))
+            key = (gather, *sorted(kw.items(), key=lambda x: x[0]))
             if key in seen:
                 continue
             seen.add(key)
             name = "ours_paged" if paged else "ours_contiguous"
+            saved = fd.PAGED_GATHER
             try:
+                fd.PAGED_GATHER = gather
                 cell, _ = measure(make_peer(name, interpret=interpret, **kw), (q, *kv, lengths),
                                   chain=chain, warmup=warmup, reps=reps)
                 cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
@@ -387,14 +398,18 @@ def run_sweep(args) -> dict:
                     cell["frac_copy_bw"] = cell["tb_s"] / copy["tb_s"]
             except Exception as e:  # noqa: BLE001
                 cell = {"error": common.describe_error(e)}
+            finally:
+                fd.PAGED_GATHER = saved
+            if paged:
+                kw["gather"] = gather
             results.append({"peer": name, **kw, **cell})
             print(f"  {name:16s} {kw}  {fmt_cell(cell)}", flush=True)
             rows.append([name, *(str(kw.get(k)) for k in ("num_splits", "pages_per_block", "block_k",
-                                                           "num_warps", "num_stages")),
+                                                           "num_warps", "num_stages", "gather")),
                          fmt_cell(cell)])
         del q, kv, lengths
     md = common.markdown_table(["kernel", "num_splits", "pages_per_block", "block_k", "num_warps",
-                                "num_stages", "result"], rows)
+                                "num_stages", "gather", "result"], rows)
     print()
     print(md)
     ok = [r for r in results if "tb_s" in r]

@@ -86,6 +86,11 @@ DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
 DEFAULT_TILE_BYTES = 16 * 1024  # K bytes per inner-loop tile (same again for V)
 
+# How the paged kernel addresses a KV tile: "rows" (a page id per token row,
+# loading a 2D tile directly) or "pages" (a page id per page, loading
+# [pages, block_size, head_dim] and reshaping). Read at trace time.
+PAGED_GATHER = "rows"
+
 # Tests switch this off to show that their inputs really need the fallback.
 _UNIFIED_FALLBACK = True
 
@@ -152,12 +157,26 @@ def _decode_kernel(
     t_full = jnp.maximum(t_start, jnp.minimum(t_end, length // tile))
 
     def load_kv(t, masked: bool):
-        if paged:
+        if paged and PAGED_GATHER == "rows":
+            # One page id per tile row, so K/V load straight into a 2D
+            # [tile, head_dim] tile (no reshape between the load and the dot).
+            r = jnp.arange(tile, dtype=jnp.int32)
+            shift = page_size.bit_length() - 1  # page_size is a power of two
+            page = t * pages_per_tile + lax.shift_right_logical(r, jnp.int32(shift))
+            row = r & (page_size - 1)
+            ids = bt_ref[page]
+            if masked:
+                ids = jnp.where(page < pl.cdiv(length, page_size), ids, 0)
+            # Never form an address outside the pool, whatever the table says.
+            ids = jnp.minimum(jnp.maximum(ids, 0), num_pages - 1)
+            k = k_ref[ids, row]
+            v = v_ref[ids, row]
+        elif paged:
+            # One page id per page: [pages, block_size, head_dim] -> [tile, head_dim].
             ids = bt_ref[pl.ds(t * pages_per_tile, pages_per_tile)]
             if masked:
                 page = t * pages_per_tile + jnp.arange(pages_per_tile, dtype=jnp.int32)
                 ids = jnp.where(page < pl.cdiv(length, page_size), ids, 0)
-            # Never form an address outside the pool, whatever the table says.
             ids = jnp.minimum(jnp.maximum(ids, 0), num_pages - 1)
             k = k_ref[ids].reshape(tile, head_dim)
             v = v_ref[ids].reshape(tile, head_dim)

@@ -139,9 +139,12 @@ def test_paged_matches_reference(dtype, heads, kv_heads, bs, splits, ppb):
     np.testing.assert_allclose(lse[:-1], ref_lse[:-1], atol=TOL[dtype] * 10, rtol=1e-3)
 
 
-def test_poisoned_pages_are_never_read():
+@pytest.mark.parametrize("gather", ["rows", "pages"])
+def test_poisoned_pages_are_never_read(gather, monkeypatch):
     """NaN/Inf in unused blocks, past the end of partial blocks, and garbage
-    table entries past each length must not change the result."""
+    table entries past each length must not change the result (both ways of
+    addressing a paged tile)."""
+    monkeypatch.setattr(dec, "PAGED_GATHER", gather)
     kw = dict(batch=4, heads=8, kv_heads=2, head_dim=32, block_size=8, max_blocks=5,
               lengths=[17, 40, 1, 9], dtype=jnp.float32)
     q, kp, vp, bt, ln = make_paged(7, **kw, poison=True, num_blocks=20)
