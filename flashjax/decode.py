@@ -182,9 +182,9 @@ def _decode_kernel(
             v = v_ref[ids].reshape(tile, head_dim)
         elif tile > kv_len or (masked and kv_len % tile):
             # Clamp rows into the array (values past `length` are discarded).
-            rows = jnp.minimum(t * tile + jnp.arange(tile, dtype=jnp.int32), kv_len - 1)
-            k = k_ref[rows]
-            v = v_ref[rows]
+            idx = jnp.minimum(t * tile + jnp.arange(tile, dtype=jnp.int32), kv_len - 1)
+            k = k_ref[idx]
+            v = v_ref[idx]
         else:
             k = k_ref[pl.ds(t * tile, tile), :]
             v = v_ref[pl.ds(t * tile, tile), :]

@@ -157,7 +157,6 @@ def test_poisoned_pages_are_never_read(gather, monkeypatch):
 
 
 def test_contiguous_matches_paged_and_reference():
-    rng = np.random.default_rng(3)
     b, h, hkv, d, bs, nblk = 3, 8, 2, 32, 8, 6
     lengths = jnp.asarray([45, 1, 16], jnp.int32)
     q, kp, vp, bt, ln = make_paged(11, batch=b, heads=h, kv_heads=hkv, head_dim=d,
@@ -179,7 +178,6 @@ def test_contiguous_matches_paged_and_reference():
     # same kernel body, same tiles (16 tokens) and splits: paged == contiguous
     np.testing.assert_allclose(np.asarray(paged, np.float32), np.asarray(bshd, np.float32),
                                atol=1e-2)
-    del rng
 
 
 def test_contiguous_default_lengths_and_jit():
@@ -254,7 +252,8 @@ def test_with_kv_cache_allocator():
     new = jnp.asarray(rng.standard_normal((2, 4, hkv, d)), jnp.float32)
     kp, vp = write_kv(kp, vp, st, jnp.arange(4), st.lengths - 1, new[0], new[1])  # decode
     q = jnp.asarray(rng.standard_normal((4, h, d)), jnp.float32)
-    out = paged_decode_attention(q, kp, vp, st.block_tables, st.lengths, num_splits=2)
+    out = jax.jit(lambda *a: paged_decode_attention(*a, num_splits=2))(
+        q, kp, vp, st.block_tables, st.lengths)
     kd, vd = kc.gather_kv(kp, vp, st.block_tables, st.lengths)
     ref, _ = reference(q, kd, vd, st.lengths)
     check(out, ref, jnp.float32)
