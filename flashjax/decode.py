@@ -136,6 +136,8 @@ def _decode_kernel(
     unified_max: float | None,
     unified_window: tuple[float, float],
     precision,
+    gather: str,
+    fallback: bool,
 ):
     b = pl.program_id(0)
     split = pl.program_id(2)
@@ -157,7 +159,7 @@ def _decode_kernel(
     t_full = jnp.maximum(t_start, jnp.minimum(t_end, length // tile))
 
     def load_kv(t, masked: bool):
-        if paged and PAGED_GATHER == "rows":
+        if paged and gather == "rows":
             # One page id per tile row, so K/V load straight into a 2D
             # [tile, head_dim] tile (no reshape between the load and the dot).
             r = jnp.arange(tile, dtype=jnp.int32)
@@ -261,7 +263,7 @@ def _decode_kernel(
         bad = jnp.max(jnp.where(row_ok, 0, 1)) > 0
         bad = bad & (t_end > t_start)
         m_phi = jnp.full((block_h,), phi, jnp.float32)
-        if _UNIFIED_FALLBACK:
+        if fallback:
             acc, m, l = lax.cond(bad, run_online, lambda: (acc, m_phi, l))
         else:
             m = m_phi
@@ -381,22 +383,50 @@ def _combine(o, lse2):
     return out, lse
 
 
-def _run(q, k, v, bt, lengths, *, paged, kv_spec, kv_heads, tile, pages_per_tile, page_size,
+def _run(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
          num_pages, kv_len, max_len, sm_scale, softcap, num_splits, unified_max,
          num_warps, num_stages, interpret, return_lse, name):
+    """Resolve defaults (static Python values), then call the jitted core, so
+    eager calls reuse compiled kernels."""
     batch, heads, head_dim = q.shape
-    group = heads // kv_heads
-    block_h = max(16, _next_pow2(group))
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_len, tile)
-    num_splits = int(num_splits)
-    if num_warps is None:
-        num_warps = DEFAULT_NUM_WARPS
-    if num_stages is None:
-        num_stages = DEFAULT_NUM_STAGES
-    interpret = _backend.resolve_interpret(interpret)
+    return _core(
+        q, k, v, bt, lengths, layout=layout, kv_heads=kv_heads, tile=tile,
+        pages_per_tile=pages_per_tile, page_size=page_size, num_pages=num_pages, kv_len=kv_len,
+        max_len=max_len, sm_scale=float(sm_scale),
+        softcap=None if softcap is None else float(softcap), num_splits=int(num_splits),
+        unified_max=None if unified_max is None else float(unified_max),
+        num_warps=int(DEFAULT_NUM_WARPS if num_warps is None else num_warps),
+        num_stages=int(DEFAULT_NUM_STAGES if num_stages is None else num_stages),
+        interpret=_backend.resolve_interpret(interpret), return_lse=bool(return_lse), name=name,
+        gather=PAGED_GATHER, fallback=bool(_UNIFIED_FALLBACK),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "layout", "kv_heads", "tile", "pages_per_tile", "page_size", "num_pages", "kv_len",
+    "max_len", "sm_scale", "softcap", "num_splits", "unified_max", "num_warps", "num_stages",
+    "interpret", "return_lse", "name", "gather", "fallback"))
+def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
+          num_pages, kv_len, max_len, sm_scale, softcap, num_splits, unified_max,
+          num_warps, num_stages, interpret, return_lse, name, gather, fallback):
+    batch, heads, head_dim = q.shape
+    group = heads // kv_heads
+    block_h = max(16, _next_pow2(group))
+    paged = layout == "paged"
+    if paged:
+        kv_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
+        # Pad the table to whole tiles so a tile never reads past a row's end.
+        pad = -bt.shape[1] % pages_per_tile
+        if pad:
+            bt = jnp.pad(bt, ((0, 0), (0, pad)))
+    elif layout == "bshd":
+        kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0))
 
     qg = q.reshape(batch, kv_heads, group, head_dim)  # free: heads are kv-head major
     precision = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if q.dtype == jnp.float32 else None
@@ -407,6 +437,7 @@ def _run(q, k, v, bt, lengths, *, paged, kv_spec, kv_heads, tile, pages_per_tile
         softcap=None if softcap is None else float(softcap),
         unified_max=None if unified_max is None else float(unified_max),
         unified_window=_UNIFIED_WINDOW[jnp.dtype(q.dtype)], precision=precision,
+        gather=gather, fallback=fallback,
     )
     in_specs = [
         pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
@@ -539,12 +570,8 @@ def paged_decode_attention(
         raise ValueError(f"pages_per_block must be a power of two, got {pages_per_block!r}")
     pages_per_block = max(int(pages_per_block), -(-16 // page_size))  # tile >= 16 rows
     tile = pages_per_block * page_size
-    # Pad the table to whole tiles so a tile never reads past a row's end.
-    pad = -max_blocks % pages_per_block
-    bt = jnp.pad(block_tables, ((0, 0), (0, pad))) if pad else block_tables
-    kv_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
     return _run(
-        q, k_pages, v_pages, bt, lengths, paged=True, kv_spec=kv_spec, kv_heads=kv_heads,
+        q, k_pages, v_pages, block_tables, lengths, layout="paged", kv_heads=kv_heads,
         tile=tile, pages_per_tile=pages_per_block, page_size=page_size, num_pages=num_pages,
         kv_len=max_len, max_len=max_len, sm_scale=sm_scale, softcap=softcap,
         num_splits=num_splits, unified_max=unified_max, num_warps=num_warps,
@@ -616,12 +643,8 @@ def decode_attention(
     if not isinstance(block_k, (int, np.integer)) or not _is_pow2(int(block_k)) or block_k < 16:
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k!r}")
     block_k = int(block_k)
-    if kv_layout == "bshd":
-        kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
-    else:
-        kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0))
     return _run(
-        q, k, v, None, lengths, paged=False, kv_spec=kv_spec, kv_heads=kv_heads,
+        q, k, v, None, lengths, layout=kv_layout, kv_heads=kv_heads,
         tile=block_k, pages_per_tile=1, page_size=block_k, num_pages=1, kv_len=kv_len,
         max_len=kv_len, sm_scale=sm_scale, softcap=softcap, num_splits=num_splits,
         unified_max=unified_max, num_warps=num_warps, num_stages=num_stages,
