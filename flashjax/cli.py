@@ -138,6 +138,34 @@ SUBCOMMANDS: list[Subcommand] = [
             "prints the max error, the mode that ran and the timing."
         ),
     ),
+    Subcommand(
+        "train",
+        "train (or --resume) a GPT on the Python stdlib or --data",
+        "flashjax.models.cli_args:add_train_arguments",
+        "flashjax.models.cli:train_main",
+        description=(
+            "Trains a Flax GPT (preset nano, llama-nano, gpt2 or llama-1b; --set field=value "
+            "overrides) with a byte-level BPE tokenizer trained on the corpus. Writes an atomic "
+            "Orbax checkpoint, metrics.jsonl and loss.png to --out; --resume continues exactly."
+        ),
+    ),
+    Subcommand(
+        "generate",
+        "sample text from a `flashjax train` checkpoint",
+        "flashjax.models.cli_args:add_generate_arguments",
+        "flashjax.models.cli:generate_main",
+        description="Streams a sampled continuation of --prompt (dense KV cache, jitted steps).",
+    ),
+    Subcommand(
+        "train-and-sample",
+        "the main job: train the nano GPT on the stdlib (~3 min on CPU), then sample from 'def '",
+        "flashjax.models.cli_args:add_main_job_arguments",
+        "flashjax.models.cli:main_job",
+        description=(
+            "Trains the nano preset on the running Python's standard library sources for a few "
+            "minutes (all `flashjax train` options apply), then prints a sampled completion of --prompt."
+        ),
+    ),
 ]
 
 

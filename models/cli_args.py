@@ -11,7 +11,7 @@ DEFAULT_MAX_BYTES = 3_000_000  # default corpus cap (flashjax.models.data uses t
 
 # The main job: nano GPT on the standard library, sized for ~2-4 minutes on 2 CPU cores.
 MAIN_JOB_DEFAULTS = dict(
-    preset="nano", steps=200, batch_size=16, seq_len=128, out="runs/nano-stdlib",
+    preset="nano", steps=300, batch_size=16, seq_len=128, out="runs/nano-stdlib",
     prompt="def ", max_new_tokens=200,
 )
 
