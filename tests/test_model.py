@@ -130,12 +130,15 @@ def test_flash_matches_xla_logits_and_grads(family, rng):
     lf, gf = _logits_and_grads(tiny(family, attention="flash"), toks)
     lx, gx = _logits_and_grads(tiny(family, attention="xla"), toks)
     assert lf.shape == (2, 48, 97) and lf.dtype == jnp.float32
-    np.testing.assert_allclose(lf, lx, atol=2e-5, rtol=2e-5)
+    # fp32 tolerances; on a GPU both sides may run TF32 dots, so loosen there
+    loose = 100.0 if jax.default_backend() == "gpu" else 1.0
+    np.testing.assert_allclose(lf, lx, atol=2e-5 * loose, rtol=2e-5 * loose)
     flat_f = jax.tree_util.tree_leaves_with_path(gf)
     flat_x = jax.tree.leaves(gx)
     for (path, a), b in zip(flat_f, flat_x):
         scale = float(jnp.max(jnp.abs(b))) + 1e-12
-        np.testing.assert_allclose(a, b, atol=1e-4 * scale, rtol=1e-3, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(a, b, atol=1e-4 * scale * loose, rtol=1e-3 * loose,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_xla_attention_matches_reference_with_gqa(rng):
