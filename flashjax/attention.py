@@ -542,7 +542,8 @@ def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
     bq, bk = bs.block_q_bwd, bs.block_k_bwd
     n_q_tiles, n_k_tiles = spec.q_pad // bq, spec.kv_pad // bk
     # delta_i = sum_d dO*O (natural units); a cotangent on the log-sum-exp folds in here.
-    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
+    # Elementwise multiply + reduce (not an einsum, which XLA may run as a TF32 matmul on GPU).
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
     if dlse is not None:
         delta = delta - dlse.astype(jnp.float32)
     lse2 = lse2.astype(jnp.float32)

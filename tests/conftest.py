@@ -71,3 +71,13 @@ def pytest_runtest_makereport(item, call):
             f"{_ENV}={SESSION_SEED} (this test's seed {derive_seed(SESSION_SEED, item.nodeid)})",
         ))
     return report
+
+
+def pytest_configure(config):
+    # Tests compare float32 results to float32/float64 references: on a GPU, XLA
+    # would otherwise run plain fp32 matmuls as TF32 (about 1e-3 relative error).
+    # Kernels under test set their own precision; this only affects XLA's dots.
+    import jax
+
+    if jax.default_backend() == "gpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
