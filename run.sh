@@ -16,10 +16,11 @@
 set -euo pipefail
 
 # ---- The main job (`bash run.sh [ARGS]`): change these two when it changes ----
-# Later: the GPT train-and-generate job, e.g. `flashjax train "$@" && flashjax generate`.
-MAIN_JOB_DESC="flashjax demo (FlashAttention kernel vs. the XLA reference)"
+# Trains the `nano` GPT on the embedded corpus (the standard library's source) for a
+# few minutes on CPU, checkpoints it under runs/nano, then prints a sampled completion.
+MAIN_JOB_DESC="flashjax train-and-sample (nano GPT on the stdlib corpus, then a sample)"
 main_job() {
-    flashjax demo "$@"
+    flashjax train-and-sample "$@"
 }
 # -------------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ def add_main_job_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     d = MAIN_JOB_DEFAULTS
     add_train_arguments(p)
     p.set_defaults(preset=d["preset"], steps=d["steps"], batch_size=d["batch_size"], seq_len=d["seq_len"],
-                   out=d["out"])
+                   out=d["out"], overwrite=True)  # the main job starts afresh each time (--resume continues)
     p.add_argument("--prompt", default=d["prompt"], help=f"text to continue after training (default {d['prompt']!r})")
     add_sampling_arguments(p, max_new_tokens=d["max_new_tokens"])
     p.add_argument("--sample-seed", type=int, default=0, help="sampling seed (default 0)")
