@@ -152,9 +152,13 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "generate",
         "sample text from a `flashjax train` checkpoint",
-        "flashjax.models.cli_args:add_generate_arguments",
-        "flashjax.models.cli:generate_main",
-        description="Streams a sampled continuation of --prompt (dense KV cache, jitted steps).",
+        "flashjax.serving.cli:add_generate_arguments",
+        "flashjax.serving.cli:generate_main",
+        description=(
+            "Streams a sampled continuation of --prompt: paged KV cache, flash prefill and a "
+            "jitted on-device decode loop (flashjax.serving.generate); --engine dense runs the "
+            "plain JAX loop with a dense cache instead."
+        ),
     ),
     Subcommand(
         "train-and-sample",
