@@ -86,12 +86,21 @@ def cudnn_causal(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
+def _xla_causal(q, k, v):
+    return xla_attention(q, k, v, causal=True)
+
+
+_IMPLS = {"flash": flash_causal, "xla": _xla_causal, "cudnn": cudnn_causal}
+
+
 def causal_attention(q, k, v, impl: str):
-    """Causal self-attention with the (already resolved) implementation `impl`."""
-    if impl == "flash":
-        return flash_causal(q, k, v)
-    if impl == "xla":
-        return xla_attention(q, k, v, causal=True)
-    if impl == "cudnn":
-        return cudnn_causal(q, k, v)
-    raise ValueError(f"unknown attention {impl!r}; valid choices: flash, xla, cudnn")
+    """Causal self-attention with the (already resolved) implementation `impl`.
+
+    Under `flashjax.models.parallel.use_mesh`, the kernel runs per device inside
+    shard_map (batch over data/fsdp, heads over model).
+    """
+    from flashjax.models.parallel import head_sharded
+
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown attention {impl!r}; valid choices: flash, xla, cudnn")
+    return head_sharded(_IMPLS[impl])(q, k, v)

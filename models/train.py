@@ -126,7 +126,11 @@ def loss_fn(graphdef, params, x, y):
 
 def make_train_step(graphdef, tx, *, donate: bool = True):
     """step(params, opt_state, x, y) with x, y int32 [grad_accum, micro_batch, seq]."""
+    return jax.jit(train_step_fn(graphdef, tx), donate_argnums=(0, 1) if donate else ())
 
+
+def train_step_fn(graphdef, tx):
+    """The un-jitted train step (models.parallel jits it with shardings)."""
     grad_fn = jax.value_and_grad(lambda p, x, y: loss_fn(graphdef, p, x, y))
 
     def step(params, opt_state, x, y):
@@ -148,7 +152,7 @@ def make_train_step(graphdef, tx, *, donate: bool = True):
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": gnorm}
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return step
 
 
 def make_eval_step(graphdef):

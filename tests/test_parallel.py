@@ -1,0 +1,75 @@
+"""Sharded training (data parallel, FSDP, tensor-parallel attention) equals one device.
+
+Runs in a subprocess with 4 host CPU devices (--xla_force_host_platform_device_count),
+so the rest of the suite keeps its single default device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from flashjax.models import config_from_preset
+    from flashjax.models.gpt import GPT
+    from flashjax.models import parallel
+    from flashjax.models.train import make_train_step
+    import optax
+
+    assert len(jax.devices()) == 4, jax.devices()
+    cfg = config_from_preset("llama-nano", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
+                             vocab_size=97, max_seq_len=32, attention=sys.argv[1], dtype="float32")
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tx = optax.adamw(1e-2)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, 97, (3, 1, 8, 32)), jnp.int32)
+    y = jnp.asarray(rng.integers(0, 97, (3, 1, 8, 32)), jnp.int32)
+
+    def run(step, p, o):
+        losses = []
+        for i in range(3):
+            p, o, m = step(p, o, x[0], y[0])  # one batch: the loss must fall
+            losses.append(float(m["loss"]))
+        return losses, p
+
+    single, p1 = run(make_train_step(graphdef, tx, donate=False), params, tx.init(params))
+    out = {"single": single}
+    for name, mesh in [("dp", parallel.make_mesh(data=4)),
+                       ("dp_fsdp", parallel.make_mesh(data=2, fsdp=2)),
+                       ("fsdp_tp", parallel.make_mesh(data=1, fsdp=2, model=2))]:
+        step, p, o = parallel.make_sharded_train_step(graphdef, tx, mesh, params, donate=False)
+        losses, p = run(step, p, o)
+        sharded = [str(a.sharding.spec) for a in jax.tree.leaves(p) if "fsdp" in str(a.sharding.spec)]
+        diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)))
+        out[name] = {"losses": losses, "n_fsdp_sharded": len(sharded), "param_diff": diff,
+                     "compiles": step._cache_size()}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("attention", ["flash"])
+def test_sharded_training_matches_one_device(attention):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, attention], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    out = json.loads(line[len("RESULT"):])
+    single = out["single"]
+    assert single[-1] < single[0]  # it trains
+    for name in ("dp", "dp_fsdp", "fsdp_tp"):
+        r = out[name]
+        assert r["losses"] == pytest.approx(single, rel=2e-5, abs=2e-5), (name, r["losses"], single)
+        assert r["param_diff"] < 5e-4, (name, r["param_diff"])  # adam amplifies fp32 reduction-order noise
+        assert r["compiles"] == 1, (name, r["compiles"])
+    assert out["dp"]["n_fsdp_sharded"] == 0
+    assert out["dp_fsdp"]["n_fsdp_sharded"] > 0 and out["fsdp_tp"]["n_fsdp_sharded"] > 0
