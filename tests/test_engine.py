@@ -1,0 +1,216 @@
+"""The continuous-batching engine (flashjax.serving.engine) on a tiny random model, CPU.
+
+One module-level engine is shared (its jitted steps compile once); its pool is
+small (16 blocks of 4 tokens for 4 slots) so concurrent requests run out of
+blocks and get preempted. Preemption mode and prefix caching are switched per
+test on the same engine.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flashjax.models.config import config_from_preset
+from flashjax.models.gpt import build_model
+from flashjax.serving.engine import Engine, QueueFullError, RequestParams
+
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = config_from_preset("nano", n_layer=2, d_model=64, n_head=4, vocab_size=VOCAB, max_seq_len=64,
+                             attention="xla", init_std=0.3)
+    return build_model(cfg, 0)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model, num_blocks=16, max_seqs=4, block_size=4, max_num_batched_tokens=16,
+                  prefill_rows=2, max_chunk=8, chunk_buckets=(8,), logprobs_k=4)
+
+
+@pytest.fixture
+def eng(engine):
+    engine.preemption_mode = engine.scheduler.preemption_mode = "recompute"
+    engine.blocks.prefix_caching = True
+    yield engine
+    assert not engine.has_unfinished()
+    engine.blocks.check()
+    assert engine.blocks.num_used == 0
+
+
+def _prompts(n, seed=0, lo=2, hi=14):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(0, VOCAB, size=rs.randint(lo, hi)).tolist() for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_fn(model):
+    return jax.jit(lambda t: model(t)[0, -1])
+
+
+def reference_greedy(model, prompt, n):
+    """No cache: the whole context through the model for every token."""
+    f = _forward_fn(model)
+    toks = list(prompt)
+    for _ in range(n):
+        toks.append(int(jnp.argmax(f(jnp.asarray([toks])))))
+    return toks[len(prompt):]
+
+
+GREEDY8 = RequestParams(temperature=0, max_tokens=8)
+GREEDY16 = RequestParams(temperature=0, max_tokens=16)
+
+
+def test_concurrent_equals_alone_with_preemption(eng, model):
+    prompts = _prompts(6, seed=1, lo=6)
+    eng.blocks.prefix_caching = False
+    alone = [eng.generate([p], GREEDY16)[0].outputs[0].token_ids for p in prompts]
+    before = eng.stats_counters["preemptions"]
+    together = [o.outputs[0].token_ids for o in eng.generate(prompts, GREEDY16)]
+    assert together == alone
+    assert eng.stats_counters["preemptions"] > before, "the small pool should force preemption"
+    for p, out in list(zip(prompts, alone))[:2]:
+        assert out == reference_greedy(model, p, 16)
+    assert all(len(o) == 16 for o in alone)
+
+
+def test_swap_preemption(eng):
+    prompts = _prompts(6, seed=2, lo=6)
+    eng.blocks.prefix_caching = False
+    alone = [eng.generate([p], GREEDY16)[0].outputs[0].token_ids for p in prompts]
+    eng.preemption_mode = eng.scheduler.preemption_mode = "swap"
+    before = eng.stats_counters["swap_out"]
+    together = [o.outputs[0].token_ids for o in eng.generate(prompts, GREEDY16)]
+    assert together == alone
+    assert eng.stats_counters["swap_out"] > before and eng.stats_counters["swap_in"] >= eng.stats_counters["swap_out"]
+
+
+def test_prefix_cache_hits_do_not_change_outputs(eng):
+    shared = list(range(1, 13))  # 3 full blocks
+    prompts = [shared + [20 + i, 30 + i] for i in range(3)]
+    eng.blocks.prefix_caching = False
+    expected = [eng.generate([p], GREEDY8)[0].outputs[0].token_ids for p in prompts]
+    eng.blocks.prefix_caching = True
+    first = eng.generate([prompts[0]], GREEDY8)[0]
+    hits0 = eng.stats_counters["prefix_hit_tokens"]
+    prefill0 = eng.stats_counters["prefill_tokens"]
+    outs = eng.generate(prompts[1:], GREEDY8)
+    assert [first.outputs[0].token_ids] + [o.outputs[0].token_ids for o in outs] == expected
+    assert eng.stats_counters["prefix_hit_tokens"] - hits0 == 2 * 12
+    assert all(o.num_cached_prompt_tokens == 12 for o in outs)
+    # only the 2 uncached prompt tokens of each were prefilled (plus a possible recompute)
+    assert eng.stats_counters["prefill_tokens"] - prefill0 <= 2 * 2 + 8
+    assert eng.stats()["prefix_cache_hit_rate"] > 0
+
+
+def test_sampling_seeds_and_parallel_samples(eng):
+    prompt = _prompts(1, seed=3)[0]
+    p = RequestParams(temperature=0.9, top_k=20, top_p=0.95, seed=7, max_tokens=6)
+    a = eng.generate([prompt], p)[0].outputs[0].token_ids
+    b = eng.generate([prompt, _prompts(1, seed=4)[0]], [p, GREEDY8])[0].outputs[0].token_ids
+    assert a == b, "a row's samples depend only on its seed, not its neighbours"
+    p1 = RequestParams(temperature=0.9, top_k=20, top_p=0.95, seed=8, max_tokens=6)
+    c = eng.generate([prompt], p1)[0].outputs[0].token_ids
+    # n=2 forks the prompt's blocks (copy-on-write); sample i uses seed + i
+    pn = RequestParams(temperature=0.9, top_k=20, top_p=0.95, seed=7, max_tokens=6, n=2)
+    out = eng.generate([prompt], pn)[0]
+    assert [o.token_ids for o in out.outputs] == [a, c]
+
+
+def reference_beam(model, prompt, width, steps):
+    f = _forward_fn(model)
+    beams = [(0.0, [])]
+    for _ in range(steps):
+        cands = []
+        for bi, (score, out) in enumerate(beams):
+            lp = jax.nn.log_softmax(f(jnp.asarray([prompt + out])))
+            top = np.argsort(-np.asarray(lp), kind="stable")[:width]
+            for t in top:
+                cands.append((score + float(lp[t]), bi, int(t), out))
+        cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+        beams = [(s, out + [t]) for s, _, t, out in cands[:width]]
+    return beams
+
+
+def test_beam_search_matches_reference(eng, model):
+    prompt = _prompts(1, seed=5, lo=5, hi=8)[0]
+    out = eng.generate([prompt], RequestParams(temperature=0, max_tokens=5, beam_width=3, n=3))[0]
+    ref = reference_beam(model, prompt, 3, 5)
+    assert [o.token_ids for o in out.outputs] == [r[1] for r in ref]
+    np.testing.assert_allclose([o.score for o in out.outputs], [r[0] for r in ref], rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_stop_ids_and_cancel(eng):
+    prompt = _prompts(1, seed=6)[0]
+    full = eng.generate([prompt], GREEDY8)[0].outputs[0].token_ids
+    got = []
+    h = eng.add_request(prompt, RequestParams(temperature=0, max_tokens=8, stop_token_ids=(full[3],)),
+                        callback=lambda ev: got.append(ev))
+    eng.run_until_done()
+    res = h.result()
+    stop_at = full.index(full[3]) + 1
+    assert res.outputs[0].token_ids == full[:stop_at] and res.outputs[0].finish_reason == "stop"
+    assert [t for ev in got for t in ev.token_ids] == full[:stop_at]
+    assert got[-1].finish_reason == "stop"
+    # cancellation frees the blocks at once
+    h2 = eng.add_request(prompt, RequestParams(temperature=0, max_tokens=40))
+    for _ in range(4):
+        eng.step()
+    assert eng.blocks.num_used > 0
+    assert eng.cancel(h2.request_id)
+    assert eng.blocks.num_used == 0 and h2.finished
+    assert h2.result().outputs[0].finish_reason == "cancelled"
+    assert not eng.cancel(h2.request_id)
+
+
+def test_validation_and_bounded_queue(eng, model):
+    with pytest.raises(ValueError, match="temperature"):
+        RequestParams(temperature=-1)
+    with pytest.raises(ValueError, match="max_tokens"):
+        RequestParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        RequestParams(top_p=0)
+    with pytest.raises(ValueError, match="context length"):
+        eng.add_request(list(range(64)), GREEDY8)
+    with pytest.raises(ValueError, match="vocabulary"):
+        eng.add_request([VOCAB + 1], GREEDY8)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request([], GREEDY8)
+    eng.max_waiting = 2
+    try:
+        hs = [eng.add_request([1, 2, 3], GREEDY8) for _ in range(2)]
+        with pytest.raises(QueueFullError):
+            eng.add_request([1, 2, 3], GREEDY8)
+    finally:
+        eng.max_waiting = None
+    eng.run_until_done()
+    assert all(h.result().outputs[0].finish_reason == "length" for h in hs)
+
+
+def test_background_thread_and_bounded_compiles(eng):
+    # warm-up: every step variant (prefill only, prefill + decode, decode only)
+    eng.generate(_prompts(3, seed=8, lo=10, hi=20), RequestParams(temperature=0, max_tokens=3))
+    before = dict(eng.trace_counts)
+    prompts = _prompts(10, seed=9, lo=1, hi=30)
+    eng.start()
+    try:
+        hs = [eng.add_request(p, RequestParams(temperature=0.5 * (i % 2), seed=i, max_tokens=1 + i % 7))
+              for i, p in enumerate(prompts)]
+        outs = [h.result(timeout=120) for h in hs]
+    finally:
+        eng.stop()
+    assert [len(o.outputs[0].token_ids) for o in outs] == [1 + i % 7 for i in range(10)]
+    assert dict(eng.trace_counts) == before, "a varied workload must not compile anything new"
+    # 3 step variants for the single chunk bucket (+1: JAX registers a tracing-context
+    # config value lazily on first use, which retraces once), swap out/in, block copy
+    assert eng.trace_counts["step"] <= 4
+    assert eng.num_compiles() <= 4 + 3
+    s = eng.stats()
+    assert s["requests_finished"] >= 10 and s["ttft_p50"] is not None and s["tpot_p50"] is not None
