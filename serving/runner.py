@@ -40,6 +40,10 @@ float rounding of the different kernel tilings).
 Decode grows each row by one token (`append_batch`), writes K/V and calls
 `flashjax.paged_decode_attention` on the rows' block tables and lengths.
 
+Sliding-window models (`config.sliding_window`, Mistral): prefill passes the
+window to `flash_attention`; decode, which the paged kernel cannot window,
+attends over the last `sliding_window` keys gathered from the pages in XLA.
+
 Errors: an allocator failure (out of blocks, an inactive slot, a sequence
 longer than its table, ...) leaves the state unchanged except `state.status`
 (see `flashjax.kv_cache.STATUS_NAMES`); the outputs of such a call are
@@ -121,6 +125,33 @@ def _pad_last(x, d):
     if extra == 0:
         return x
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+def _window(config):
+    """The model's sliding window (a query sees its last `window` positions), or None."""
+    w = getattr(config, "sliding_window", None)
+    return None if w is None or w >= config.max_seq_len else int(w)
+
+
+def _window_decode(q, k_pages, v_pages, state, seq_ids, kv_lengths, window, sm_scale):
+    """Decode attention over the last `window` keys of each row, from gathered pages (XLA).
+
+    The paged kernel has no window; a sliding-window model decodes with this instead.
+    q [B, heads, d]; returns [B, heads, d] float32.
+    """
+    B, h, d = q.shape
+    kvh = k_pages.shape[0]
+    kpos = kv_lengths[:, None] - window + jnp.arange(window, dtype=jnp.int32)[None, :]
+    kk, vv = gather_layer(k_pages, v_pages, state, seq_ids, kpos)  # [B, W, kvh, d]
+    qg = q.reshape(B, kvh, h // kvh, d).astype(jnp.float32)
+    sc = jnp.einsum("bhgd,bwhd->bhgw", qg, kk.astype(jnp.float32)) * sm_scale
+    valid = (kpos >= 0) & (kpos < kv_lengths[:, None])
+    sc = jnp.where(valid[:, None, None, :], sc, -jnp.inf)
+    m = jnp.max(sc, axis=-1, keepdims=True)
+    p = jnp.exp(sc - jnp.where(jnp.isfinite(m), m, 0.0))
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    o = jnp.einsum("bhgw,bwhd->bhgd", p, vv.astype(jnp.float32))
+    return o.reshape(B, h, d)
 
 
 def _clip_positions(model, positions):
@@ -221,6 +252,9 @@ def prefill(model, pages: Pages, state: KVCacheState, tokens, seq_ids, lengths, 
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     mpos = _clip_positions(model, positions)
     fk = dict(flash_kwargs or {})
+    window = _window(c)
+    if window is not None:
+        fk.setdefault("window", window - 1)
 
     if continuation:
         kv_len = state.capacity + T if kv_len is None else int(kv_len)
@@ -282,6 +316,7 @@ def decode(model, pages: Pages, state: KVCacheState, tokens, seq_ids, *,
     tables = state.block_tables[s]
     dk = dict(decode_kwargs or {})
     sm_scale = dk.pop("sm_scale", 1.0 / math.sqrt(hd))
+    window = _window(c)
 
     new_pages = list(pages)
     mpos = _clip_positions(model, positions)[:, None]
@@ -293,7 +328,11 @@ def decode(model, pages: Pages, state: KVCacheState, tokens, seq_ids, *,
                                        _pad_last(k[:, 0], phd), _pad_last(v[:, 0], phd))
             new_pages[_i] = (kp, vp)
             qp = _pad_last(q[:, 0], phd).astype(kp.dtype)
-            o = flashjax.paged_decode_attention(qp, kp, vp, tables, kv_lengths, sm_scale=sm_scale, **dk)
+            if window is None:
+                o = flashjax.paged_decode_attention(qp, kp, vp, tables, kv_lengths, sm_scale=sm_scale, **dk)
+            else:
+                o = _window_decode(qp, kp, vp, state, jnp.where(live, seq_ids, -1), kv_lengths, window,
+                                   sm_scale)
             return o[..., :hd].astype(q.dtype)[:, None]
 
         x = block(x, mpos, attend)

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
 from flashjax import kv_cache
-from flashjax.models.config import config_from_preset
+from flashjax.models.config import ModelConfig, config_from_preset
 from flashjax.models.gpt import GPT
 from flashjax.serving import generate as G
 from flashjax.serving import runner as R
@@ -30,10 +30,15 @@ MAX_NEW = 7
 
 
 def make_model(family: str) -> GPT:
-    if family == "llama":
+    if family.startswith("llama"):
+        extra = {}
+        if family == "llama-window":  # Mistral-style sliding window shorter than the prompts
+            if "sliding_window" not in ModelConfig.__dataclass_fields__:
+                pytest.skip("this ModelConfig has no sliding_window field")
+            extra = dict(sliding_window=6)
         c = config_from_preset("llama-nano", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
                                vocab_size=VOCAB, max_seq_len=CTX, attention="xla", init_std=0.1,
-                               tie_embeddings=False)
+                               tie_embeddings=False, **extra)
     else:  # head_dim 12: pages are padded to 16 for the decode kernel
         c = config_from_preset("nano", n_layer=2, d_model=48, n_head=4, vocab_size=VOCAB,
                                max_seq_len=CTX, attention="xla", init_std=0.1)
@@ -75,7 +80,7 @@ def reference_greedy(model, prompts, steps):
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama-window"])
 def test_greedy_matches_full_recompute(family, llama):
     model = llama if family == "llama" else make_model(family)
     tokens, lengths = G.generate(model, PROMPTS, MAX_NEW, block_size=BS)
