@@ -1,0 +1,442 @@
+"""OpenAI-compatible HTTP server over the continuous-batching engine.
+
+    flashjax serve --checkpoint runs/nano [--host 127.0.0.1] [--port 8000]
+
+Endpoints (FastAPI + uvicorn; the engine steps in a background thread so the
+event loop stays responsive):
+
+    POST /v1/completions        prompt: string or list of token ids
+    POST /v1/chat/completions   messages: [{"role", "content"}] (the tokenizer's chat
+                                template if it has one, else a plain "role: content" form)
+    GET  /v1/models, GET /health, GET /metrics (Prometheus text), GET / (a chat page)
+
+Both POSTs take max_tokens, temperature, top_p, top_k, seed, stop (string or
+list), stop_token_ids, ignore_eos, n, beam_width (extension; best_of is an
+alias) and stream. `stream: true` answers with server-sent events, one JSON
+chunk per `data:` line, ending with `data: [DONE]`. A client that disconnects
+cancels its request (its KV blocks are freed at once).
+
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`:
+400 for malformed JSON, wrong types, invalid sampling values and prompts over
+the context length; 429 when the engine's waiting queue is full; 503 if the
+engine failed.
+"""
+
+
+
+import argparse
+import asyncio
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+__all__ = ["create_app", "add_serve_arguments", "serve_main", "ApiError", "chat_prompt"]
+
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(message, param=None, code=None):
+    return ApiError(400, message, param=param, code=code)
+
+
+def _get(body: dict, name: str, kind, default=None, *, nullable=True):
+    """Typed field: kind is 'int' | 'num' | 'bool' | 'str'; bools are not ints."""
+    if name not in body or (body[name] is None and nullable):
+        return default
+    v = body[name]
+    ok = {
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "num": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str),
+    }[kind]
+    if not ok:
+        what = {"int": "an integer", "num": "a number", "bool": "a boolean", "str": "a string"}[kind]
+        raise _bad(f"'{name}' must be {what}, got {json.dumps(v)[:80]}", param=name, code="invalid_type")
+    return v
+
+
+def chat_prompt(tokenizer, messages) -> str:
+    """Render chat messages: the tokenizer's chat template, else a plain fallback."""
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            from flashjax.models.hf import apply_chat_template
+            return apply_chat_template(tokenizer, messages, add_generation_prompt=True)
+        except ImportError:
+            pass
+    parts = [f"{m['role']}: {m['content']}\n" for m in messages]
+    return "".join(parts) + "assistant:"
+
+
+class _Service:
+    def __init__(self, engine, tokenizer, model_name: str, request_timeout: float | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.created = int(time.time())
+        self.http_counts: dict[str, int] = {}
+
+    # -- request parsing ---------------------------------------------------------
+    def params(self, body: dict, prompt_len: int):
+        from flashjax.serving.engine import RequestParams
+
+        ctx = self.engine.max_len
+        max_tokens = _get(body, "max_tokens", "int", None)
+        if max_tokens is None:
+            max_tokens = _get(body, "max_completion_tokens", "int", None)
+        if max_tokens is None:
+            max_tokens = max(1, min(16 if "messages" not in body else ctx - prompt_len, ctx - prompt_len))
+        if max_tokens < 1:
+            raise _bad(f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
+        if prompt_len >= ctx:
+            raise _bad(f"This model's maximum context length is {ctx} tokens; the prompt has {prompt_len}.",
+                       param="prompt" if "messages" not in body else "messages", code="context_length_exceeded")
+        if prompt_len + max_tokens > ctx:
+            raise _bad(f"This model's maximum context length is {ctx} tokens; the prompt ({prompt_len}) plus "
+                       f"max_tokens ({max_tokens}) exceed it.", param="max_tokens", code="context_length_exceeded")
+        stop = body.get("stop")
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            stop = tuple(stop)
+        else:
+            raise _bad("'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+        stop_ids = body.get("stop_token_ids") or []
+        if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+            raise _bad("'stop_token_ids' must be a list of integers", param="stop_token_ids", code="invalid_type")
+        beam = _get(body, "beam_width", "int", None) or _get(body, "best_of", "int", None) or 1
+        if _get(body, "use_beam_search", "bool", False) and beam == 1:
+            beam = max(2, _get(body, "n", "int", 1) or 1)
+        kw = dict(
+            temperature=_get(body, "temperature", "num", 1.0),
+            top_p=_get(body, "top_p", "num", 1.0),
+            top_k=_get(body, "top_k", "int", 0),
+            seed=_get(body, "seed", "int", 0),
+            max_tokens=max_tokens, stop=stop, stop_token_ids=tuple(stop_ids),
+            ignore_eos=_get(body, "ignore_eos", "bool", False),
+            n=_get(body, "n", "int", 1), beam_width=beam,
+        )
+        if kw["top_k"] == -1:
+            kw["top_k"] = 0
+        try:
+            return RequestParams(**kw)
+        except ValueError as e:
+            param = next((k for k in kw if str(e).startswith(k)), None)
+            raise _bad(str(e), param=param, code="invalid_value") from None
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise _bad("this server has no tokenizer: send the prompt as a list of token ids", param="prompt")
+        return list(self.tokenizer.encode(text))
+
+    def completion_prompt(self, body) -> list[int]:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]  # a batch of one
+        if isinstance(p, str):
+            ids = self.encode(p)
+            if not ids:
+                ids = [getattr(self.tokenizer, "eot_id", 0) or 0]
+            return ids
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            vocab = self.engine.config.vocab_size
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise _bad(f"token id {bad[0]} in 'prompt' is outside the vocabulary [0, {vocab})", param="prompt")
+            return list(p)
+        if "prompt" not in body:
+            raise _bad("'prompt' is required", param="prompt", code="missing_field")
+        raise _bad("'prompt' must be a string, or a non-empty list of token ids", param="prompt", code="invalid_type")
+
+    def chat_prompt_ids(self, body) -> list[int]:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise _bad("'messages' must be a non-empty list of {role, content} objects", param="messages",
+                       code="invalid_type" if "messages" in body else "missing_field")
+        clean = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise _bad(f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: keep the text ones
+                content = "".join(c.get("text", "") for c in content if isinstance(c, dict))
+            if not isinstance(content, str):
+                raise _bad(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+            clean.append({"role": m["role"], "content": content})
+        return self.encode(chat_prompt(self.tokenizer, clean))
+
+    # -- metrics ------------------------------------------------------------------
+    def metrics_text(self) -> str:
+        s = self.engine.stats()
+        lines = []
+
+        def metric(name, kind, help_, value):
+            if value is None:
+                return
+            lines.append(f"# HELP flashjax_{name} {help_}")
+            lines.append(f"# TYPE flashjax_{name} {kind}")
+            lines.append(f"flashjax_{name} {float(value):.6g}")
+
+        metric("requests_running", "gauge", "Sequences in the running batch.", s["running"])
+        metric("requests_waiting", "gauge", "Requests waiting to be scheduled.", s["waiting"])
+        metric("requests_swapped", "gauge", "Requests swapped out to host memory.", s["swapped"])
+        metric("kv_blocks_used", "gauge", "KV cache blocks referenced by sequences.", s["kv_blocks_used"])
+        metric("kv_blocks_free", "gauge", "KV cache blocks on the free stack.", s["kv_blocks_free"])
+        metric("kv_blocks_cached", "gauge", "Unreferenced KV blocks kept by the prefix cache.", s["kv_blocks_cached"])
+        metric("kv_blocks_total", "gauge", "KV cache blocks in the pool.", s["kv_blocks_total"])
+        metric("kv_utilization", "gauge", "Tokens stored / capacity of the blocks in use.", s["kv_utilization"])
+        metric("prefix_cache_hit_rate", "gauge", "Prompt tokens served from the prefix cache / prompt tokens.",
+               s["prefix_cache_hit_rate"])
+        metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens found in the prefix cache.",
+               s["prefix_cache_hit_tokens"])
+        metric("requests_total", "counter", "Requests accepted.", s["requests_total"])
+        metric("requests_finished_total", "counter", "Requests finished.", s["requests_finished"])
+        metric("requests_cancelled_total", "counter", "Requests cancelled.", s["requests_cancelled"])
+        metric("requests_rejected_total", "counter", "Requests rejected (queue full).", s["requests_rejected"])
+        metric("preemptions_total", "counter", "Sequences preempted for KV blocks.", s["preemptions"])
+        metric("prompt_tokens_total", "counter", "Tokens prefilled.", s["prefill_tokens"])
+        metric("generation_tokens_total", "counter", "Tokens decoded.", s["decode_tokens"])
+        metric("engine_steps_total", "counter", "Engine iterations.", s["steps"])
+        metric("compiles_total", "counter", "Jitted functions traced.", s["compiles"])
+        for key, name in (("ttft", "time_to_first_token_seconds"), ("tpot", "time_per_output_token_seconds")):
+            for q in ("p50", "p99"):
+                v = s[f"{key}_{q}"]
+                if v is not None:
+                    if f"# TYPE flashjax_{name} summary" not in lines:
+                        lines.append(f"# HELP flashjax_{name} {key.upper()} quantiles.")
+                        lines.append(f"# TYPE flashjax_{name} summary")
+                    lines.append(f'flashjax_{name}{{quantile="{int(q[1:]) / 100}"}} {v:.6g}')
+        for code, n in sorted(self.http_counts.items()):
+            lines.append(f'flashjax_http_responses_total{{code="{code}"}} {n}')
+        return "\n".join(lines) + "\n"
+
+
+def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_engine: bool = True):
+    """The FastAPI app. Starts `engine`'s background thread (unless start_engine=False)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+    from flashjax.serving.engine import QueueFullError
+
+    svc = _Service(engine, tokenizer, model_name)
+    app = FastAPI(title="flashjax", docs_url=None, redoc_url=None)
+    app.state.service = svc
+    if start_engine:
+        engine.start()
+
+    def error_response(err: ApiError):
+        svc.http_counts[str(err.status)] = svc.http_counts.get(str(err.status), 0) + 1
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, err: ApiError):
+        return error_response(err)
+
+    @app.exception_handler(404)
+    async def _not_found(request, exc):
+        return error_response(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+
+    @app.exception_handler(405)
+    async def _bad_method(request, exc):
+        return error_response(ApiError(405, f"method {request.method} not allowed on {request.url.path}",
+                                       code="method_not_allowed"))
+
+    @app.get("/health")
+    async def health():
+        if engine.engine_error is not None:
+            raise ApiError(503, f"engine failed: {engine.engine_error!r}", type="server_error", code="engine_error")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": svc.created, "owned_by": "flashjax",
+            "max_model_len": engine.max_len}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(svc.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        from flashjax.serving.chat_page import PAGE
+        import html
+        return HTMLResponse(PAGE.replace("{{MODEL}}", html.escape(model_name)))
+
+    async def read_json(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object", code="invalid_json")
+        if "model" in body and body["model"] is not None and not isinstance(body["model"], str):
+            raise _bad("'model' must be a string", param="model", code="invalid_type")
+        return body
+
+    async def run(request: Request, chat: bool):
+        if engine.engine_error is not None:
+            raise ApiError(503, f"engine failed: {engine.engine_error!r}", type="server_error", code="engine_error")
+        body = await read_json(request)
+        stream = _get(body, "stream", "bool", False)
+        ids = svc.chat_prompt_ids(body) if chat else svc.completion_prompt(body)
+        params = svc.params(body, len(ids))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            handle = engine.add_request(ids, params, request_id=rid)
+        except QueueFullError as e:
+            raise ApiError(429, str(e), type="rate_limit_exceeded", code="queue_full") from None
+        except ValueError as e:
+            raise _bad(str(e), param="prompt") from None
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        if stream:
+            return StreamingResponse(sse(request, handle, rid, created, chat, len(ids)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # non-streaming: wait, cancelling if the client goes away
+        while not handle.finished:
+            if await request.is_disconnected():
+                handle.cancel()
+                raise ApiError(499, "client disconnected", code="client_closed")
+            await asyncio.sleep(0.02)
+        if handle.error is not None:
+            raise ApiError(503, str(handle.error), type="server_error", code="engine_error")
+        res = handle.result()
+        choices = []
+        for o in res.outputs:
+            if chat:
+                choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
+                                "finish_reason": o.finish_reason, "logprobs": None})
+            else:
+                choices.append({"index": o.index, "text": o.text, "token_ids": o.token_ids,
+                                "finish_reason": o.finish_reason, "logprobs": None})
+        ntok = sum(len(o.token_ids) for o in res.outputs)
+        svc.http_counts["200"] = svc.http_counts.get("200", 0) + 1
+        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": ntok, "total_tokens": len(ids) + ntok,
+                          "prompt_tokens_details": {"cached_tokens": res.num_cached_prompt_tokens}}}
+
+    async def sse(request: Request, handle, rid, created, chat, prompt_len):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        finished = False
+        try:
+            if chat:
+                for i in range(handle.params.n):
+                    first = {"id": rid, "object": obj, "created": created, "model": model_name,
+                             "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]}
+                    yield f"data: {json.dumps(first)}\n\n"
+            async for ev in handle.aiter():
+                if chat:
+                    delta = {"content": ev.text} if ev.text else {}
+                    choice = {"index": ev.index, "delta": delta, "finish_reason": ev.finish_reason}
+                else:
+                    choice = {"index": ev.index, "text": ev.text, "token_ids": ev.token_ids,
+                              "finish_reason": ev.finish_reason, "logprobs": None}
+                chunk = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if handle.error is not None:
+                err = ApiError(503, str(handle.error), type="server_error", code="engine_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
+            finished = True
+            svc.http_counts["200"] = svc.http_counts.get("200", 0) + 1
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # the client went away (the generator was cancelled/closed)
+                handle.cancel()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, chat=True)
+
+    return app
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--checkpoint", required=True, help="a `flashjax train` run/checkpoint dir or a Hugging Face model dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-name", default=None, help="the model id the API reports (default: the directory name)")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: 8 full contexts)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--max-seqs", type=int, default=8, help="batch slots (default 8)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256, help="per-step token budget (default 256)")
+    p.add_argument("--prefill-rows", type=int, default=4, help="prefill rows per step (default 4)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queue bound; past it requests get 429 (default 256)")
+    p.add_argument("--preemption", choices=["recompute", "swap"], default="recompute",
+                   help="what to do with preempted sequences (default recompute)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    p.add_argument("--attention", default=None, help="override the model's attention implementation")
+    p.add_argument("--dtype", default=None, help="override the compute dtype")
+    return p
+
+
+def load_for_serving(path: str, *, attention=None, dtype=None):
+    """(model, tokenizer, name) from a flashjax checkpoint or a Hugging Face directory."""
+    name = Path(path).resolve().name
+    try:
+        from flashjax.models import hf
+        if hf.looks_like_hf_dir(path):
+            model, tok, _ = hf.load_pretrained(path, dtype=dtype, attention=attention or "auto")
+            return model, tok, name
+    except ImportError:
+        pass
+    from flashjax.models.generate import load_model
+    model, tok, _ = load_model(path, attention=attention, dtype=dtype)
+    return model, tok, name
+
+
+def build_engine(model, tokenizer, args) -> Any:
+    from flashjax.serving.engine import Engine
+
+    bs = args.block_size
+    per_seq = -(-model.config.max_seq_len // bs)
+    return Engine(model, tokenizer=tokenizer, num_blocks=args.num_blocks or per_seq * max(args.max_seqs, 8),
+                  max_seqs=args.max_seqs, block_size=bs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  prefill_rows=args.prefill_rows, preemption_mode=args.preemption,
+                  prefix_caching=not args.no_prefix_caching, max_waiting=args.max_waiting)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import sys
+
+    import uvicorn
+
+    try:
+        model, tok, name = load_for_serving(args.checkpoint, attention=args.attention, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"flashjax serve: error: {e}", file=sys.stderr)
+        return 2
+    engine = build_engine(model, tok, args)
+    app = create_app(engine, tok, model_name=args.model_name or name)
+    print(f"flashjax serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0

@@ -1,0 +1,251 @@
+"""The OpenAI-compatible server (flashjax.serving.server) over real HTTP on loopback.
+
+A tiny random model with a byte-level test tokenizer; uvicorn runs in a thread,
+httpx is the client; the chat page is loaded in headless Chromium when present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="the serve extra (fastapi, uvicorn, httpx) is not installed")
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, httpx) is not installed")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn, httpx) is not installed")
+
+from flashjax.models.config import config_from_preset  # noqa: E402
+from flashjax.models.gpt import build_model  # noqa: E402
+from flashjax.serving.engine import Engine  # noqa: E402
+from flashjax.serving.server import create_app  # noqa: E402
+
+CTX = 64
+
+
+class ByteTokenizer:
+    """Bytes are ids 0..255; 256 is end-of-text."""
+
+    eot_id = 256
+    vocab_size = 257
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    cfg = config_from_preset("nano", n_layer=2, d_model=64, n_head=4, vocab_size=260, max_seq_len=CTX,
+                             attention="xla", init_std=0.3)
+    engine = Engine(build_model(cfg, 0), tokenizer=ByteTokenizer(), num_blocks=48, max_seqs=4, block_size=8,
+                    max_num_batched_tokens=32, prefill_rows=2, max_chunk=16, chunk_buckets=(16,),
+                    max_waiting=64)
+    app = create_app(engine, ByteTokenizer(), model_name="tiny")
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    # warm up the jitted steps so timings in the tests are not compile-bound
+    r = httpx.post(f"{base}/v1/completions", json={"prompt": "warm up the engine, all variants",
+                                                   "max_tokens": 3, "temperature": 0}, timeout=300)
+    assert r.status_code == 200, r.text
+    yield base, engine
+    srv.should_exit = True
+    th.join(10)
+    engine.stop()
+
+
+def _sse(lines):
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            events.append(line[6:])
+    return events
+
+
+def test_health_models_metrics(server):
+    base, engine = server
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    m = httpx.get(f"{base}/v1/models").json()
+    assert m["object"] == "list" and m["data"][0]["id"] == "tiny" and m["data"][0]["max_model_len"] == CTX
+    text = httpx.get(f"{base}/metrics").text
+    for name in ("flashjax_requests_running", "flashjax_requests_waiting", "flashjax_kv_blocks_used",
+                 "flashjax_kv_blocks_free", "flashjax_prefix_cache_hit_rate", "flashjax_time_to_first_token_seconds"):
+        assert name in text
+    page = httpx.get(f"{base}/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text and "<script>" in page.text
+
+
+def test_completion_stream_and_not(server):
+    base, engine = server
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["object"] == "text_completion" and j["id"].startswith("cmpl-")
+    ch = j["choices"][0]
+    assert len(ch["token_ids"]) == 6 and ch["finish_reason"] == "length"
+    assert j["usage"] == {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15,
+                          "prompt_tokens_details": {"cached_tokens": j["usage"]["prompt_tokens_details"]["cached_tokens"]}}
+    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=120) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        events = _sse(s.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ch["token_ids"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ch["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # the second identical prompt's full block came from the prefix cache
+    r2 = httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()
+    assert r2["choices"][0]["token_ids"] == ch["token_ids"]
+    assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] == 8
+
+
+def test_chat_stream_and_n(server):
+    base, engine = server
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0.7, "seed": 3,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as s:
+        assert s.status_code == 200
+        events = _sse(s.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    r = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False, "n": 2}, timeout=120).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    assert all(c["message"]["role"] == "assistant" for c in r["choices"])
+    assert r["usage"]["completion_tokens"] == 10
+
+
+def test_many_concurrent_requests(server):
+    base, engine = server
+
+    async def main():
+        async with httpx.AsyncClient(base_url=base, timeout=300) as c:
+            async def one(i):
+                body = {"prompt": f"request number {i} " * (1 + i % 3), "max_tokens": 2 + i % 5,
+                        "temperature": 0, "ignore_eos": True, "stream": bool(i % 2)}
+                if i % 2:
+                    async with c.stream("POST", "/v1/completions", json=body) as s:
+                        lines = [ln async for ln in s.aiter_lines()]
+                    ev = _sse(lines)
+                    assert ev[-1] == "[DONE]"
+                    return sum(len(json.loads(e)["choices"][0]["token_ids"]) for e in ev[:-1])
+                r = await c.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return len(r.json()["choices"][0]["token_ids"])
+            return await asyncio.gather(*(one(i) for i in range(8)))
+
+    counts = asyncio.run(main())
+    assert counts == [2 + i % 5 for i in range(8)]
+    assert engine.trace_counts["step"] <= 4
+
+
+def test_disconnect_cancels(server):
+    base, engine = server
+    before = engine.stats()["requests_cancelled"]
+    body = {"prompt": "a long one", "max_tokens": 50, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as s:
+        it = s.iter_lines()
+        for line in it:
+            if line.startswith("data: "):
+                break  # got the first token; hang up
+    deadline = time.time() + 60
+    while engine.stats()["requests_cancelled"] == before:
+        assert time.time() < deadline, "the disconnect did not cancel the request"
+        time.sleep(0.05)
+    while engine.stats()["running"]:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("body,param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({"prompt": "x", "temperature": "hot"}).encode(), "temperature"),
+    (json.dumps({"prompt": "x", "temperature": -1}).encode(), "temperature"),
+    (json.dumps({"prompt": "x", "top_p": 0}).encode(), "top_p"),
+    (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"prompt": "x", "max_tokens": True}).encode(), "max_tokens"),
+    (json.dumps({"prompt": "x", "n": 0}).encode(), "n"),
+    (json.dumps({"prompt": "x", "stream": "yes"}).encode(), "stream"),
+    (json.dumps({"prompt": "x", "stop": 3}).encode(), "stop"),
+    (json.dumps({"prompt": "y" * (CTX + 5)}).encode(), "prompt"),
+    (json.dumps({"prompt": "y" * 40, "max_tokens": 40}).encode(), "max_tokens"),
+    (json.dumps({"prompt": [1, 2, 99999]}).encode(), "prompt"),
+    (json.dumps({"prompt": 5}).encode(), "prompt"),
+    (json.dumps({"max_tokens": 3}).encode(), "prompt"),
+])
+def test_bad_requests_are_400(server, body, param):
+    base, _ = server
+    r = httpx.post(f"{base}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+
+
+def test_bad_chat_and_overload(server):
+    base, engine = server
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": 3}]})
+    assert r.status_code == 400
+    engine.max_waiting = 0
+    try:
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    finally:
+        engine.max_waiting = 64
+    assert httpx.get(f"{base}/nope").status_code == 404
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_chat_page_in_headless_chromium(server):
+    base, _ = server
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install -y chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+               "--virtual-time-budget=60000", "--dump-dom", f"{base}/?q=hello&max_tokens=8"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                             env={**os.environ, "HOME": profile})
+    dom = out.stdout
+    assert "flashjax chat" in dom, out.stderr[-2000:]
+    assert 'data-replies="1"' in dom, dom[-3000:]
+    assert 'data-done="1"' in dom and "[error" not in dom, dom[-3000:]
+    reply = dom.split('class="msg assistant"')[1].split('class="text">')[1].split("</span>")[0]
+    assert reply, "the streamed reply is empty"
