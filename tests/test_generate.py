@@ -27,6 +27,8 @@ VOCAB = 97
 CTX = 40
 BS = 4  # block size: prompts and outputs cross several blocks
 MAX_NEW = 7
+# float32 logits/cache tolerance: Triton dots on a GPU may run in TF32
+TOL = dict(atol=5e-3, rtol=5e-3) if jax.default_backend() == "gpu" else dict(atol=2e-5, rtol=2e-5)
 
 
 def make_model(family: str) -> GPT:
@@ -113,7 +115,7 @@ def test_chunked_prefill_matches_one_piece(llama):
     assert int(state.status) == kv_cache.OK
     kv_cache.check_invariants(state)
     for b, ref in enumerate(full_logits(model, prompts)):  # outputs equal the model's own forward
-        np.testing.assert_allclose(full[b, : lens[b]], ref, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(full[b, : lens[b]], ref, **TOL)
 
     # Three chunks of up to 5 tokens (bucket 8), all through the continuation path: row 1
     # ends in chunk 2, row 2 only starts in chunk 2 (a new sequence inside a continuation
@@ -134,19 +136,19 @@ def test_chunked_prefill_matches_one_piece(llama):
     kv_cache.check_invariants(state2)
     np.testing.assert_array_equal(state2.lengths, lens)
     for s in range(3):
-        np.testing.assert_allclose(np.concatenate(pieces[s]), full[s, : lens[s]], atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(np.concatenate(pieces[s]), full[s, : lens[s]], **TOL)
     for (k1, v1), (k2, v2) in zip(_layer_kv(pages, state, 16), _layer_kv(pages2, state2, 16)):
-        np.testing.assert_allclose(k2, k1, atol=2e-5, rtol=2e-5)
-        np.testing.assert_allclose(v2, v1, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(k2, k1, **TOL)
+        np.testing.assert_allclose(v2, v1, **TOL)
 
     # A decode step on either cache gives the same logits (and the recomputed ones).
     nxt = jnp.asarray([3, 4, 5], jnp.int32)
     d1, pages, state = runner.decode(pages, state, nxt, jnp.arange(3))
     d2, pages2, state2 = runner.decode(pages2, state2, nxt, jnp.arange(3))
-    np.testing.assert_allclose(d2, d1, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(d2, d1, **TOL)
     refs = full_logits(model, [p + [int(t)] for p, t in zip(prompts, nxt)])
     for b, ref in enumerate(refs):
-        np.testing.assert_allclose(d1[b], ref[-1], atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(d1[b], ref[-1], **TOL)
 
 
 def test_seeded_sampling_reproducible_and_mixed_batch(llama):
