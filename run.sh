@@ -7,8 +7,11 @@
 #
 # Environment knobs (all optional):
 #   PYTHON=/path/to/python3.12   interpreter to build .venv from (>= 3.12)
-#   FLASHJAX_EXTRAS=test,gpu     pip extras to install (default: test, plus gpu
-#                                when nvidia-smi sees a GPU)
+#   FLASHJAX_EXTRAS=test,hf,gpu  pip extras to install (default: test and hf
+#                                (torch, transformers, safetensors for the Hugging
+#                                Face checkpoint tests), plus gpu when nvidia-smi
+#                                sees a GPU; in system-site mode hf only when the
+#                                interpreter already has torch and transformers)
 #   FLASHJAX_SYSTEM_SITE=0|1     build .venv with --system-site-packages
 #                                (default: 1 when the interpreter already has
 #                                jax 0.11.2, e.g. the preinstalled CUDA jax on
@@ -131,10 +134,16 @@ setup_venv() {
     want_extras="${FLASHJAX_EXTRAS:-}"
     if [ -z "$want_extras" ]; then
         want_extras="test"
+        # hf: torch + transformers for tests/test_hf.py (torch's PyPI wheel is large,
+        # about 3 minutes to install). A system-site interpreter that may be offline
+        # gets it only when it already has them, so pip has nothing to download.
+        if [ "$system_site" = 0 ] || "$py" -c 'import torch, transformers, safetensors, jinja2' >/dev/null 2>&1; then
+            want_extras="test,hf"
+        fi
         # Outside system-site mode a GPU needs the CUDA plugin from pip.
         if [ "$system_site" = 0 ] && command -v nvidia-smi >/dev/null 2>&1 \
             && nvidia-smi -L >/dev/null 2>&1; then
-            want_extras="test,gpu"
+            want_extras="$want_extras,gpu"
         fi
     fi
 

@@ -28,6 +28,9 @@ _EXPORTS = {
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "read_config": "checkpoint",
     "check_config": "checkpoint", "generate": "generate", "generate_text": "generate",
     "load_model": "generate", "sample_logits": "generate", "DenseCacheSampler": "generate",
+    # Hugging Face checkpoints
+    "from_pretrained": "hf", "save_pretrained": "hf", "PretrainedTokenizer": "hf",
+    "apply_chat_template": "hf",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -55,12 +55,16 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int = 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`flashjax generate` options."""
-    p.add_argument("--checkpoint", required=True, help="run directory of `flashjax train` (or its checkpoint/)")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory of `flashjax train` (or its checkpoint/), or a Hugging Face model directory "
+                        "(config.json, *.safetensors, tokenizer.json: GPT-2, Llama, Mistral)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--attention", choices=["flash", "xla", "cudnn", "auto"],
                    help="attention for the prompt pass (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="parameter and compute dtype (default: the checkpoint's)")
     return p
 
 

@@ -42,6 +42,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool | None = None  # None: the family's default (True for both)
     use_bias: bool | None = None  # None: True for gpt2, False for llama
+    # Sliding-window attention (Mistral): a query sees the last `sliding_window`
+    # positions, itself included (Hugging Face's convention). None: full causal.
+    sliding_window: int | None = None
     init_std: float = 0.02
     attention: str = "auto"  # "flash" | "xla" | "cudnn" | "auto"
     dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
@@ -148,7 +151,7 @@ def validate_config(c: ModelConfig) -> None:
         value = getattr(c, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
-    for name in ("n_kv_head", "d_ff"):
+    for name in ("n_kv_head", "d_ff", "sliding_window"):
         value = getattr(c, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"config field {name} must be a positive integer or None, got {value!r}")

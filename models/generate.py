@@ -25,10 +25,18 @@ from flashjax.models.tokenizer import Tokenizer
 
 
 def load_model(path, *, attention: str | None = None, dtype: str | None = None) -> tuple[GPT, Tokenizer, ModelConfig]:
-    """(model, tokenizer, config) from a run directory or checkpoint directory.
+    """(model, tokenizer, config) from a run directory or checkpoint directory,
+    or from a Hugging Face model directory (config.json + *.safetensors + tokenizer.json).
 
     `attention` / `dtype` override those runtime fields of the saved config.
     """
+    from flashjax.models import hf
+
+    if hf.looks_like_hf_dir(path):
+        model, tok, config = hf.load_pretrained(path, dtype=dtype, attention=attention)
+        if tok is None:
+            raise FileNotFoundError(f"no {hf.TOKENIZER_FILE} in {path}: generating text needs the model's tokenizer")
+        return model, tok, config
     ck = ckpt.require_checkpoint(path)
     config = ckpt.read_config(ck)
     runtime = {}
@@ -100,11 +108,18 @@ class DenseCacheSampler:
         positions = jnp.full((b, 1), pos, jnp.int32)
         lengths = jnp.full((b,), pos + 1, jnp.int32)
 
+        window = self.config.sliding_window
+
         def attend(i, q, k, v, state):
             kc, vc = state
             kc = jax.lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, 0, pos, 0, 0))
             vc = jax.lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, 0, pos, 0, 0))
-            o = xla_attention(q, kc[i], vc[i], causal=False, kv_lengths=lengths)
+            if window is None:
+                o = xla_attention(q, kc[i], vc[i], causal=False, kv_lengths=lengths)
+            else:  # keys pos - window + 1 .. pos (sliding window, Mistral)
+                j = jnp.arange(kc.shape[2])
+                mask = ((j <= pos) & (j > pos - window))[None, None, None, :]
+                o = jax.nn.dot_product_attention(q, kc[i], vc[i], mask=mask)
             return o, (kc, vc)
 
         logits, cache = model.forward(token[:, None], positions, attend=attend, state=cache)
@@ -179,7 +194,7 @@ def generate(args=None, **kwargs) -> str:
     """`flashjax generate`: print the prompt and stream a sampled continuation."""
     d = {} if args is None else (dict(args) if isinstance(args, dict) else dict(vars(args)))
     d.update(kwargs)
-    model, tok, config = load_model(d["checkpoint"], attention=d.get("attention"))
+    model, tok, config = load_model(d["checkpoint"], attention=d.get("attention"), dtype=d.get("dtype"))
     prompt = d.get("prompt") or ""
     stream = d.get("stream", sys.stdout)
     if stream is not None and prompt:

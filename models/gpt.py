@@ -92,6 +92,21 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
+def sliding_window_attention(q, k, v, impl: str, window: int):
+    """Causal self-attention where each query sees its last `window` positions (itself included).
+
+    q [b, s, h, hd], k/v [b, s, kvh, hd] of the same length (Mistral's sliding window).
+    """
+    if impl == "flash":
+        import flashjax
+
+        return flashjax.flash_attention(q, k, v, causal=True, window=window - 1)
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=(window - 1, 0),
+        implementation="cudnn" if impl == "cudnn" else "xla",
+    )
+
+
 class Attention(nnx.Module):
     """Causal self-attention with a fused QKV projection and grouped K/V heads."""
 
@@ -101,6 +116,7 @@ class Attention(nnx.Module):
         self.rope = c.family == "llama"
         self.rope_theta = c.rope_theta
         self.impl = resolve_attention(c.attention)
+        self.window = c.sliding_window
         width = (c.n_head + 2 * c.kv_heads) * c.head_dim
         self.wqkv = Dense(c.d_model, width, bias=c.bias, std=c.init_std, config=c, rngs=rngs)
         self.wo = Dense(
@@ -123,6 +139,8 @@ class Attention(nnx.Module):
 
     def attend(self, q, k, v):
         """The built-in causal attention over these q, k, v."""
+        if self.window is not None:
+            return sliding_window_attention(q, k, v, self.impl, self.window)
         return causal_attention(q, k, v, self.impl)
 
     def out(self, o):

@@ -1,0 +1,455 @@
+"""Hugging Face checkpoints (flashjax.models.hf): load GPT-2 / Llama / Mistral
+directories written by `transformers`, compare logits and greedy generation with
+transformers itself, save our models so transformers opens them, and reject bad
+input with the file and tensor named.
+
+Needs the [hf] extra (torch, transformers, safetensors); all on CPU with tiny
+random-weight models.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tracemalloc
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the Hugging Face tests need torch (pip install -e '.[hf]')")
+transformers = pytest.importorskip(
+    "transformers", reason="the Hugging Face tests need transformers (pip install -e '.[hf]')"
+)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from flashjax.models import from_pretrained, save_pretrained  # noqa: E402
+from flashjax.models import hf  # noqa: E402
+from flashjax.models.config import ModelConfig  # noqa: E402
+from flashjax.models.generate import DenseCacheSampler, load_model  # noqa: E402
+from flashjax.models.gpt import abstract_model, build_model  # noqa: E402
+
+VOCAB = 96
+ATOL = 1e-4
+
+# Tiny configs; initializer_range 0.2 makes the logits peaked enough that greedy
+# decoding does not hinge on float rounding.
+HF_CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=48, n_embd=32, n_head=4, n_layer=2, initializer_range=0.2,
+        bos_token_id=0, eos_token_id=0,
+    ),
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-5,
+        initializer_range=0.2, tie_word_embeddings=False,
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, sliding_window=4,
+        initializer_range=0.2, tie_word_embeddings=True,
+    ),
+}
+
+
+def _hf_model(name: str, dtype=torch.float32):
+    torch.manual_seed(abs(hash(name)) % 1000)
+    config = HF_CONFIGS[name]()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
+    return model.eval()
+
+
+def _hf_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+@nnx.jit
+def _forward(model, ids):
+    return model(ids)
+
+
+def _logits(model, ids) -> np.ndarray:
+    """Our logits (jitted: one compile beats op-by-op dispatch on CPU)."""
+    return np.asarray(_forward(model, jnp.asarray(ids)))
+
+
+def _ids(seed: int, shape=(2, 12)) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, VOCAB, shape)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{name: (hf model, directory)} saved with save_pretrained(safe_serialization=True)."""
+    out = {}
+    for name in HF_CONFIGS:
+        model = _hf_model(name)
+        d = tmp_path_factory.mktemp(f"hf-{name}")
+        model.save_pretrained(d, safe_serialization=True)
+        out[name] = (model, d)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_logits_match_transformers(saved, name):
+    hf_model, d = saved[name]
+    model, tok = from_pretrained(d, attention="xla")
+    assert tok is None  # no tokenizer.json in these directories
+    c = model.config
+    assert c.dtype == c.param_dtype == "float32"
+    assert c.family == ("gpt2" if name == "gpt2" else "llama")
+    if name == "mistral":
+        assert c.sliding_window == 4 and c.kv_heads == 1 and c.tied
+    if name == "llama":
+        assert c.kv_heads == 2 and c.rope_theta == 500.0 and not c.tied
+    ids = _ids(1)
+    ours = _logits(model, ids)
+    ref = _hf_logits(hf_model, ids)
+    assert ours.shape == (2, 12, VOCAB) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+def test_mistral_sliding_window_binds(saved):
+    """With the window dropped, the logits past position 4 differ: the window is really applied."""
+    hf_model, d = saved["mistral"]
+    model, _ = from_pretrained(d, attention="xla")
+    full_cfg = model.config.replace(sliding_window=None)
+    full = nnx.merge(nnx.split(abstract_model(full_cfg))[0], nnx.state(model))
+    ids = _ids(2)
+    windowed, unwindowed = _logits(model, ids), _logits(full, ids)
+    np.testing.assert_allclose(windowed[:, :4], unwindowed[:, :4], atol=1e-5)
+    assert np.abs(windowed[:, 5:] - unwindowed[:, 5:]).max() > 1e-2
+
+
+def test_sliding_window_longer_than_context_is_dropped(tmp_path):
+    config = HF_CONFIGS["mistral"]()
+    config.sliding_window = 4096
+    c = hf.config_from_hf(config.to_dict() | {"architectures": ["MistralForCausalLM"]})
+    assert c.sliding_window is None and c.max_seq_len == 64
+
+
+def test_sharded_checkpoint(saved, tmp_path):
+    hf_model, _ = saved["llama"]
+    hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="10KB")
+    index = json.loads((tmp_path / hf.INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not (tmp_path / hf.WEIGHTS_FILE).exists()
+    model, _ = from_pretrained(tmp_path, attention="xla")
+    ids = _ids(3)
+    np.testing.assert_allclose(_logits(model, ids), _hf_logits(hf_model, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_greedy_generation_matches_transformers(saved, name):
+    hf_model, d = saved[name]
+    model, _ = from_pretrained(d, attention="xla")
+    prompt = _ids(4, (1, 6))
+    n_new = 10  # mistral: 16 positions against a window of 4
+    with torch.no_grad():
+        ref = hf_model.generate(
+            torch.tensor(prompt), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )[0, prompt.shape[1]:].numpy()
+    sampler = DenseCacheSampler(model, temperature=0.0)
+    ours = np.concatenate([np.asarray(t) for t in sampler.generate(prompt, n_new)])
+    assert ours.tolist() == ref.tolist()
+
+
+def test_bf16_checkpoint_loads_without_an_fp32_copy(saved, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )
+    hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    assert json.loads((tmp_path / "config.json").read_text()).get("dtype") == "bfloat16"
+    sd = {k: v.float().numpy() for k, v in hf_model.state_dict().items()}
+    fp32_bytes = 4 * sum(v.size for v in sd.values())
+
+    from_pretrained(saved["llama"][1], attention="xla")  # warm up: lazy imports are not the loader's memory
+    tracemalloc.start()
+    model, _ = from_pretrained(tmp_path, attention="xla")  # default: the checkpoint's dtype
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    c = model.config
+    assert c.dtype == c.param_dtype == "bfloat16"
+    assert model.wte[...].dtype == jnp.bfloat16
+    # host buffers stay within one bf16 copy of the model: no fp32 model is ever built
+    assert peak < 0.6 * fp32_bytes, (peak, fp32_bytes)
+
+    # bf16 values are taken bit for bit; q|k|v and gate|up are fused in order
+    qkv = np.asarray(model.blocks[1].attn.wqkv.kernel[...].astype(jnp.float32))
+    q, k, v = (sd[f"model.layers.1.self_attn.{p}_proj.weight"].T for p in "qkv")
+    np.testing.assert_array_equal(qkv, np.concatenate([q, k, v], axis=1))
+    w_in = np.asarray(model.blocks[0].mlp.w_in.kernel[...].astype(jnp.float32))
+    gate, up = (sd[f"model.layers.0.mlp.{p}_proj.weight"].T for p in ("gate", "up"))
+    np.testing.assert_array_equal(w_in, np.concatenate([gate, up], axis=1))
+    np.testing.assert_array_equal(np.asarray(model.lm_head[...].astype(jnp.float32)), sd["lm_head.weight"].T)
+
+    ids = np.random.RandomState(5).randint(0, 4096, (2, 12))
+    ref = _hf_logits(hf_model.float(), ids)
+    m32, _ = from_pretrained(tmp_path, dtype="float32", attention="xla")
+    assert m32.wte[...].dtype == jnp.float32
+    np.testing.assert_allclose(_logits(m32, ids), ref, atol=ATOL, rtol=0)
+    bf = _logits(model, ids)
+    assert np.abs(bf - ref).max() < 0.1 * np.abs(ref).max()
+    m16, _ = from_pretrained(tmp_path, dtype="fp16", attention="xla")
+    assert m16.wte[...].dtype == jnp.float16 and m16.config.dtype == "float16"
+
+
+# ---------------------------------------------------------------------------
+# Saving: our models open in transformers
+# ---------------------------------------------------------------------------
+
+ROUNDTRIP = {
+    "gpt2": dict(family="gpt2", vocab_size=VOCAB, n_layer=2, d_model=32, n_head=4, max_seq_len=32),
+    "llama-tied": dict(family="llama", vocab_size=VOCAB, n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=40,
+                       max_seq_len=32, rope_theta=1000.0, norm_eps=1e-6),
+    "llama-bias-untied": dict(family="llama", vocab_size=VOCAB, n_layer=1, d_model=32, n_head=4, n_kv_head=1,
+                              d_ff=40, max_seq_len=32, use_bias=True, tie_embeddings=False),
+    "mistral": dict(family="llama", vocab_size=VOCAB, n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=40,
+                    max_seq_len=32, sliding_window=5, tie_embeddings=False),
+}
+
+
+def _randomize_biases(model, seed=0):
+    """Our models start with zero biases and unit norms; perturb them so a mix-up would show."""
+    graphdef, state = nnx.split(model)
+    flat = list(nnx.to_flat_state(state))
+    rng = np.random.RandomState(seed)
+    new = []
+    for path, var in flat:
+        val = var.get_value()
+        if path[-1] in ("bias", "scale"):
+            val = val + jnp.asarray(rng.normal(0, 0.1, val.shape), val.dtype)
+        new.append((path, var.replace(val)))
+    return nnx.merge(graphdef, nnx.from_flat_state(new))
+
+
+def _canonical(c: ModelConfig) -> dict:
+    """The config's architecture with defaults resolved (None -> the family's value), runtime fields dropped."""
+    d = c.to_dict()
+    for k in ("attention", "dtype", "remat", "n_kv_head", "d_ff", "tie_embeddings", "use_bias"):
+        d.pop(k)
+    return d | dict(kv_heads=c.kv_heads, ffn_dim=c.ffn_dim, tied=c.tied, bias=c.bias)
+
+
+@pytest.mark.parametrize("name", list(ROUNDTRIP))
+def test_save_pretrained_opens_in_transformers(tmp_path, name):
+    config = ModelConfig(**ROUNDTRIP[name], attention="xla", init_std=0.2)
+    model = _randomize_biases(build_model(config, seed=3))
+    save_pretrained(model, tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    expected = {"gpt2": "GPT2LMHeadModel", "mistral": "MistralForCausalLM"}.get(name, "LlamaForCausalLM")
+    assert type(hf_model).__name__ == expected
+    ids = _ids(6, (2, 16))
+    ours = _logits(model, ids)
+    np.testing.assert_allclose(_hf_logits(hf_model, ids), ours, atol=ATOL, rtol=0)
+    back, _ = from_pretrained(tmp_path, attention="xla")
+    assert _canonical(back.config) == _canonical(config)
+    np.testing.assert_array_equal(_logits(back, ids), ours)
+
+
+def test_save_pretrained_bf16_and_tokenizer(tmp_path):
+    from flashjax.models.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["def foo(x):\n    return x + 1\n"] * 20 + ["class Bar:\n    pass\n"] * 20, VOCAB + 200)
+    config = ModelConfig(**ROUNDTRIP["llama-tied"] | {"vocab_size": tok.vocab_size}, attention="xla")
+    model = build_model(config)
+    save_pretrained(model, tmp_path, tok, dtype="bfloat16")
+    saved_cfg = json.loads((tmp_path / "config.json").read_text())
+    assert saved_cfg["eos_token_id"] == tok.eot_id
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert hf_model.dtype == torch.bfloat16
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "def foo(x): return x"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    model2, tok2 = from_pretrained(tmp_path)
+    assert model2.config.param_dtype == "bfloat16" and tok2.eot_id == tok.eot_id
+    assert tok2.encode(text) == tok.encode(text)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer, chat template, CLI
+# ---------------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _sentencepiece_style_tokenizer():
+    """A BPE with Metaspace ('▁' word starts) like Llama/Mistral's, with <s> and </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, héllo wörld", "tokens stream well"] * 10
+    t.train_from_iterator(text, trainer)
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return t
+
+
+def _add_tokenizer(d, *, chat=True):
+    t = _sentencepiece_style_tokenizer()
+    t.save(str(d / "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat:
+        cfg["chat_template"] = CHAT_TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def test_tokenizer_stream_and_chat_template(saved, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(saved["llama"][1], d)
+    _add_tokenizer(d)
+    _, tok = from_pretrained(d, attention="xla")
+    assert isinstance(tok, hf.PretrainedTokenizer)
+    text = "the quick brown fox, héllo wörld"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id == 1 and tok.eot_id == 2  # eos from generation_config.json
+    assert tok.decode(ids[1:]) == text
+    dec = tok.stream_decoder()
+    streamed = "".join(dec.push(i) for i in ids[1:]) + dec.flush()
+    assert streamed == text
+    messages = [{"role": "user", "content": "hi there"}]
+    rendered = tok.apply_chat_template(messages)
+    assert rendered == "<s><|user|>hi there</s><|assistant|>"
+    assert hf.apply_chat_template(tok, messages) == rendered
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d)
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == rendered
+    assert hf_tok(text)["input_ids"] == ids
+
+
+def test_no_chat_template_is_a_clear_error(saved, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(saved["gpt2"][1], d)
+    _add_tokenizer(d, chat=False)
+    _, tok = from_pretrained(d, attention="xla")
+    with pytest.raises(ValueError, match="no chat_template"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_generate_cli_on_hf_directory(saved, tmp_path, capsys):
+    from flashjax.models.cli import main
+
+    d = tmp_path / "m"
+    shutil.copytree(saved["mistral"][1], d)
+    _add_tokenizer(d)
+    model, tok, config = load_model(d, attention="xla")
+    assert config.sliding_window == 4 and isinstance(tok, hf.PretrainedTokenizer)
+    status = main(["generate", "--checkpoint", str(d), "--prompt", "the quick", "--max-new-tokens", "6",
+                   "--temperature", "0", "--attention", "xla"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    assert out.out.startswith("the quick")
+    # the printed continuation is the greedy one
+    prompt = tok.encode("the quick")
+    ref = [int(t[0]) for t in DenseCacheSampler(model, temperature=0.0).generate(prompt, 6)]
+    if tok.eot_id in ref:
+        ref = ref[: ref.index(tok.eot_id)]
+    assert out.out.rstrip("\n") == "the quick" + tok.decode(ref)
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def llama_dir(saved, tmp_path):
+    d = tmp_path / "bad"
+    shutil.copytree(saved["llama"][1], d)
+    return d
+
+
+def _rewrite(d, edit):
+    """Rewrite d/model.safetensors with edit(dict of numpy tensors)."""
+    st = hf.SafetensorsFile(d / hf.WEIGHTS_FILE)
+    tensors = {name: np.array(st.get(name)) for name in st.tensors}
+    st.close()
+    edit(tensors)
+    hf.write_safetensors(d / hf.WEIGHTS_FILE, [(k, v.shape, v.dtype, lambda v=v: v) for k, v in tensors.items()])
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(tmp_path)
+
+
+def test_missing_safetensors(llama_dir):
+    (llama_dir / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        from_pretrained(llama_dir)
+
+
+def test_missing_shard(saved, tmp_path):
+    saved["llama"][0].save_pretrained(tmp_path, safe_serialization=True, max_shard_size="10KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        from_pretrained(tmp_path)
+
+
+def test_unsupported_architecture(llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = ["BertForMaskedLM"], "bert"
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unsupported architecture BertForMaskedLM.*LlamaForCausalLM") as e:
+        from_pretrained(llama_dir)
+    assert "config.json" in str(e.value)
+
+
+def test_unsupported_rope_scaling(llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="llama3"):
+        from_pretrained(llama_dir)
+
+
+def test_wrong_tensor_shape(llama_dir):
+    name = "model.layers.1.self_attn.k_proj.weight"
+    _rewrite(llama_dir, lambda t: t.__setitem__(name, t[name][:-1]))
+    with pytest.raises(ValueError, match=rf"{name}.*model.safetensors.*shape \[15, 32\], expected \[16, 32\]"):
+        from_pretrained(llama_dir)
+
+
+def test_missing_tensor(llama_dir):
+    name = "model.layers.0.mlp.up_proj.weight"
+    _rewrite(llama_dir, lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=rf"tensor '{name}' is missing from .*model.safetensors"):
+        from_pretrained(llama_dir)
+
+
+def test_truncated_file(llama_dir):
+    f = llama_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated"):
+        from_pretrained(llama_dir)
+
+
+def test_save_unsupported_combination(tmp_path):
+    config = ModelConfig(family="gpt2", vocab_size=VOCAB, n_layer=1, d_model=32, n_head=4, n_kv_head=2,
+                         max_seq_len=16, attention="xla")
+    with pytest.raises(ValueError, match="grouped-query"):
+        save_pretrained(build_model(config), tmp_path)
+
+
+def test_dtype_names():
+    assert hf.normalize_dtype("bf16") == hf.normalize_dtype(jnp.bfloat16) == "bfloat16"
+    assert hf.normalize_dtype("torch.float16") == hf.normalize_dtype(torch.float16) == "float16"
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        hf.normalize_dtype("int8")
+    assert jax.numpy.dtype(hf.normalize_dtype("fp32")) == jnp.float32
