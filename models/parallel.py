@@ -97,6 +97,49 @@ def head_sharded(fn: Callable, *, batch_axis: bool = True) -> Callable:
     return wrapped
 
 
+def tp_flash_attention(q, k, v, **kw):
+    """`flashjax.flash_attention` with heads split over the mesh's model axis (serving:
+    the batch is not split); any per-batch keyword arrays are replicated."""
+    import flashjax
+
+    mesh = current_mesh()
+    if mesh is None or mesh.shape["model"] == 1:
+        return flashjax.flash_attention(q, k, v, **kw)
+    arrays = {n: x for n, x in kw.items() if isinstance(x, (jax.Array, np.ndarray, tuple))}
+    static = {n: x for n, x in kw.items() if n not in arrays}
+    spec = P(None, None, "model", None)
+
+    def f(q, k, v, arrays):
+        return flashjax.flash_attention(q, k, v, **arrays, **static)
+
+    arr_specs = jax.tree.map(lambda _: P(), arrays)
+    return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, arr_specs), out_specs=spec,
+                         check_vma=False)(q, k, v, arrays)
+
+
+def tp_paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, **kw):
+    """`flashjax.paged_decode_attention` with query heads and the KV pool's KV heads
+    split over the model axis; block tables and lengths (the allocator's view) are
+    replicated, so every device reads the same blocks of its own heads."""
+    import flashjax
+
+    mesh = current_mesh()
+    if mesh is None or mesh.shape["model"] == 1:
+        return flashjax.paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, **kw)
+
+    def f(q, kp, vp, t, l):
+        return flashjax.paged_decode_attention(q, kp, vp, t, l, **kw)
+
+    qs, ps = P(None, "model", None), P("model", None, None, None)
+    return jax.shard_map(f, mesh=mesh, in_specs=(qs, ps, ps, P(), P()), out_specs=qs,
+                         check_vma=False)(q, k_pages, v_pages, block_tables, lengths)
+
+
+def page_sharding(mesh: Mesh) -> NamedSharding:
+    """KV pages [kv_heads, num_blocks, block_size, head_dim]: split by KV head."""
+    return NamedSharding(mesh, P("model", None, None, None))
+
+
 # --------------------------------------------------------------------------- parameters
 
 

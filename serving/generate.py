@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from flashjax import kv_cache
+from flashjax.models import parallel
 from flashjax.serving import runner as R
 from flashjax.serving.sampling import SamplingArrays, SamplingParams, row_keys, sample, stack_params
 
@@ -215,15 +216,22 @@ def _loop(model, carry: _Carry, sp: SamplingArrays, limit, max_new, eos_id, pad_
 _STATIC = ("graphdef", "out_len", "num_blocks", "max_seqs", "max_blocks_per_seq", "block_size")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("mesh",))
 def _generate_jit(params, tokens, lengths, sp, max_new, eos_id, pad_id, *, graphdef, out_len,
-                  num_blocks, max_seqs, max_blocks_per_seq, block_size):
+                  num_blocks, max_seqs, max_blocks_per_seq, block_size, mesh=None):
     _TRACES["generate"] += 1
-    model = nnx.merge(graphdef, params)
-    carry = _start(model, tokens, lengths, sp, max_new, eos_id, pad_id, out_len=out_len,
-                   num_blocks=num_blocks, max_seqs=max_seqs, max_blocks_per_seq=max_blocks_per_seq,
-                   block_size=block_size)
-    carry = _loop(model, carry, sp, max_new, max_new, eos_id, pad_id)
+    with parallel.use_mesh(mesh):  # tensor parallel: kernels run per device on its heads
+        model = nnx.merge(graphdef, params)
+        carry = _start(model, tokens, lengths, sp, max_new, eos_id, pad_id, out_len=out_len,
+                       num_blocks=num_blocks, max_seqs=max_seqs, max_blocks_per_seq=max_blocks_per_seq,
+                       block_size=block_size)
+        if mesh is not None:  # the KV pool is split by KV head; allocator state stays replicated
+            carry = carry._replace(
+                pages=jax.lax.with_sharding_constraint(
+                    carry.pages, jax.tree.map(lambda _: parallel.page_sharding(mesh), carry.pages)),
+                state=jax.lax.with_sharding_constraint(
+                    carry.state, jax.tree.map(lambda _: parallel.replicated(mesh), carry.state)))
+        carry = _loop(model, carry, sp, max_new, max_new, eos_id, pad_id)
     return carry.out, carry.count, carry.status
 
 
@@ -274,7 +282,7 @@ def _split(model):
 
 def generate(model, prompts, max_new_tokens: int, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
              *, eos_id: int | None = None, pad_id: int = 0, block_size: int = 16,
-             num_blocks: int | None = None, max_seqs: int | None = None):
+             num_blocks: int | None = None, max_seqs: int | None = None, mesh=None):
     """Generate up to `max_new_tokens` tokens for each prompt, the loop on the device.
 
     model: a flashjax.models GPT. prompts: a list of token id sequences (any
@@ -284,13 +292,18 @@ def generate(model, prompts, max_new_tokens: int, sampling: SamplingParams | Seq
     block_size / num_blocks / max_seqs: paged cache geometry (defaults: 16,
     enough blocks for every row's whole context, one slot per prompt).
 
+    mesh: a `flashjax.models.parallel.make_mesh(model=N)` mesh for tensor
+    parallelism (heads and MLP split over N devices, KV pool split by KV head).
+
     Returns (tokens int32 [batch, max_new_tokens], lengths int32 [batch]) as
     numpy arrays.
     """
     plan = plan_generation(model.config, prompts, max_new_tokens, sampling, eos_id=eos_id, pad_id=pad_id,
                            block_size=block_size, num_blocks=num_blocks, max_seqs=max_seqs)
     graphdef, params = _split(model)
-    out, count, status = _generate_jit(params, *_device_args(plan), **_static(graphdef, plan))
+    if mesh is not None:  # tensor parallel over mesh's "model" axis (flashjax.models.parallel)
+        params = parallel.shard_like(params, parallel.param_shardings(params, mesh, tensor_parallel=True))
+    out, count, status = _generate_jit(params, *_device_args(plan), **_static(graphdef, plan), mesh=mesh)
     _check_status(status)
     return np.asarray(out)[:, : plan.max_new_tokens], np.asarray(count)
 

@@ -73,3 +73,32 @@ def test_sharded_training_matches_one_device(attention):
         assert r["compiles"] == 1, (name, r["compiles"])
     assert out["dp"]["n_fsdp_sharded"] == 0
     assert out["dp_fsdp"]["n_fsdp_sharded"] > 0 and out["fsdp_tp"]["n_fsdp_sharded"] > 0
+
+
+GEN_SCRIPT = textwrap.dedent(r"""
+    import json
+    import jax, numpy as np
+    from flax import nnx
+    from flashjax.models import config_from_preset, parallel
+    from flashjax.models.gpt import GPT
+    from flashjax.serving.generate import generate
+
+    cfg = config_from_preset("llama-nano", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
+                             vocab_size=97, max_seq_len=64, attention="xla", dtype="float32")
+    model = GPT(cfg, rngs=nnx.Rngs(1))
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    one, n1 = generate(model, prompts, 6, block_size=4)
+    mesh = parallel.make_mesh(data=1, model=2, devices=jax.devices()[:2])
+    two, n2 = generate(model, prompts, 6, block_size=4, mesh=mesh)
+    print("RESULT" + json.dumps({"one": one.tolist(), "two": two.tolist(), "n1": n1.tolist(), "n2": n2.tolist()}))
+""")
+
+
+def test_tensor_parallel_generation_matches_one_device():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", GEN_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+    assert out["one"] == out["two"] and out["n1"] == out["n2"], out
