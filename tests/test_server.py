@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import shutil
+import sys
 import socket
 import subprocess
 import tempfile
@@ -232,20 +233,80 @@ def _chromium():
     return None
 
 
+class _CDP:
+    """Chrome DevTools Protocol over --remote-debugging-pipe (fds 3/4): no websocket library needed."""
+
+    def __init__(self, exe, profile):
+        to_chrome_r, self._w = os.pipe()
+        self._r, from_chrome_w = os.pipe()
+
+        # a tiny trampoline puts the pipe ends on fds 3 (commands in) and 4 (replies out)
+        tramp = (f"import fcntl, os, sys; a = fcntl.fcntl({to_chrome_r}, fcntl.F_DUPFD, 10); "
+                 f"b = fcntl.fcntl({from_chrome_w}, fcntl.F_DUPFD, 10); os.dup2(a, 3); os.dup2(b, 4); "
+                 "os.execv(sys.argv[1], sys.argv[1:])")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", tramp, exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+             "--remote-debugging-pipe", "about:blank"],
+            pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(profile, "chromium.log"), "w"), env={**os.environ, "HOME": profile})
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf = b""
+        self._id = 0
+        self.log_path = os.path.join(profile, "chromium.log")
+
+    def call(self, method, session=None, **params):
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buf:
+                chunk = os.read(self._r, 65536)
+                if not chunk:
+                    log = self.log_path and open(self.log_path).read()[-2000:]
+                    raise RuntimeError(f"chromium closed the DevTools pipe; its log ends: {log}")
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait(10)
+        os.close(self._w)
+        os.close(self._r)
+
+
 def test_chat_page_in_headless_chromium(server):
+    """Load the chat page in real headless Chromium, send a message, wait for the streamed reply."""
     base, _ = server
     exe = _chromium()
     if exe is None:
         pytest.skip("no chromium binary on PATH (Debian: apt-get install -y chromium)")
     with tempfile.TemporaryDirectory() as profile:
-        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-               "--virtual-time-budget=60000", "--dump-dom", f"{base}/?q=hello&max_tokens=8"]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                             env={**os.environ, "HOME": profile})
-    dom = out.stdout
-    assert "flashjax chat" in dom, out.stderr[-2000:]
-    assert 'data-replies="1"' in dom, dom[-3000:]
-    assert 'data-done="1"' in dom and "[error" not in dom, dom[-3000:]
-    reply = dom.split('class="msg assistant"')[1].split('class="text">')[1].split("</span>")[0]
+        cdp = _CDP(exe, profile)
+        try:
+            target = cdp.call("Target.createTarget", url=f"{base}/?q=hello&max_tokens=8")["targetId"]
+            session = cdp.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+            def js(expr):
+                return cdp.call("Runtime.evaluate", session, expression=expr, returnByValue=True)["result"].get("value")
+
+            deadline = time.time() + 120
+            while js("document.body && document.body.dataset.replies") != "1":
+                assert time.time() < deadline, "no reply in the page after 120 s"
+                time.sleep(0.2)
+            reply = js("document.querySelector('.msg.assistant .text').textContent")
+            status = js("document.getElementById('status').textContent")
+            user = js("document.querySelector('.msg.user .text').textContent")
+        finally:
+            cdp.close()
+    assert user == "hello"
+    assert status == "done" and "[error" not in reply, reply
     assert reply, "the streamed reply is empty"
