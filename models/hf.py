@@ -786,8 +786,13 @@ class PretrainedTokenizer:
         return IncrementalDecoder(self)
 
     # Chat -----------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True, **extra) -> str:
-        """Render `messages` [{"role": ..., "content": ...}] with the model's chat template."""
+    def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                            tokenize: bool = False, **extra):
+        """Render `messages` [{"role": ..., "content": ...}] with the model's chat template.
+
+        Returns the text, or with tokenize=True its ids encoded without adding special
+        tokens again (templates write their own BOS, so `encode(text)` would double it).
+        """
         if not self.chat_template:
             where = self.source or "this tokenizer"
             raise ValueError(f"{where} has no chat_template (tokenizer_config.json or chat_template.jinja)")
@@ -796,8 +801,9 @@ class PretrainedTokenizer:
             "unk_token": self.special.get("unk_token", ""), "pad_token": self.special.get("pad_token", ""),
         }
         variables.update(extra)
-        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                                     **variables)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def save(self, path: str | Path) -> None:
         out = Path(path)
@@ -875,8 +881,11 @@ def render_chat_template(template: str, messages: Sequence[dict], *, add_generat
         raise ValueError(f"chat template failed: {e}") from None
 
 
-def apply_chat_template(tokenizer: PretrainedTokenizer, messages: Sequence[dict], **kwargs) -> str:
-    """`tokenizer.apply_chat_template(messages, **kwargs)` (for callers holding a tokenizer of either kind)."""
+def apply_chat_template(tokenizer: PretrainedTokenizer, messages: Sequence[dict], **kwargs):
+    """`tokenizer.apply_chat_template(messages, **kwargs)` (for callers holding a tokenizer of either kind).
+
+    The text by default; tokenize=True gives its ids without a second BOS.
+    """
     fn = getattr(tokenizer, "apply_chat_template", None)
     if fn is None:
         raise ValueError(f"{type(tokenizer).__name__} has no chat template (only Hugging Face tokenizers do)")

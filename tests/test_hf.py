@@ -145,6 +145,26 @@ def test_sharded_checkpoint(saved, tmp_path):
     np.testing.assert_allclose(_logits(model, ids), _hf_logits(hf_model, ids), atol=ATOL, rtol=0)
 
 
+def test_gpt2_original_layout_and_shorter_context(saved, tmp_path):
+    """openai-community/gpt2 style: no "transformer." prefix, attn.bias buffers; max_seq_len below n_positions."""
+    hf_model, d = saved["gpt2"]
+    d2 = tmp_path / "gpt2"
+    shutil.copytree(d, d2)
+
+    def strip(t):
+        for k in list(t):
+            t[k.removeprefix("transformer.")] = t.pop(k)
+        t["h.0.attn.bias"] = np.tril(np.ones((1, 1, 48, 48), np.float32))
+
+    _rewrite(d2, strip)
+    model, _ = from_pretrained(d2, attention="xla", max_seq_len=16)
+    assert model.config.max_seq_len == 16 and model.wpe[...].shape == (16, 32)
+    ids = _ids(7)
+    np.testing.assert_allclose(_logits(model, ids), _hf_logits(hf_model, ids), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="exceeds the checkpoint's n_positions"):
+        from_pretrained(d2, max_seq_len=64)
+
+
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_greedy_generation_matches_transformers(saved, name):
     hf_model, d = saved[name]
@@ -329,6 +349,10 @@ def test_tokenizer_stream_and_chat_template(saved, tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(d)
     assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == rendered
     assert hf_tok(text)["input_ids"] == ids
+    chat_ids = tok.apply_chat_template(messages, tokenize=True)
+    assert chat_ids.count(tok.bos_id) == 1  # the template's BOS only
+    assert chat_ids == hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                  return_dict=False)
 
 
 def test_no_chat_template_is_a_clear_error(saved, tmp_path):
