@@ -73,6 +73,30 @@ def train_row(cfg, devices, layout, micro, seq, reps):
             "peak_bytes_device0": mem}
 
 
+def generate_row(cfg, devices, batch, prompt_len, new_tokens, reps):
+    """Tensor-parallel decode throughput: the model's heads split over `devices`."""
+    from flashjax.serving.generate import generate
+
+    n = len(devices)
+    mesh = parallel.make_mesh(data=1, model=n, devices=devices) if n > 1 else None
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(1, cfg.vocab_size, (batch, prompt_len)).tolist()
+
+    def run(k):
+        t = time.perf_counter()
+        generate(model, prompts, k, mesh=mesh)
+        return time.perf_counter() - t
+
+    run(new_tokens), run(1)  # compile both (same buckets as the timed calls)
+    full = float(np.median([run(new_tokens) for _ in range(reps)]))
+    first = float(np.median([run(1) for _ in range(reps)]))
+    per_step = (full - first) / max(1, new_tokens - 1)
+    return {"devices": n, "layout": f"tensor parallel x{n}", "batch": batch, "prompt": prompt_len,
+            "new_tokens": new_tokens, "decode_ms_per_step": per_step * 1e3,
+            "decode_tokens_per_s": batch / per_step if per_step > 0 else None}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -99,6 +123,23 @@ def main(argv=None):
                 r = {"devices": n, "layout": layout, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             rows.append(r)
             print(json.dumps(r), flush=True)
+    gen_rows = []
+    if a.quick:
+        gcfg = config_from_preset("llama-nano", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
+                                  vocab_size=97, max_seq_len=64, dtype="float32")
+        gb, gp, gn = 2, 8, 8
+    else:
+        gcfg = config_from_preset("llama-1b", dtype="bfloat16")
+        gb, gp, gn = 16, 128, 128
+    for n in counts:
+        if gcfg.kv_heads % n:
+            continue
+        try:
+            r = generate_row(gcfg, devs[:n], gb, gp, gn, reps)
+        except Exception as e:  # noqa: BLE001
+            r = {"devices": n, "layout": f"tensor parallel x{n}", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        gen_rows.append(r)
+        print(json.dumps(r), flush=True)
     base = next((r["tokens_per_s"] for r in rows if r.get("devices") == 1 and "tokens_per_s" in r), None)
     lines = ["| devices | layout | global batch x seq | step ms | tokens/s | scaling vs 1 GPU |",
              "| ------- | ------ | ------------------ | ------- | -------- | ---------------- |"]
@@ -109,6 +150,18 @@ def main(argv=None):
         sc = f"{r['tokens_per_s'] / base:.2f}x" if base else ""
         lines.append(f"| {r['devices']} | {r['layout']} | {r['global_batch']} x {r['seq']} | {r['step_ms']:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {sc} |")
+    gbase = next((r["decode_tokens_per_s"] for r in gen_rows if r.get("devices") == 1
+                  and r.get("decode_tokens_per_s")), None)
+    lines += ["", "| devices | generation | batch | prompt + new | ms / decode step | tokens/s | scaling |",
+              "| ------- | ---------- | ----- | ------------ | ---------------- | -------- | ------- |"]
+    for r in gen_rows:
+        if "error" in r:
+            lines.append(f"| {r['devices']} | {r['layout']} | | | | {r['error'][:60]} | |")
+            continue
+        tps = r["decode_tokens_per_s"] or 0.0
+        sc = f"{tps / gbase:.2f}x" if gbase else ""
+        lines.append(f"| {r['devices']} | {r['layout']} | {r['batch']} | {r['prompt']} + {r['new_tokens']} | "
+                     f"{r['decode_ms_per_step']:.2f} | {tps:,.0f} | {sc} |")
     table = "\n".join(lines)
     print(table)
     meta = {"env": common.env_info()}
@@ -117,7 +170,7 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump({"benchmark": "parallel", "device": str(devs[0].device_kind), "device_count": len(devs),
                    "versions": {"jax": jax.__version__}, "config": cfg.to_json() if hasattr(cfg, "to_json") else str(cfg),
-                   "per_device_micro_batch": micro, "rows": rows, "markdown": table, **meta}, f, indent=1)
+                   "per_device_micro_batch": micro, "rows": rows, "generation_rows": gen_rows, "markdown": table, **meta}, f, indent=1)
     print("wrote", out)
 
 
