@@ -169,13 +169,13 @@ def _tile_ranges(start, n, tile, band, other_len, other_tiles, mask_tail):
     return lo, full_lo, full_hi, hi
 
 
+def _and(m, c):
+    return c if m is None else jnp.logical_and(m, c)
+
+
 def _geometry_mask(spec, rows, cols, mask_tail):
     """rows: query positions [R, 1]; cols: key positions [1, C]. None if nothing to mask."""
     mask = None
-
-    def _and(m, c):
-        return c if m is None else jnp.logical_and(m, c)
-
     if mask_tail and spec.kv_pad != spec.kv_len:
         mask = _and(mask, jnp.broadcast_to(cols < spec.kv_len, (rows.shape[0], cols.shape[1])))
     diff = cols - (rows + spec.offset)
@@ -184,10 +184,6 @@ def _geometry_mask(spec, rows, cols, mask_tail):
     if spec.left >= 0:
         mask = _and(mask, diff >= -spec.left)
     return mask
-
-
-def _and(m, c):
-    return c if m is None else jnp.logical_and(m, c)
 
 
 def _dot(a, b, trans_b=False):
@@ -849,7 +845,7 @@ def flash_attention(
 def _run(q, k, v, aux, *, spec: _Spec, return_lse: bool):
     # Jitted so eager calls reuse compiled kernels (a pallas_call outside jit would be
     # re-lowered on every call); under an outer jit this simply inlines.
-    q_len, kv_len, head_dim = spec.q_len, spec.kv_len, q.shape[-1]
+    q_len, head_dim = spec.q_len, q.shape[-1]
 
     def pad(x, seq):
         widths = ((0, 0), (0, seq - x.shape[1]), (0, 0), (0, spec.head_dim - head_dim))

@@ -62,7 +62,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import flashjax
 from flashjax.models import parallel
 from flashjax import kv_cache
 from flashjax.decode import SUPPORTED_HEAD_DIMS
