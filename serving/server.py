@@ -233,6 +233,7 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
     from flashjax.serving.engine import QueueFullError
 
     svc = _Service(engine, tokenizer, model_name)
+    tasks: set = set()
     app = FastAPI(title="flashjax", docs_url=None, redoc_url=None)
     app.state.service = svc
     if start_engine:
@@ -306,6 +307,15 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         if stream:
+            async def watch():  # cancel as soon as the client hangs up, whatever the ASGI server does
+                while not handle.finished:
+                    if await request.is_disconnected():
+                        handle.cancel()
+                        return
+                    await asyncio.sleep(0.05)
+            task = asyncio.ensure_future(watch())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
             return StreamingResponse(sse(request, handle, rid, created, chat, len(ids)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
