@@ -7,7 +7,7 @@
 #
 # Environment knobs (all optional):
 #   PYTHON=/path/to/python3.12   interpreter to build .venv from (>= 3.12)
-#   FLASHJAX_EXTRAS=test,hf,gpu  pip extras to install (default: test and hf
+#   FLASHJAX_EXTRAS=test,hf,gpu  pip extras to install (default: test, serve and hf
 #                                (torch, transformers, safetensors for the Hugging
 #                                Face checkpoint tests), plus gpu when nvidia-smi
 #                                sees a GPU; in system-site mode hf only when the
@@ -134,11 +134,16 @@ setup_venv() {
     want_extras="${FLASHJAX_EXTRAS:-}"
     if [ -z "$want_extras" ]; then
         want_extras="test"
+        # serve: fastapi, uvicorn, httpx for the HTTP server and tests/test_server.py
+        # (small, pure Python; a system-site interpreter gets it only if it has them).
+        if [ "$system_site" = 0 ] || "$py" -c 'import fastapi, uvicorn, httpx' >/dev/null 2>&1; then
+            want_extras="$want_extras,serve"
+        fi
         # hf: torch + transformers for tests/test_hf.py (torch's PyPI wheel is large,
         # about 3 minutes to install). A system-site interpreter that may be offline
         # gets it only when it already has them, so pip has nothing to download.
         if [ "$system_site" = 0 ] || "$py" -c 'import torch, transformers, safetensors, jinja2' >/dev/null 2>&1; then
-            want_extras="test,hf"
+            want_extras="$want_extras,hf"
         fi
         # Outside system-site mode a GPU needs the CUDA plugin from pip.
         if [ "$system_site" = 0 ] && command -v nvidia-smi >/dev/null 2>&1 \

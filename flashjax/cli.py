@@ -161,6 +161,18 @@ SUBCOMMANDS: list[Subcommand] = [
         ),
     ),
     Subcommand(
+        "serve",
+        "serve a checkpoint over an OpenAI-compatible HTTP API (and a chat page at /)",
+        "flashjax.serving.server:add_serve_arguments",
+        "flashjax.serving.server:serve_main",
+        description=(
+            "Runs the continuous-batching engine (paged KV cache, chunked prefill, prefix caching, "
+            "preemption) behind FastAPI + uvicorn: POST /v1/completions and /v1/chat/completions "
+            "(stream: true for server-sent events), GET /v1/models, /health, /metrics and a chat page "
+            "at /. Binds 127.0.0.1 unless --host says otherwise. Needs the `serve` extra."
+        ),
+    ),
+    Subcommand(
         "train-and-sample",
         "the main job: train the nano GPT on the stdlib (~3 min on CPU), then sample from 'def '",
         "flashjax.models.cli_args:add_main_job_arguments",
