@@ -213,6 +213,7 @@ def main(argv=None):
         engine = Engine(model, tokenizer=tok, num_blocks=a.num_blocks or per_seq * a.max_seqs, max_seqs=a.max_seqs,
                         block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
                         max_chunk=min(a.max_num_batched_tokens, 256), max_waiting=None)
+        engine.warmup()
         app = create_app(engine, tok)
         import socket
         with socket.socket() as s:

@@ -295,6 +295,26 @@ class Engine:
         self.trace_counts["copy"] += 1
         return tuple(kv_cache.copy_blocks(k, v, kv_cache.BlockCopy(src, dst)) for k, v in pages)
 
+    def warmup(self) -> None:
+        """Compile every step variant now (all-padding batches: nothing is written or allocated)."""
+        with self._lock:
+            P, S = self.prefill_rows, self.max_seqs
+            sp_p, st_p = self._sampling_rows([], P)
+            sp_d, st_d = self._sampling_rows([], S)
+            dc = dict(tokens=jnp.zeros((S,), jnp.int32), seq_ids=jnp.full((S,), -1, jnp.int32), sp=sp_d,
+                      steps=jnp.asarray(st_d))
+            variants = [(None, True)]
+            for T in self.chunk_buckets:
+                pf = dict(tokens=jnp.zeros((P, T), jnp.int32), seq_ids=jnp.full((P,), -1, jnp.int32),
+                          lengths=jnp.zeros((P,), jnp.int32), sp=sp_p, steps=jnp.asarray(st_p))
+                variants += [(pf, False), (pf, True)]
+            for _ in range(2):  # twice: JAX may extend its tracing context after the first compile
+                for pf, has_decode in variants:
+                    self.pages, state, out = self._step_fn(
+                        self.params, self.pages, self.blocks.to_state(), pf, dc if has_decode else None,
+                        has_prefill=pf is not None, has_decode=has_decode)
+                    jax.block_until_ready(out)
+
     def num_compiles(self) -> int:
         return sum(self.trace_counts.values())
 

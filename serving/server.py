@@ -443,6 +443,8 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"flashjax serve: error: {e}", file=sys.stderr)
         return 2
     engine = build_engine(model, tok, args)
+    print("flashjax serve: compiling the engine's steps...", flush=True)
+    engine.warmup()
     app = create_app(engine, tok, model_name=args.model_name or name)
     print(f"flashjax serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
     try:
