@@ -59,7 +59,7 @@ def run_generate(d: dict, stream=None) -> str:
         seed=int(d.get("seed") or 0),
     )
     max_new = int(d.get("max_new_tokens") or 100)
-    model, tok, _ = load_model(d["checkpoint"], attention=d.get("attention"))
+    model, tok, _ = load_model(d["checkpoint"], attention=d.get("attention"), dtype=d.get("dtype"))
     prompt = d.get("prompt") or ""
     if stream is not None and prompt:
         stream.write(prompt)
