@@ -13,6 +13,12 @@ from __future__ import annotations
 import os
 import random
 
+# Deterministic GPU reductions (scatter-add in embedding gradients, etc.) so that tests
+# of exact resume and exact equality hold on a GPU too; a no-op on CPU. Set before jax
+# initialises its backends.
+if "--xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+
 import pytest
 
 from helpers import KeySeq, derive_seed
