@@ -212,6 +212,35 @@ def _unpack_aux(spec, refs):
     return out, refs
 
 
+def _visit_key_tiles(spec, aux, body, carry, *, q_start, bq, bk, n_k_tiles, q_len_b, kv_len_b):
+    """Run `body(key_tile, carry, geometric)` over the key tiles a query tile sees.
+
+    Block-sparse: the tile's index list (all masked). Otherwise the band from
+    `_tile_ranges`: masked edge tiles on either side, unmasked tiles between,
+    clipped by the per-sequence lengths.
+    """
+    if spec.sparse:
+        count = aux["cnt"][0]
+        if spec.has_q_lengths:
+            count = jnp.where(q_start < q_len_b, count, 0)
+        return lax.fori_loop(0, count, lambda t, c: body(aux["idx"][t], c, True), carry)
+    lo, full_lo, full_hi, hi = _tile_ranges(
+        q_start, bq, bk, spec.k_band(), spec.kv_len, n_k_tiles, mask_tail=True)
+    if spec.has_kv_lengths:
+        hi = jnp.maximum(jnp.minimum(hi, _cdiv(kv_len_b, bk)), lo)
+        full_lo = jnp.minimum(full_lo, hi)
+        full_hi = jnp.clip(full_hi, full_lo, hi)
+    if spec.has_q_lengths:
+        hi = jnp.where(q_start < q_len_b, hi, lo)
+        full_lo = jnp.minimum(full_lo, hi)
+        full_hi = jnp.clip(full_hi, full_lo, hi)
+    a, _ = spec.k_band()
+    if a is not None:
+        carry = lax.fori_loop(lo, full_lo, functools.partial(body, geometric=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, geometric=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, geometric=True), carry)
+
+
 # ----------------------------------------------------------------------------
 # Forward kernel
 
@@ -264,28 +293,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: _Spec, bq: int, bk: int, n_k_t
     carry = (jnp.zeros((bq, d), jnp.float32),
              jnp.full((bq,), -jnp.inf, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    if spec.sparse:
-        count = aux["cnt"][0]
-        if spec.has_q_lengths:
-            count = jnp.where(q_start < q_len_b, count, 0)
-        carry = lax.fori_loop(
-            0, count, lambda t, c: body(aux["idx"][t], c, True), carry)
-    else:
-        lo, full_lo, full_hi, hi = _tile_ranges(
-            q_start, bq, bk, spec.k_band(), spec.kv_len, n_k_tiles, mask_tail=True)
-        if spec.has_kv_lengths:
-            hi = jnp.maximum(jnp.minimum(hi, _cdiv(kv_len_b, bk)), lo)
-            full_lo = jnp.minimum(full_lo, hi)
-            full_hi = jnp.clip(full_hi, full_lo, hi)
-        if spec.has_q_lengths:
-            hi = jnp.where(q_start < q_len_b, hi, lo)
-            full_lo = jnp.minimum(full_lo, hi)
-            full_hi = jnp.clip(full_hi, full_lo, hi)
-        a, _ = spec.k_band()
-        if a is not None:
-            carry = lax.fori_loop(lo, full_lo, functools.partial(body, geometric=True), carry)
-        carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, geometric=False), carry)
-        carry = lax.fori_loop(full_hi, hi, functools.partial(body, geometric=True), carry)
+    carry = _visit_key_tiles(spec, aux, body, carry, q_start=q_start, bq=bq, bk=bk,
+                             n_k_tiles=n_k_tiles, q_len_b=q_len_b, kv_len_b=kv_len_b)
     acc, m, l = carry
     live = l > 0.0
     o = acc / jnp.where(live, l, 1.0)[:, None]
@@ -418,26 +427,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _Sp
             ds = ds * (1.0 - t * t)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = jnp.zeros((bq, spec.head_dim), jnp.float32)
-    if spec.sparse:
-        count = aux["cnt"][0]
-        dq = lax.fori_loop(0, count, lambda i, c: body(aux["idx"][i], c, True), dq)
-    else:
-        lo, full_lo, full_hi, hi = _tile_ranges(
-            q_start, bq, bk, spec.k_band(), spec.kv_len, n_k_tiles, mask_tail=True)
-        if spec.has_kv_lengths:
-            hi = jnp.maximum(jnp.minimum(hi, _cdiv(kv_len_b, bk)), lo)
-            full_lo = jnp.minimum(full_lo, hi)
-            full_hi = jnp.clip(full_hi, full_lo, hi)
-        if spec.has_q_lengths:
-            hi = jnp.where(q_start < q_len_b, hi, lo)
-            full_lo = jnp.minimum(full_lo, hi)
-            full_hi = jnp.clip(full_hi, full_lo, hi)
-        a, _ = spec.k_band()
-        if a is not None:
-            dq = lax.fori_loop(lo, full_lo, functools.partial(body, geometric=True), dq)
-        dq = lax.fori_loop(full_lo, full_hi, functools.partial(body, geometric=False), dq)
-        dq = lax.fori_loop(full_hi, hi, functools.partial(body, geometric=True), dq)
+    dq = _visit_key_tiles(spec, aux, body, jnp.zeros((bq, spec.head_dim), jnp.float32),
+                          q_start=q_start, bq=bq, bk=bk, n_k_tiles=n_k_tiles,
+                          q_len_b=q_len_b, kv_len_b=kv_len_b)
     dq = dq * spec.sm_scale
     dq_ref[...] = dq.astype(dq_ref.dtype)
 

@@ -172,6 +172,16 @@ def test_block_sparse(request, causal):
           causal=causal, window=(3 * sbs, -1))
 
 
+def test_block_sparse_with_lengths(request):
+    sbs = 16 if not GPU else 128
+    n = S(50, 500)
+    nb = -(-n // sbs)
+    mask = np.random.default_rng(SEED + 7).random((nb, nb)) < 0.6
+    mask[:, 0] = True
+    check(request, q_len=n, kv_len=n, block_mask=jnp.asarray(mask), sparse_block_size=sbs,
+          q_lengths=jnp.array([n - 3, 2], jnp.int32), kv_lengths=jnp.array([n, n // 2], jnp.int32))
+
+
 def test_block_sparse_all_masked_row_is_zero(request):
     sbs = 16 if not GPU else 128
     n = 2 * sbs
