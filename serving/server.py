@@ -132,6 +132,9 @@ class _Service:
         )
         if kw["top_k"] == -1:
             kw["top_k"] = 0
+        if not kw["ignore_eos"]:  # HF tokenizers may have several end-of-turn ids (Llama 3)
+            extra = [t for t in (getattr(self.tokenizer, "stop_ids", None) or ()) if t not in stop_ids]
+            kw["stop_token_ids"] = tuple(stop_ids) + tuple(extra)
         try:
             return RequestParams(**kw)
         except ValueError as e:
@@ -177,6 +180,11 @@ class _Service:
             if not isinstance(content, str):
                 raise _bad(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
             clean.append({"role": m["role"], "content": content})
+        if getattr(self.tokenizer, "chat_template", None):
+            # The template writes its own BOS: take its ids without adding special tokens again.
+            from flashjax.models.hf import apply_chat_template
+
+            return list(apply_chat_template(self.tokenizer, clean, add_generation_prompt=True, tokenize=True))
         return self.encode(chat_prompt(self.tokenizer, clean))
 
     # -- metrics ------------------------------------------------------------------

@@ -477,3 +477,26 @@ def test_dtype_names():
     with pytest.raises(ValueError, match="unsupported dtype"):
         hf.normalize_dtype("int8")
     assert jax.numpy.dtype(hf.normalize_dtype("fp32")) == jnp.float32
+
+
+def test_server_chat_uses_the_template_ids_and_every_eos(saved, tmp_path):
+    """`flashjax serve --checkpoint HFDIR`: chat prompts are the template's ids (one BOS),
+    and every EOS id of the tokenizer stops a request."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from flashjax.serving.server import _Service, load_for_serving
+
+    d = tmp_path / "m"
+    shutil.copytree(saved["llama"][1], d)
+    _add_tokenizer(d)
+    model, tok = load_for_serving(str(d), attention="xla")[:2]
+    engine = type("E", (), {"config": model.config, "max_len": 64})()
+    svc = _Service(engine, tok, "m")
+    messages = [{"role": "user", "content": "hi there"}]
+    ids = svc.chat_prompt_ids({"messages": messages})
+    assert ids == tok.apply_chat_template(messages, tokenize=True)
+    assert ids.count(tok.bos_id) == 1
+    tok.stop_ids = [2, 7]  # e.g. Llama 3's <|eot_id|> beside <|end_of_text|>
+    params = svc.params({"max_tokens": 4}, len(ids))
+    assert {2, 7} <= set(params.stop_token_ids)
+    params = svc.params({"max_tokens": 4, "ignore_eos": True}, len(ids))
+    assert not {2, 7} & set(params.stop_token_ids)
