@@ -249,7 +249,8 @@ class _CDP:
              "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
              "--remote-debugging-pipe", "about:blank"],
             pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(profile, "chromium.log"), "w"), env={**os.environ, "HOME": profile})
+            stderr=open(os.path.join(profile, "chromium.log"), "w"), env={**os.environ, "HOME": profile},
+            start_new_session=True)  # its own process group: close() ends the renderers too
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._buf = b""
@@ -277,7 +278,12 @@ class _CDP:
                 return reply["result"]
 
     def close(self):
-        self.proc.kill()
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(10)
         os.close(self._w)
         os.close(self._r)
@@ -289,7 +295,8 @@ def test_chat_page_in_headless_chromium(server):
     exe = _chromium()
     if exe is None:
         pytest.skip("no chromium binary on PATH (Debian: apt-get install -y chromium)")
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helpers may still flush files into the profile as it is removed.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         cdp = _CDP(exe, profile)
         try:
             target = cdp.call("Target.createTarget", url=f"{base}/?q=hello&max_tokens=8")["targetId"]
