@@ -500,14 +500,18 @@ class Scheduler:
                 return 0, 0
             return c, bm.blocks_for(r.num_cached, c)
 
-        for r in running:
-            if r.pending <= 1 or len(prefills) >= self.prefill_rows or budget <= 0:
-                continue
+        def take_chunk(r):
+            nonlocal committed, budget
             c, nb = plan_chunk(r, bm.num_available - committed, budget)
             if c > 0:
                 prefills.append((r, c))
                 committed += nb
                 budget -= c
+
+        for r in running:
+            if r.pending <= 1 or len(prefills) >= self.prefill_rows or budget <= 0:
+                continue
+            take_chunk(r)
 
         # 3. Admit waiting requests (FCFS) into free slots.
         while self.waiting and budget > 0 and len(prefills) < self.prefill_rows:
@@ -528,11 +532,7 @@ class Scheduler:
                 budget -= r.params.n if r.fork_pending else 1
                 committed += bm.blocks_for(r.num_cached, 1)
                 continue
-            c, nb = plan_chunk(r, bm.num_available - committed, budget)
-            if c > 0:
-                prefills.append((r, c))
-                committed += nb
-                budget -= c
+            take_chunk(r)
         if not decodes and not prefills and self.running and not preempted:
             # Nothing fits: free room by preempting the newest (never the only one).
             cands = sorted(self.running, key=lambda r: r.order)
