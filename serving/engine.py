@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import math
 import queue
 import threading
 import time
@@ -42,8 +41,7 @@ from flax import nnx
 from flashjax import kv_cache
 from flashjax.serving import runner as R
 from flashjax.serving.sampling import GREEDY, SamplingArrays, sample, stack_params
-from flashjax.serving.scheduler import (BlockManager, Request, RequestParams, RequestStatus, Scheduler,
-                                        SchedulePlan)
+from flashjax.serving.scheduler import BlockManager, Request, RequestParams, RequestStatus, Scheduler
 
 __all__ = ["Engine", "RequestHandle", "CompletionOutput", "SequenceOutput", "StreamEvent",
            "QueueFullError", "RequestParams"]

@@ -38,7 +38,6 @@ import collections
 import dataclasses
 import enum
 import itertools
-import math
 import numbers
 import time
 from typing import Any, Callable, Sequence
