@@ -102,3 +102,27 @@ def test_tensor_parallel_generation_matches_one_device():
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
     assert out["one"] == out["two"] and out["n1"] == out["n2"], out
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(fsdp=0), "mesh axis fsdp must be >= 1"),
+    (dict(model=-1), "mesh axis model must be >= 1"),
+    (dict(data=2), r"mesh data\*fsdp\*model = 2\*1\*1 != 1 devices"),
+])
+def test_make_mesh_rejects_bad_sizes(kw, msg):
+    import jax
+
+    from flashjax.models import parallel
+
+    with pytest.raises(ValueError, match=msg):
+        parallel.make_mesh(devices=jax.devices()[:1], **kw)
+
+
+def test_make_mesh_axis_not_dividing_devices():
+    import jax
+
+    from flashjax.models import parallel
+
+    devs = jax.devices()[:1] * 3  # three entries: fsdp=2 cannot divide them
+    with pytest.raises(ValueError, match="fsdp\\*model = 2 does not divide the 3 devices"):
+        parallel.make_mesh(fsdp=2, devices=devs)
