@@ -417,6 +417,12 @@ def run_sweep(args) -> dict:
 
     info = common.env_info()
     shape = QUICK["headline"] if args.quick else HEADLINE
+    if args.sweep_shape:
+        try:
+            vals = [int(x) for x in args.sweep_shape.split(",")]
+            shape = dict(zip(("batch", "seq", "heads", "head_dim"), vals, strict=True))
+        except ValueError:
+            raise SystemExit(f"--sweep-shape must be batch,seq,heads,head_dim, got {args.sweep_shape!r}")
     b, s, h, d = shape["batch"], shape["seq"], shape["heads"], shape["head_dim"]
     dtype = jnp.dtype(args.dtype)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -481,6 +487,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="only time flashjax block_sizes candidates at the headline shape")
     p.add_argument("--sweep-configs", help="JSON file with a list of BlockSizes overrides (<= 12)")
+    p.add_argument("--sweep-shape", help="batch,seq,heads,head_dim of the sweep (default: the headline shape)")
     return p.parse_args(argv)
 
 

@@ -1,7 +1,8 @@
 """Serving benchmark: the continuous-batching server under seeded Poisson arrivals.
 
     python benchmarks/serve.py --quick                      # CPU smoke (tiny random model)
-    python benchmarks/serve.py --preset nano --requests 200 --rate 20
+    python benchmarks/serve.py                              # GPU: llama-1b, bf16
+    python benchmarks/serve.py --preset llama-1b,llama-7b   # both sizes, one run
     python benchmarks/serve.py --checkpoint runs/nano --url http://127.0.0.1:8000   # a running server
 
 Requests (token-id prompts, lengths drawn from a fixed distribution, outputs of a
@@ -163,10 +164,75 @@ def hf_baseline(model, reqs, batch):
         return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
+def serve_one(model, tok, a, reqs, pl, ol, log):
+    """Start the engine and a loopback server for `model`, run the workload, stop them."""
+    import uvicorn
+
+    from flashjax.serving.engine import Engine
+    from flashjax.serving.server import create_app
+
+    cfg = model.config
+    per_seq = -(-cfg.max_seq_len // a.block_size)
+    engine = Engine(model, tokenizer=tok, num_blocks=a.num_blocks or per_seq * a.max_seqs, max_seqs=a.max_seqs,
+                    block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
+                    max_chunk=min(a.max_num_batched_tokens, 256), max_waiting=None)
+    t = time.perf_counter()
+    engine.warmup()
+    log(f"  engine compiled in {time.perf_counter() - t:.1f}s")
+    app = create_app(engine, tok)
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # warm-up: compile the step variants outside the clock
+        asyncio.run(run_client(base, workload(4, 100.0, a.seed + 1, pl, ol, cfg.vocab_size)))
+        out = asyncio.run(run_client(base, reqs))
+        out["engine_stats"] = engine.stats()
+        return out
+    finally:
+        srv.should_exit = True
+        engine.stop()
+
+
+def fmt(x, scale=1.0, spec=".1f"):
+    return "-" if x is None else format(x * scale, spec)
+
+
+def table(runs) -> str:
+    from common import markdown_table
+
+    rows = []
+    for r in runs:
+        s = r.get("server", {})
+        st = r.get("static_batching", {})
+        hf = r.get("hf_transformers", {})
+        rows.append([
+            f"{r['preset']} ({r['params'] / 1e9:.2f}B)",
+            f"{s.get('ok', '-')}/{s.get('requests', '-')}",
+            fmt(s.get("throughput_tok_s"), spec=".0f"),
+            f"{fmt(s.get('ttft_p50_s'), 1e3, '.0f')} / {fmt(s.get('ttft_p99_s'), 1e3, '.0f')}",
+            f"{fmt(s.get('tpot_p50_s'), 1e3)} / {fmt(s.get('tpot_p99_s'), 1e3)}",
+            fmt(s.get("kv_utilization_mean"), 100) + ("%" if s.get("kv_utilization_mean") is not None else ""),
+            fmt(st.get("throughput_tok_s"), spec=".0f"),
+            fmt(hf.get("throughput_tok_s"), spec=".0f") if "throughput_tok_s" in hf
+            else (hf.get("skipped") or hf.get("error") or "-")[:40],
+        ])
+    return markdown_table(["model", "ok", "server tok/s", "TTFT p50 / p99 ms", "TPOT p50 / p99 ms", "KV util",
+                           "static batching tok/s", "HF generate tok/s"], rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, a dozen requests")
-    p.add_argument("--preset", default="nano")
+    p.add_argument("--preset", default="llama-1b",
+                   help="comma-separated model presets, each benchmarked in turn (default llama-1b)")
+    p.add_argument("--dtype", default=None, help="parameter and compute dtype (default bfloat16; float32 with --quick)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     p.add_argument("--requests", type=int, default=200)
@@ -179,71 +245,69 @@ def main(argv=None):
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if a.quick:
         a.requests, a.rate, a.prompt_lens, a.output_lens = 12, 4.0, "4,9,17", "4,8"
         a.max_seqs, a.block_size, a.max_num_batched_tokens = 4, 8, 32
+        a.preset = "tiny"
+    a.dtype = a.dtype or ("float32" if a.quick else "bfloat16")
+
+    import jax
 
     from flashjax.models.config import config_from_preset
     from flashjax.models.gpt import build_model
-    from flashjax.serving.engine import Engine
 
-    tok = None
-    if a.checkpoint:
-        from flashjax.serving.server import load_for_serving
-        model, tok, _ = load_for_serving(a.checkpoint)
-    elif a.quick:
-        model = build_model(config_from_preset("nano", n_layer=2, d_model=64, n_head=4, vocab_size=256,
-                                               max_seq_len=64, attention="xla"), 0)
-    else:
-        model = build_model(config_from_preset(a.preset), 0)
-    cfg = model.config
+    t0 = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
     pl = [int(x) for x in a.prompt_lens.split(",")]
     ol = [int(x) for x in a.output_lens.split(",")]
-    reqs = workload(a.requests, a.rate, a.seed, pl, ol, cfg.vocab_size)
-    engine = None
-    srv = None
-    base = a.url
-    if base is None:
-        import uvicorn
-
-        from flashjax.serving.server import create_app
-        per_seq = -(-cfg.max_seq_len // a.block_size)
-        engine = Engine(model, tokenizer=tok, num_blocks=a.num_blocks or per_seq * a.max_seqs, max_seqs=a.max_seqs,
-                        block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
-                        max_chunk=min(a.max_num_batched_tokens, 256), max_waiting=None)
-        engine.warmup()
-        app = create_app(engine, tok)
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=srv.run, daemon=True).start()
-        while not srv.started:
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
-        # warm-up: compile the step variants outside the clock
-        asyncio.run(run_client(base, workload(4, 100.0, a.seed + 1, pl, ol, cfg.vocab_size)))
-    res = {"env": env_info(), "args": vars(a), "server": asyncio.run(run_client(base, reqs))}
-    if engine is not None:
-        res["engine_stats"] = engine.stats()
-    if not a.no_baselines:
-        res["static_batching"] = static_baseline(model, reqs, a.max_seqs, a.block_size)
-        res["hf_transformers"] = hf_baseline(model, reqs, a.max_seqs)
-    if srv is not None:
-        srv.should_exit = True
-        engine.stop()
+    res = {"env": env_info(), "args": vars(a), "runs": []}
     out = Path(a.out) if a.out else results_path("serve", res["env"]["device"], quick=a.quick)
-    write_json(res, out)
-    s = res["server"]
-    print(f"server: {s['ok']}/{s['requests']} ok, {s['throughput_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50_s']:.3f}s "
-          f"p99 {s['ttft_p99_s']:.3f}s, TPOT p50 {s['tpot_p50_s']}, KV util {s['kv_utilization_mean']}")
-    if "static_batching" in res:
-        print(f"static batching: {res['static_batching']['throughput_tok_s']:.1f} tok/s; "
-              f"HF: {res['hf_transformers']}")
-    print(f"wrote {out}")
+    targets = [a.checkpoint] if a.checkpoint else a.preset.split(",")
+    for name in targets:
+        tok = None
+        if a.checkpoint:
+            from flashjax.serving.server import load_for_serving
+            model, tok, _ = load_for_serving(a.checkpoint)
+        elif a.quick:
+            model = build_model(config_from_preset("nano", n_layer=2, d_model=64, n_head=4, vocab_size=256,
+                                                   max_seq_len=64, attention="xla"), 0)
+        else:
+            model = build_model(config_from_preset(name, dtype=a.dtype, param_dtype=a.dtype), 0)
+        cfg = model.config
+        run = {"preset": name, "params": cfg.param_count(), "model": cfg.to_dict()}
+        res["runs"].append(run)
+        log(f"{name}: {cfg.param_count() / 1e9:.2f}B params, {a.dtype}; {a.requests} requests at {a.rate}/s")
+        reqs = workload(a.requests, a.rate, a.seed, pl, ol, cfg.vocab_size)
+        if a.url:
+            run["server"] = asyncio.run(run_client(a.url, reqs))
+        else:
+            run["server"] = serve_one(model, tok, a, reqs, pl, ol, log)
+        s = run["server"]
+        log(f"  server: {s['ok']}/{s['requests']} ok, {s['throughput_tok_s']:.1f} tok/s, "
+            f"KV util {s['kv_utilization_mean']}")
+        write_json(res, out)
+        if not a.no_baselines:
+            run["static_batching"] = static_baseline(model, reqs, a.max_seqs, a.block_size)
+            log(f"  static batching: {run['static_batching']['throughput_tok_s']:.1f} tok/s")
+            write_json(res, out)
+            if not a.no_hf:
+                run["hf_transformers"] = hf_baseline(model, reqs, a.max_seqs)
+                log(f"  HF generate: {run['hf_transformers']}")
+                write_json(res, out)
+        del model
+        jax.clear_caches()
+        import gc
+        gc.collect()
+    print(f"\nServing, {res['env']['device']}: {a.requests} requests, Poisson {a.rate}/s, prompts {pl}, "
+          f"outputs {ol}, {a.max_seqs} slots, block {a.block_size}, {a.dtype}")
+    print(table(res["runs"]))
+    print(f"wrote {write_json(res, out)}")
     return 0
 
 

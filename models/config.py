@@ -188,6 +188,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         family="llama", vocab_size=32000, n_layer=16, d_model=2048, n_head=32, n_kv_head=8,
         d_ff=8192, max_seq_len=2048, rope_theta=500000.0,
     ),
+    # ~7B Llama style (Mistral-7B shapes: 32 layers, width 4096, 32 query / 8 KV heads),
+    # for GPU benchmarks with random weights; untied output head as in those models.
+    "llama-7b": dict(
+        family="llama", vocab_size=32000, n_layer=32, d_model=4096, n_head=32, n_kv_head=8,
+        d_ff=14336, max_seq_len=4096, rope_theta=1000000.0, tie_embeddings=False,
+    ),
 }
 
 

@@ -1,7 +1,9 @@
 """Sharded training (data parallel, FSDP, tensor-parallel attention) equals one device.
 
-Runs in a subprocess with 4 host CPU devices (--xla_force_host_platform_device_count),
-so the rest of the suite keeps its single default device.
+Each check runs in a subprocess: on 4 host CPU devices
+(--xla_force_host_platform_device_count), so the rest of the suite keeps its single
+default device, and, on a machine with 2 or more GPUs, again on all of its GPUs with
+the Pallas kernels compiled.
 """
 
 import json
@@ -22,7 +24,8 @@ SCRIPT = textwrap.dedent(r"""
     from flashjax.models.train import make_train_step
     import optax
 
-    assert len(jax.devices()) == 4, jax.devices()
+    n = len(jax.devices())
+    assert n >= 2 and n % 2 == 0, jax.devices()
     cfg = config_from_preset("llama-nano", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
                              vocab_size=97, max_seq_len=32, attention=sys.argv[1], dtype="float32")
     model = GPT(cfg, rngs=nnx.Rngs(0))
@@ -41,29 +44,53 @@ SCRIPT = textwrap.dedent(r"""
 
     single, p1 = run(make_train_step(graphdef, tx, donate=False), params, tx.init(params))
     out = {"single": single}
-    for name, mesh in [("dp", parallel.make_mesh(data=4)),
-                       ("dp_fsdp", parallel.make_mesh(data=2, fsdp=2)),
-                       ("fsdp_tp", parallel.make_mesh(data=1, fsdp=2, model=2))]:
+    for name, mesh in [("dp", parallel.make_mesh(data=n)),
+                       ("dp_fsdp", parallel.make_mesh(data=n // 2, fsdp=2)),
+                       ("fsdp_tp", parallel.make_mesh(data=1, fsdp=n // 2, model=2))]:
         step, p, o = parallel.make_sharded_train_step(graphdef, tx, mesh, params, donate=False)
         losses, p = run(step, p, o)
         sharded = [str(a.sharding.spec) for a in jax.tree.leaves(p) if "fsdp" in str(a.sharding.spec)]
         diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)))
         out[name] = {"losses": losses, "n_fsdp_sharded": len(sharded), "param_diff": diff,
-                     "compiles": step._cache_size()}
+                     "compiles": step._cache_size(), "fsdp": mesh.shape["fsdp"]}
     print("RESULT" + json.dumps(out))
 """)
 
 
-@pytest.mark.parametrize("attention", ["flash"])
-def test_sharded_training_matches_one_device(attention):
+def _gpu_count() -> int:
+    import jax
+
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:
+        return 0
+
+
+PLATFORMS = [
+    "cpu",
+    pytest.param("gpu", marks=pytest.mark.skipif("_gpu_count() < 2", reason="needs 2 or more GPUs")),
+]
+
+
+def _run(script, platform, *args):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, attention], capture_output=True, text=True,
-                          env=env, timeout=900)
+    if platform == "cpu":
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+        env["JAX_PLATFORMS"] = "cpu"
+    else:  # every GPU, fp32 matmuls at full precision like the rest of the suite
+        env["JAX_PLATFORMS"] = "cuda"
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-    out = json.loads(line[len("RESULT"):])
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("attention", ["flash"])
+def test_sharded_training_matches_one_device(attention, platform):
+    out = _run(SCRIPT, platform, attention)
     single = out["single"]
     assert single[-1] < single[0]  # it trains
     for name in ("dp", "dp_fsdp", "fsdp_tp"):
@@ -72,11 +99,12 @@ def test_sharded_training_matches_one_device(attention):
         assert r["param_diff"] < 5e-4, (name, r["param_diff"])  # adam amplifies fp32 reduction-order noise
         assert r["compiles"] == 1, (name, r["compiles"])
     assert out["dp"]["n_fsdp_sharded"] == 0
-    assert out["dp_fsdp"]["n_fsdp_sharded"] > 0 and out["fsdp_tp"]["n_fsdp_sharded"] > 0
+    assert out["dp_fsdp"]["n_fsdp_sharded"] > 0
+    assert (out["fsdp_tp"]["n_fsdp_sharded"] > 0) == (out["fsdp_tp"]["fsdp"] > 1)
 
 
 GEN_SCRIPT = textwrap.dedent(r"""
-    import json
+    import json, sys
     import jax, numpy as np
     from flax import nnx
     from flashjax.models import config_from_preset, parallel
@@ -84,7 +112,7 @@ GEN_SCRIPT = textwrap.dedent(r"""
     from flashjax.serving.generate import generate
 
     cfg = config_from_preset("llama-nano", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
-                             vocab_size=97, max_seq_len=64, attention="xla", dtype="float32")
+                             vocab_size=97, max_seq_len=64, attention=sys.argv[1], dtype="float32")
     model = GPT(cfg, rngs=nnx.Rngs(1))
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
     one, n1 = generate(model, prompts, 6, block_size=4)
@@ -94,13 +122,9 @@ GEN_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_tensor_parallel_generation_matches_one_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-c", GEN_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_tensor_parallel_generation_matches_one_device(platform):
+    out = _run(GEN_SCRIPT, platform, "xla" if platform == "cpu" else "flash")
     assert out["one"] == out["two"] and out["n1"] == out["n2"], out
 
 
