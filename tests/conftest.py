@@ -87,3 +87,18 @@ def pytest_configure(config):
 
     if jax.default_backend() == "gpu":
         jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# FLASHJAX_PROGRESS_LOG=path: append every test's outcome and duration, and each
+# failure's traceback, to `path` as soon as it is known (for runs on a remote GPU
+# that may be cut off before pytest's own summary is printed).
+_PROGRESS_LOG = os.environ.get("FLASHJAX_PROGRESS_LOG")
+
+
+def pytest_runtest_logreport(report):
+    if not _PROGRESS_LOG or (report.when != "call" and report.passed):
+        return
+    with open(_PROGRESS_LOG, "a") as f:
+        f.write(f"{report.outcome.upper():8s} {report.duration:7.1f}s {report.when:8s} {report.nodeid}\n")
+        if report.failed:
+            f.write(str(report.longrepr)[-6000:] + "\n" + "-" * 80 + "\n")

@@ -9,6 +9,7 @@ test on the same engine.
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -214,3 +215,38 @@ def test_background_thread_and_bounded_compiles(eng):
     assert eng.num_compiles() <= 4 + 3
     s = eng.stats()
     assert s["requests_finished"] >= 10 and s["ttft_p50"] is not None and s["tpot_p50"] is not None
+
+
+def test_requests_from_another_thread_join_the_running_batch(eng):
+    """The engine thread must not starve other threads of its lock: requests added
+    while it runs (as the HTTP server does) join the running batch."""
+    eng.generate(_prompts(2, seed=12, lo=3, hi=6), RequestParams(temperature=0, max_tokens=2))  # compile
+    eng.stats_counters["max_decode_batch"] = 0
+    eng.start()
+    try:
+        hs = []
+        for p in _prompts(3, seed=11, lo=3, hi=6):
+            hs.append(eng.add_request(p, RequestParams(temperature=0, max_tokens=12)))
+            time.sleep(0.005)
+        outs = [h.result(timeout=120) for h in hs]
+        assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+    finally:
+        eng.stop()
+    assert eng.stats_counters["max_decode_batch"] >= 2, eng.stats_counters
+
+
+def test_cancel_while_a_step_runs_frees_blocks_after_it(eng):
+    """A cancel that arrives while a step is on the device is applied when it returns."""
+    eng.start()
+    try:
+        h = eng.add_request(_prompts(1, seed=13, lo=5, hi=8)[0], RequestParams(temperature=0, max_tokens=40))
+        deadline = time.time() + 60
+        while not h.token_ids[0]:
+            assert time.time() < deadline
+            time.sleep(0.001)
+        assert eng.cancel(h.request_id)
+        assert h.wait(timeout=30)
+    finally:
+        eng.stop()
+    assert h.result().outputs[0].finish_reason == "cancelled"
+    assert len(h.result().outputs[0].token_ids) < 40
