@@ -170,7 +170,30 @@ def copy_bandwidth(nbytes: int, *, warmup, reps) -> dict:
         per_form[name] = round(tb_s, 4)
         if best is None or tb_s > best["tb_s"]:
             best = {"bytes": nbytes, "ms": timing["ms"], "tb_s": tb_s, "form": name}
-    return {**best, "forms": per_form}
+    out = {**best, "forms": per_form}
+    try:  # the driver's device-to-device memcpy, through PyTorch when it is installed
+        import torch
+
+        if torch.cuda.is_available():
+            a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            b = torch.empty_like(a)
+            for _ in range(max(1, warmup)):
+                b.copy_(a)
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ms = []
+            for _ in range(reps):
+                t0.record()
+                b.copy_(a)
+                t1.record()
+                t1.synchronize()
+                ms.append(t0.elapsed_time(t1))
+            del a, b
+            torch.cuda.empty_cache()
+            ms = sorted(ms)[len(ms) // 2]
+            out["torch_memcpy_tb_s"] = 2 * nbytes / (ms * 1e-3) / 1e12
+    except Exception as e:  # noqa: BLE001 - optional reference
+        out["torch_memcpy_error"] = common.describe_error(e)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -323,7 +346,8 @@ def run_benchmark(args) -> dict:
     copy = None
     if not interpret:
         copy = copy_bandwidth(2 << 30, warmup=2, reps=10)
-        print(f"# device copy bandwidth (read+write): {copy['tb_s']:.3f} TB/s", flush=True)
+        print(f"# device copy bandwidth (read+write): {copy['tb_s']:.3f} TB/s (XLA elementwise, best of "
+              f"{copy['forms']}); driver memcpy through torch: {copy.get('torch_memcpy_tb_s', 'n/a')}", flush=True)
     start = time.perf_counter()
     results = []
     shapes = list(itertools.product(batches, contexts))
@@ -383,7 +407,8 @@ def run_sweep(args) -> dict:
     chain = 1 if interpret else pick_chain(nbytes)
     copy = None if interpret else copy_bandwidth(2 << 30, warmup=2, reps=10)
     print(f"# decode sweep on {info['device']}: batch {b}, context {ctx}, KV {nbytes / 1e6:.0f} MB"
-          + (f", copy {copy['tb_s']:.3f} TB/s" if copy else ""), flush=True)
+          + (f", copy {copy['tb_s']:.3f} TB/s (torch memcpy {copy.get('torch_memcpy_tb_s', 'n/a')})"
+             if copy else ""), flush=True)
     rows, results = [], []
     configs = QUICK_SWEEP if args.quick else SWEEP
     for paged in (True, False):
