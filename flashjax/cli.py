@@ -144,7 +144,7 @@ SUBCOMMANDS: list[Subcommand] = [
         "flashjax.models.cli_args:add_train_arguments",
         "flashjax.models.cli:train_main",
         description=(
-            "Trains a Flax GPT (preset nano, llama-nano, gpt2 or llama-1b; --set field=value "
+            "Trains a Flax GPT (preset nano, llama-nano, gpt2, llama-1b or llama-7b; --set field=value "
             "overrides) with a byte-level BPE tokenizer trained on the corpus. Writes an atomic "
             "Orbax checkpoint, metrics.jsonl and loss.png to --out; --resume continues exactly."
         ),

@@ -18,7 +18,7 @@ MAIN_JOB_DEFAULTS = dict(
 
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`flashjax train` options. Defaults are None: train() fills them in (from the checkpoint on --resume)."""
-    p.add_argument("--preset", help="model preset: nano, llama-nano, gpt2, llama-1b (default nano)")
+    p.add_argument("--preset", help="model preset: nano, llama-nano, gpt2, llama-1b, llama-7b (default nano)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override a model config field, e.g. --set n_layer=2 --set attention=xla (repeatable)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 200)")
