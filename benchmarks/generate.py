@@ -96,7 +96,8 @@ def _cell(batch, peer, prefill_s, step_s, total_s, n, tokens0, ref0, **extra):
             if int(a) != int(b):
                 break
             agree += 1
-    return {"batch": batch, "peer": peer, "prefill_ms": prefill_s * 1e3, "step_ms": step_s * 1e3,
+    return {"batch": batch, "peer": peer, "prefill_ms": prefill_s * 1e3,
+            "step_ms": step_s * 1e3 if step_s > 0 else None,
             "decode_tok_s": batch / step_s if step_s > 0 else None, "total_s": total_s,
             "e2e_tok_s": batch * n / total_s, "agree": agree, **extra}
 
@@ -332,8 +333,9 @@ def run(args):
                 cell = {"batch": batch, "peer": peer, "error": common.describe_error(exc)}
             cell["wall_s"] = round(time.perf_counter() - t0, 1)
             data["results"].append(cell)
-            msg = cell.get("error") or (f"decode {cell['decode_tok_s']:,.0f} tok/s ({cell['step_ms']:.2f} ms/step), "
-                                        f"prefill {cell['prefill_ms']:.1f} ms, e2e {cell['e2e_tok_s']:,.0f} tok/s")
+            msg = cell.get("error") or (
+                f"decode {_fmt(cell['decode_tok_s'], ',.0f')} tok/s ({_fmt(cell['step_ms'], '.2f')} ms/step), "
+                f"prefill {_fmt(cell['prefill_ms'], '.1f')} ms, e2e {_fmt(cell['e2e_tok_s'], ',.0f')} tok/s")
             print(f"  batch {batch:>3} {peer:<6} {msg}  ({cell['wall_s']}s)", flush=True)
             common.write_json(data, path)  # partial results survive a crash
             gc.collect()

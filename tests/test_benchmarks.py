@@ -1,0 +1,64 @@
+"""Every benchmark script runs end to end in its --quick mode (tiny shapes, CPU) and
+writes the JSON it promises: the device, versions and a measurement of each peer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_quick(name, tmp_path, *extra):
+    out = tmp_path / f"{name}.json"
+    r = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out), *extra],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_attention_quick(tmp_path):
+    data, stdout = run_quick("attention", tmp_path)
+    assert data["device"] and data["versions"]["jax"]
+    ours = [r for r in data["results"] if r["peer"] == "flashjax"]
+    assert ours and all(r["fwd"]["ms"] > 0 and r["fwd_bwd"]["ms"] > 0 for r in ours)
+    checked = [r for r in ours if r.get("headline")]  # accuracy is checked at the headline shape
+    assert checked and all(r["max_abs_err_vs_reference"] < 0.05 for r in checked)
+    assert {r["peer"] for r in data["results"]} >= {"flashjax", "xla"}
+    assert "TFLOP/s" in stdout
+
+
+def test_decode_quick(tmp_path):
+    data, _ = run_quick("decode", tmp_path)
+    assert data["device"] and data["results"]
+    for row in data["results"]:
+        for peer in ("ours_paged", "ours_contiguous"):
+            cell = row["peers"][peer]
+            assert cell["ms"] > 0 and cell["max_abs_err_vs_xla"] < 0.05, (peer, cell)
+
+
+def test_train_quick(tmp_path):
+    data, _ = run_quick("train", tmp_path)
+    impls = {r["attention"] for r in data["results"] if r.get("tokens_per_s")}
+    assert {"flash", "xla"} <= impls, data["results"]
+
+
+def test_generate_quick(tmp_path):
+    data, stdout = run_quick("generate", tmp_path, "--peers", "paged", "dense")
+    peers = {(r["batch"], r["peer"]) for r in data["results"] if "error" not in r}
+    assert {p for _, p in peers} == {"paged", "dense"}, data["results"]
+    assert "tok/s" in stdout
+
+
+def test_serve_quick(tmp_path):
+    data, stdout = run_quick("serve", tmp_path, "--no-hf")
+    (run,) = data["runs"]
+    s = run["server"]
+    assert s["ok"] == s["requests"] == 12 and s["output_tokens"] > 0
+    assert 0 < s["kv_utilization_mean"] <= 1.0
+    assert run["static_batching"]["throughput_tok_s"] > 0
+    assert "server tok/s" in stdout
