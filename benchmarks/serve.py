@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import socket
 import sys
 import threading
 import time
@@ -180,7 +182,6 @@ def serve_one(model, tok, a, reqs, pl, ol, log):
     engine.warmup()
     log(f"  engine compiled in {time.perf_counter() - t:.1f}s")
     app = create_app(engine, tok)
-    import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -302,7 +303,6 @@ def main(argv=None):
                 write_json(res, out)
         del model
         jax.clear_caches()
-        import gc
         gc.collect()
     print(f"\nServing, {res['env']['device']}: {a.requests} requests, Poisson {a.rate}/s, prompts {pl}, "
           f"outputs {ol}, {a.max_seqs} slots, block {a.block_size}, {a.dtype}")

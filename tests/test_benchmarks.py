@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -62,3 +60,10 @@ def test_serve_quick(tmp_path):
     assert 0 < s["kv_utilization_mean"] <= 1.0
     assert run["static_batching"]["throughput_tok_s"] > 0
     assert "server tok/s" in stdout
+
+
+def test_attention_sweep_rejects_a_malformed_shape(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH / "attention.py"), "--sweep", "--quick", "--sweep-shape", "1,64,2",
+                        "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "--sweep-shape must be batch,seq,heads,head_dim, got '1,64,2'" in r.stderr
