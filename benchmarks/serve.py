@@ -34,14 +34,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env_info, results_path, write_json  # noqa: E402
 
 
-def workload(n, rate, seed, prompt_lens, output_lens, vocab):
+# ShareGPT-like lengths: lognormals whose means match the ShareGPT statistics in
+# the vLLM paper (input 161, output 338 tokens), clipped to [4, 1024] and [4, 512].
+SHAREGPT = {"prompt": (4.58, 1.0, 4, 1024), "output": (5.50, 0.8, 4, 512)}
+
+
+def lengths_desc(a) -> str:
+    if a.lengths == "sharegpt":
+        (pm, ps, plo, phi), (om, os_, olo, ohi) = SHAREGPT["prompt"], SHAREGPT["output"]
+        return (f"ShareGPT-like lengths: prompt ~ lognormal(mu={pm}, sigma={ps}) clipped to [{plo}, {phi}], "
+                f"output ~ lognormal(mu={om}, sigma={os_}) clipped to [{olo}, {ohi}]")
+    return f"prompts drawn from {a.prompt_lens} tokens, outputs from {a.output_lens}"
+
+
+def workload(n, rate, seed, prompt_lens, output_lens, vocab, dist="lists"):
+    """Seeded requests: Poisson arrivals at `rate`/s; lengths from the lists
+    (`dist="lists"`) or the ShareGPT-like lognormals (`dist="sharegpt"`)."""
     rs = np.random.RandomState(seed)
     gaps = rs.exponential(1.0 / rate, size=n)
     arrivals = np.cumsum(gaps) - gaps[0]
     reqs = []
     for i in range(n):
-        pl = int(rs.choice(prompt_lens))
-        ol = int(rs.choice(output_lens))
+        if dist == "sharegpt":
+            pl, ol = (int(np.clip(round(rs.lognormal(m, s)), lo, hi))
+                      for m, s, lo, hi in (SHAREGPT["prompt"], SHAREGPT["output"]))
+        else:
+            pl = int(rs.choice(prompt_lens))
+            ol = int(rs.choice(output_lens))
         reqs.append({"arrival": float(arrivals[i]), "prompt": rs.randint(1, vocab, size=pl).tolist(), "max_tokens": ol})
     return reqs
 
@@ -192,7 +211,7 @@ def serve_one(model, tok, a, reqs, pl, ol, log):
     base = f"http://127.0.0.1:{port}"
     try:
         # warm-up: compile the step variants outside the clock
-        asyncio.run(run_client(base, workload(4, 100.0, a.seed + 1, pl, ol, cfg.vocab_size)))
+        asyncio.run(run_client(base, workload(4, 100.0, a.seed + 1, pl, ol, cfg.vocab_size, a.lengths)))
         out = asyncio.run(run_client(base, reqs))
         out["engine_stats"] = engine.stats()
         return out
@@ -239,6 +258,9 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--rate", type=float, default=20.0, help="mean arrivals per second")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lengths", choices=("lists", "sharegpt"), default="lists",
+                   help="request lengths: drawn from --prompt-lens/--output-lens (default), or "
+                        "ShareGPT-like lognormals (means 161 / 338 tokens as in the vLLM paper)")
     p.add_argument("--prompt-lens", default="16,64,128,256")
     p.add_argument("--output-lens", default="32,64,128")
     p.add_argument("--max-seqs", type=int, default=32)
@@ -253,6 +275,7 @@ def main(argv=None):
         a.requests, a.rate, a.prompt_lens, a.output_lens = 12, 4.0, "4,9,17", "4,8"
         a.max_seqs, a.block_size, a.max_num_batched_tokens = 4, 8, 32
         a.preset = "tiny"
+        a.lengths = "lists"
     a.dtype = a.dtype or ("float32" if a.quick else "bfloat16")
 
     import jax
@@ -284,7 +307,9 @@ def main(argv=None):
         run = {"preset": name, "params": cfg.param_count(), "model": cfg.to_dict()}
         res["runs"].append(run)
         log(f"{name}: {cfg.param_count() / 1e9:.2f}B params, {a.dtype}; {a.requests} requests at {a.rate}/s")
-        reqs = workload(a.requests, a.rate, a.seed, pl, ol, cfg.vocab_size)
+        reqs = workload(a.requests, a.rate, a.seed, pl, ol, cfg.vocab_size, a.lengths)
+        run["workload"] = {"lengths": lengths_desc(a), "prompt_tokens": sum(len(r["prompt"]) for r in reqs),
+                           "output_tokens": sum(r["max_tokens"] for r in reqs)}
         if a.url:
             run["server"] = asyncio.run(run_client(a.url, reqs))
         else:
@@ -304,8 +329,8 @@ def main(argv=None):
         del model
         jax.clear_caches()
         gc.collect()
-    print(f"\nServing, {res['env']['device']}: {a.requests} requests, Poisson {a.rate}/s, prompts {pl}, "
-          f"outputs {ol}, {a.max_seqs} slots, block {a.block_size}, {a.dtype}")
+    print(f"\nServing, {res['env']['device']}: {a.requests} requests, Poisson {a.rate}/s, {lengths_desc(a)}, "
+          f"{a.max_seqs} slots, block {a.block_size}, {a.dtype}")
     print(table(res["runs"]))
     print(f"wrote {write_json(res, out)}")
     return 0

@@ -67,3 +67,21 @@ def test_attention_sweep_rejects_a_malformed_shape(tmp_path):
                         "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "--sweep-shape must be batch,seq,heads,head_dim, got '1,64,2'" in r.stderr
+
+
+def test_serve_sharegpt_workload_is_seeded_and_bounded():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import serve
+    finally:
+        sys.path.remove(str(BENCH))
+    a = serve.workload(500, 10.0, 3, None, None, 1000, "sharegpt")
+    b = serve.workload(500, 10.0, 3, None, None, 1000, "sharegpt")
+    assert a == b  # same seed, same requests
+    p = [len(r["prompt"]) for r in a]
+    o = [r["max_tokens"] for r in a]
+    assert 4 <= min(p) and max(p) <= 1024 and 4 <= min(o) and max(o) <= 512
+    assert 120 < sum(p) / len(p) < 200 and 220 < sum(o) / len(o) < 330  # ShareGPT-like means
+    arrivals = [r["arrival"] for r in a]
+    assert arrivals == sorted(arrivals) and 30 < arrivals[-1] < 70  # ~500 / 10 per second
+    assert all(1 <= t < 1000 for r in a for t in r["prompt"])

@@ -139,6 +139,23 @@ def test_paged_matches_reference(dtype, heads, kv_heads, bs, splits, ppb):
     np.testing.assert_allclose(lse[:-1], ref_lse[:-1], atol=TOL[dtype] * 10, rtol=1e-3)
 
 
+@pytest.mark.parametrize("combine", ["pallas", "xla"])
+def test_combine_modes_many_splits(combine, monkeypatch):
+    """The split merge (Pallas kernel, looping over chunks of splits when there
+    are many; or the XLA reduction) against the reference, with empty splits,
+    a group of 3 and head_dim 256."""
+    monkeypatch.setattr(dec, "COMBINE", combine)
+    lengths = [700, 3, 0, 161]
+    q, kp, vp, bt, ln = make_paged(11, batch=4, heads=6, kv_heads=2, head_dim=256, block_size=16,
+                                   max_blocks=44, lengths=lengths, dtype=jnp.float32)
+    out, lse = paged_decode_attention(q, kp, vp, bt, ln, num_splits=40, pages_per_block=1,
+                                      return_lse=True)
+    ref, ref_lse = reference(q, dense_from_pages(kp, bt, 704), dense_from_pages(vp, bt, 704), ln)
+    check(out, ref, jnp.float32)
+    assert (np.asarray(out[2]) == 0).all() and np.isneginf(np.asarray(lse[2])).all()
+    np.testing.assert_allclose(np.asarray(lse)[[0, 1, 3]], ref_lse[[0, 1, 3]], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("gather", ["rows", "pages"])
 def test_poisoned_pages_are_never_read(gather, monkeypatch):
     """NaN/Inf in unused blocks, past the end of partial blocks, and garbage
@@ -262,6 +279,16 @@ def test_with_kv_cache_allocator():
     assert not np.array_equal(np.asarray(kd[0, 6]), np.asarray(kd[1, 6]))
 
 
+def test_default_tile_grows_only_without_splits(monkeypatch):
+    monkeypatch.setattr(dec._backend, "num_multiprocessors", lambda: 132)  # an H100
+    # batch 1 x 32k is split: 16 KiB tiles (64 tokens at head_dim 128, bf16);
+    # batch 64 is not: 32 KiB tiles (128 tokens).
+    assert dec._auto_tile_tokens(128, 2, 1, 8, 32768, None) == 64
+    assert dec._auto_tile_tokens(128, 2, 64, 8, 131072, None) == 128
+    assert dec._auto_tile_tokens(128, 2, 1, 8, 32768, 1) == 128
+    assert dec._auto_tile_tokens(128, 4, 64, 8, 4096, None) == 64
+
+
 def test_choose_num_splits():
     # batch 1, 8 kv heads, 32k context, 64-token tiles, H100: ~2 waves
     s = dec.choose_num_splits(1, 8, 32768, 64, num_sms=132)
@@ -372,7 +399,8 @@ def _gpu_inputs(seed, *, batch, lengths, dtype, num_blocks=None, bs=16, max_bloc
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("kwargs", [{}, dict(num_splits=7, pages_per_block=2),
-                                    dict(unified_max=3.0), dict(num_stages=3, num_warps=8)])
+                                    dict(unified_max=3.0), dict(num_stages=3, num_warps=8),
+                                    dict(num_splits=100, pages_per_block=1)])
 def test_gpu_paged(dtype, kwargs):
     lengths = [2560, 1, 16, 17, 1000, 0, 2047, 333]
     q, kp, vp, bt, ln = _gpu_inputs(1, batch=8, lengths=lengths, dtype=dtype)
