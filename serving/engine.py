@@ -527,7 +527,7 @@ class Engine:
                 params.append(r.params.sampling(r.index))
             if r is not None:
                 steps[i] = len(r.output)
-        return stack_params(params), steps
+        return stack_params(params, host=True), steps
 
     def step(self) -> int:
         """Run one iteration. Returns the number of sequences that took part (0 = idle)."""
@@ -570,8 +570,8 @@ class Engine:
                 # only a chunk that reaches the end of the context samples
                 rows.append(r if r.num_cached + c == r.context_len else None)
             sp, steps = self._sampling_rows(rows, P)
-            pf = dict(tokens=jnp.asarray(tokens), seq_ids=jnp.asarray(seq_ids), lengths=jnp.asarray(lengths),
-                      sp=sp, steps=jnp.asarray(steps))
+            # numpy inputs: the jitted call transfers them (cheaper than a jnp.asarray each)
+            pf = dict(tokens=tokens, seq_ids=seq_ids, lengths=lengths, sp=sp, steps=steps)
         if has_decode:
             S = self.max_seqs
             tokens = np.zeros((S,), np.int32)
@@ -582,8 +582,8 @@ class Engine:
                 seq_ids[r.slot] = r.slot
                 rows[r.slot] = r
             sp, steps = self._sampling_rows(rows, S)
-            dc = dict(tokens=jnp.asarray(tokens), seq_ids=jnp.asarray(seq_ids), sp=sp, steps=jnp.asarray(steps))
-        state = bm.to_state()
+            dc = dict(tokens=tokens, seq_ids=seq_ids, sp=sp, steps=steps)
+        state = bm.to_state(host=True)
         self.pages, state, out = self._step_fn(self.params, self.pages, state, pf, dc,
                                                has_prefill=has_prefill, has_decode=has_decode)
         # The step runs on the device: let other threads (the HTTP server adding

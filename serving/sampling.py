@@ -101,11 +101,13 @@ class SamplingArrays:
         return self.temperature.shape[0]
 
 
-def stack_params(params: SamplingParams | Sequence[SamplingParams] | None, batch: int | None = None
-                 ) -> SamplingArrays:
+def stack_params(params: SamplingParams | Sequence[SamplingParams] | None, batch: int | None = None,
+                 *, host: bool = False) -> SamplingArrays:
     """[batch] arrays from one SamplingParams (repeated `batch` times) or one per row.
 
     None means greedy. Raises ValueError if a list's length is not `batch`.
+    host=True leaves the arrays in numpy (a jitted call transfers them itself,
+    more cheaply than one jnp.asarray each).
     """
     if params is None:
         params = GREEDY
@@ -126,11 +128,12 @@ def stack_params(params: SamplingParams | Sequence[SamplingParams] | None, batch
             raise ValueError(f"sampling has {len(rows)} entries but the batch has {batch} prompts")
         if not rows:
             raise ValueError("sampling is an empty list")
+    put = (lambda x: x) if host else jnp.asarray
     return SamplingArrays(
-        temperature=jnp.asarray(np.array([p.temperature for p in rows], np.float32)),
-        top_k=jnp.asarray(np.array([p.top_k for p in rows], np.int32)),
-        top_p=jnp.asarray(np.array([p.top_p for p in rows], np.float32)),
-        seed=jnp.asarray(np.array([p.seed for p in rows], np.uint32)),
+        temperature=put(np.array([p.temperature for p in rows], np.float32)),
+        top_k=put(np.array([p.top_k for p in rows], np.int32)),
+        top_p=put(np.array([p.top_p for p in rows], np.float32)),
+        seed=put(np.array([p.seed for p in rows], np.uint32)),
     )
 
 

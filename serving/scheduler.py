@@ -233,16 +233,19 @@ class BlockManager:
         return -(-(length + add) // bs) - (-(-length // bs))
 
     # -- device round trip ----------------------------------------------------
-    def to_state(self):
+    def to_state(self, host: bool = False):
+        """The allocator state as a KVCacheState: device arrays, or numpy copies
+        with host=True (for passing straight to a jitted step)."""
         import jax.numpy as jnp
 
+        put = np.array if host else jnp.asarray
         stack = np.zeros((self.num_blocks,), np.int32)
         stack[: len(self.free)] = self.free
         return kv_cache.KVCacheState(
-            free_stack=jnp.asarray(stack), num_free=jnp.asarray(len(self.free), jnp.int32),
-            block_tables=jnp.asarray(self.tables), lengths=jnp.asarray(self.lengths),
-            active=jnp.asarray(self.active), refcounts=jnp.asarray(self.refcounts),
-            status=jnp.asarray(kv_cache.OK, jnp.int32), block_size=self.block_size)
+            free_stack=put(stack), num_free=put(np.int32(len(self.free))),
+            block_tables=put(self.tables), lengths=put(self.lengths),
+            active=put(self.active), refcounts=put(self.refcounts),
+            status=put(np.int32(kv_cache.OK)), block_size=self.block_size)
 
     def from_state(self, host: dict) -> None:
         """Adopt the state arrays a step returned (already on the host)."""
