@@ -87,11 +87,14 @@ _UNIFIED_WINDOW = {
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3
 DEFAULT_TILE_BYTES = 16 * 1024  # K bytes per inner-loop tile (same again for V)
-# With a single split (large batch: each program streams a whole sequence) a
-# larger tile keeps more bytes in flight; on an H100 it took paging's cost at
-# batch 64 x 128k from +8.7% to +0.0% against contiguous, while 16 KiB stays
-# faster whenever the length is split (batch 8 x 32k: 2.85 vs 2.55 TB/s).
-SINGLE_SPLIT_TILE_BYTES = 32 * 1024
+# A program that streams a long stretch of KV (>= LONG_SPLIT_TOKENS per split)
+# uses larger tiles: more bytes in flight hide the scattered page reads. On an
+# H100 (interleaved timings) paging's cost against contiguous went from +9.5%
+# to +0.5% at batch 32 x 128k and from +8.7% to +0.0% at batch 64 x 128k,
+# while 16 KiB stays faster for shorter splits (batch 8 x 128k, 26k tokens per
+# split: 2.69 vs 2.44 TB/s; batch 8 x 32k: 2.85 vs 2.55 TB/s).
+LONG_SPLIT_TILE_BYTES = 32 * 1024
+LONG_SPLIT_TOKENS = 32768
 
 # How the paged kernel addresses a KV tile: "rows" (a page id per token row,
 # loading a 2D tile directly) or "pages" (a page id per page, loading
@@ -315,13 +318,13 @@ def _default_tile_tokens(head_dim: int, itemsize: int, tile_bytes: int | None = 
 
 
 def _auto_tile_tokens(head_dim, itemsize, batch, kv_heads, max_len, num_splits) -> int:
-    """Default tile: DEFAULT_TILE_BYTES, or SINGLE_SPLIT_TILE_BYTES when the
-    length will not be split."""
+    """Default tile: DEFAULT_TILE_BYTES, or LONG_SPLIT_TILE_BYTES when each
+    split covers at least LONG_SPLIT_TOKENS positions."""
     tile = _default_tile_tokens(head_dim, itemsize)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_len, tile)
-    if num_splits == 1:
-        tile = _default_tile_tokens(head_dim, itemsize, SINGLE_SPLIT_TILE_BYTES)
+    if max_len >= LONG_SPLIT_TOKENS * num_splits:
+        tile = _default_tile_tokens(head_dim, itemsize, LONG_SPLIT_TILE_BYTES)
     return tile
 
 
@@ -602,7 +605,7 @@ def paged_decode_attention(
         batch, kv_heads, max_blocks*block_size and the number of SMs.
       pages_per_block: pages loaded per inner-loop iteration (power of two;
         tile = pages_per_block*block_size tokens, >= 16); None: ~16 KiB of K (32 KiB when
-        the length is not split).
+        a split spans >= 32k positions).
       softcap: if set, scores become softcap*tanh(scores/softcap).
       unified_max: FlashDecoding++ fixed softmax maximum phi (in units of the
         scaled, soft-capped score); exact, with per-split fallback.
@@ -692,7 +695,7 @@ def decode_attention(
         [batch, kv_heads, kv_len, head_dim] (kv_layout="bhsd"); same dtype as q.
       lengths: int32 [batch] valid keys per sequence (default: kv_len for all).
       block_k: tokens per inner-loop tile (power of two >= 16; default ~16 KiB of
-        K, 32 KiB when the length is not split).
+        K, 32 KiB when a split spans >= 32k positions).
       Other arguments as in `paged_decode_attention`.
     """
     _check_q(q)

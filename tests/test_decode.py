@@ -279,14 +279,17 @@ def test_with_kv_cache_allocator():
     assert not np.array_equal(np.asarray(kd[0, 6]), np.asarray(kd[1, 6]))
 
 
-def test_default_tile_grows_only_without_splits(monkeypatch):
+def test_default_tile_grows_for_long_splits(monkeypatch):
     monkeypatch.setattr(dec._backend, "num_multiprocessors", lambda: 132)  # an H100
-    # batch 1 x 32k is split: 16 KiB tiles (64 tokens at head_dim 128, bf16);
-    # batch 64 is not: 32 KiB tiles (128 tokens).
-    assert dec._auto_tile_tokens(128, 2, 1, 8, 32768, None) == 64
-    assert dec._auto_tile_tokens(128, 2, 64, 8, 131072, None) == 128
+    # 16 KiB tiles (64 tokens at head_dim 128, bf16) unless a split spans >= 32k
+    # positions, then 32 KiB (128 tokens).
+    assert dec._auto_tile_tokens(128, 2, 1, 8, 32768, None) == 64  # 33 splits
+    assert dec._auto_tile_tokens(128, 2, 8, 8, 131072, None) == 64  # 5 splits of 26k
+    assert dec._auto_tile_tokens(128, 2, 32, 8, 131072, None) == 128  # 2 splits of 64k
+    assert dec._auto_tile_tokens(128, 2, 64, 8, 131072, None) == 128  # unsplit
+    assert dec._auto_tile_tokens(128, 2, 64, 8, 4096, None) == 64  # unsplit but short
     assert dec._auto_tile_tokens(128, 2, 1, 8, 32768, 1) == 128
-    assert dec._auto_tile_tokens(128, 4, 64, 8, 4096, None) == 64
+    assert dec._auto_tile_tokens(128, 4, 64, 8, 131072, None) == 64  # fp32: 32 KiB = 64 tokens
 
 
 def test_choose_num_splits():
