@@ -275,8 +275,9 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
               for p in [[p for p in peers if p in group]] if p]
     phases = [groups] if together else [[g] for g in groups]
     cells = {}
-    for phase in phases:
-        ready = []  # (peer, compiled, args, ref, n)
+
+    def run_phase(phase):  # a function, so the phase's caches are freed when it returns
+        ready = []  # (peer, compiled, args)
         for todo, is_paged in phase:
             try:
                 q, kv, lengths = make_inputs(0, b, ctx, heads, hkv, d, bs, dtype, paged=is_paged)
@@ -330,7 +331,9 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
             if copy_tb_s:
                 cell["frac_copy_bw"] = cell["tb_s"] / copy_tb_s
             print(f"  b={b:<4d} ctx={ctx:<6d} {peer:16s} {fmt_cell(cell)}", flush=True)
-        del ready
+
+    for phase in phases:
+        run_phase(phase)
     ours = [cells.get(p, {}) for p in ("ours_paged", "ours_contiguous")]
     overhead = None
     if all("ms" in c for c in ours):
