@@ -205,7 +205,8 @@ def serve_one(model, tok, a, reqs, pl, ol, log):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
     while not srv.started:
         time.sleep(0.05)
     base = f"http://127.0.0.1:{port}"
@@ -218,6 +219,11 @@ def serve_one(model, tok, a, reqs, pl, ol, log):
     finally:
         srv.should_exit = True
         engine.stop()
+        thread.join(timeout=30)
+        # Free the KV pool now: the baselines that follow need the memory (the
+        # 7B static baseline ran out of it while the stopped engine's pool lived on).
+        engine.pages = None
+        gc.collect()
 
 
 def fmt(x, scale=1.0, spec=".1f"):
