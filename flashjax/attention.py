@@ -228,14 +228,23 @@ def _visit_key_tiles(spec, aux, body, carry, *, q_start, bq, bk, n_k_tiles, q_le
         q_start, bq, bk, spec.k_band(), spec.kv_len, n_k_tiles, mask_tail=True)
     if spec.has_kv_lengths:
         hi = jnp.maximum(jnp.minimum(hi, _cdiv(kv_len_b, bk)), lo)
-        full_lo = jnp.minimum(full_lo, hi)
-        full_hi = jnp.clip(full_hi, full_lo, hi)
+        full_lo, full_hi = _fit_full(full_lo, full_hi, hi)
     if spec.has_q_lengths:
         hi = jnp.where(q_start < q_len_b, hi, lo)
-        full_lo = jnp.minimum(full_lo, hi)
-        full_hi = jnp.clip(full_hi, full_lo, hi)
-    a, _ = spec.k_band()
-    if a is not None:
+        full_lo, full_hi = _fit_full(full_lo, full_hi, hi)
+    return _visit_band(body, carry, lo, full_lo, full_hi, hi, low_edge=spec.k_band()[0] is not None)
+
+
+def _fit_full(full_lo, full_hi, hi):
+    """Keep the unmasked stretch [full_lo, full_hi) inside a range whose end fell to hi."""
+    full_lo = jnp.minimum(full_lo, hi)
+    return full_lo, jnp.clip(full_hi, full_lo, hi)
+
+
+def _visit_band(body, carry, lo, full_lo, full_hi, hi, *, low_edge: bool):
+    """`body(tile, carry, geometric)` over tiles [lo, hi): masked below full_lo
+    (only if the band has a lower edge), unmasked to full_hi, masked after."""
+    if low_edge:
         carry = lax.fori_loop(lo, full_lo, functools.partial(body, geometric=True), carry)
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, geometric=False), carry)
     return lax.fori_loop(full_hi, hi, functools.partial(body, geometric=True), carry)
@@ -499,20 +508,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _
             full_hi = jnp.where(k_start + bk > spec.kv_len, full_lo, full_hi)
         if spec.has_q_lengths:
             hi = jnp.maximum(jnp.minimum(hi, _cdiv(q_len_b, bq)), lo)
-            full_lo = jnp.minimum(full_lo, hi)
-            full_hi = jnp.clip(full_hi, full_lo, hi)
+            full_lo, full_hi = _fit_full(full_lo, full_hi, hi)
         if spec.has_kv_lengths:
             hi = jnp.where(k_start < kv_len_b, hi, lo)
-            full_lo = jnp.minimum(full_lo, hi)
-            full_hi = jnp.clip(full_hi, full_lo, hi)
-        a, _ = spec.q_band()
+            full_lo, full_hi = _fit_full(full_lo, full_hi, hi)
+        low_edge = spec.q_band()[0] is not None
 
         def per_head(g, c):
-            c = (*c, g)
-            if a is not None:
-                c = lax.fori_loop(lo, full_lo, functools.partial(body, geometric=True), c)
-            c = lax.fori_loop(full_lo, full_hi, functools.partial(body, geometric=False), c)
-            c = lax.fori_loop(full_hi, hi, functools.partial(body, geometric=True), c)
+            c = _visit_band(body, (*c, g), lo, full_lo, full_hi, hi, low_edge=low_edge)
             return c[0], c[1]
 
     if spec.group == 1:
