@@ -142,16 +142,22 @@ def chained(fn, chain: int):
     return jax.jit(run)
 
 
-def measure(fn, args, *, chain, warmup, reps):
-    """Compile `chain` dependent calls once; the first run's output (equal to
-    fn(*args): the perturbation of q is far below its precision) is returned
-    for the correctness check and doubles as a warmup call."""
+def compile_chain(fn, args, chain):
+    """Compile `chain` dependent calls once and run them once. Returns the
+    executable, the first run's output (equal to fn(*args): the perturbation of
+    q is far below its precision; for the correctness check, and a warmup) and
+    the compile time in seconds."""
     import jax
 
     t0 = time.perf_counter()
     compiled = chained(fn, chain).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    out = jax.block_until_ready(compiled(*args))
+    return compiled, jax.block_until_ready(compiled(*args)), compile_s
+
+
+def measure(fn, args, *, chain, warmup, reps):
+    """compile_chain, then the median of `reps` timed runs (per call of the chain)."""
+    compiled, out, compile_s = compile_chain(fn, args, chain)
     timing = common.time_call(compiled, args, warmup=max(0, warmup - 1), reps=reps)
     return {"compile_s": round(compile_s, 2), "ms": timing["ms"] / chain,
             "min_ms": timing["min_ms"] / chain, "chain": chain, "reps": reps}, out
@@ -301,14 +307,12 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
             args = (q, *kv, lengths)
             for peer in todo:
                 try:
-                    t0 = time.perf_counter()
-                    compiled = chained(make_peer(peer, interpret=interpret), chain).lower(*args).compile()
-                    out = jax.block_until_ready(compiled(*args))
+                    compiled, out, compile_s = compile_chain(make_peer(peer, interpret=interpret), args, chain)
                     err = float(jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref)))
                     del out
                     for _ in range(max(0, warmup - 1)):
                         jax.block_until_ready(compiled(*args))
-                    cells[peer] = {"compile_s": round(time.perf_counter() - t0, 2), "chain": chain,
+                    cells[peer] = {"compile_s": round(compile_s, 2), "chain": chain,
                                    "reps": reps, "rounds": rounds, "max_abs_err_vs_xla": err}
                     ready.append((peer, compiled, args))
                 except Exception as e:  # noqa: BLE001
@@ -539,7 +543,10 @@ def parse_args(argv=None):
                    help="only time our kernel's (num_splits, pages_per_block, num_warps, num_stages)")
     p.add_argument("--sweep-batch", type=int, help="sweep batch (default 1)")
     p.add_argument("--sweep-context", type=int, help="sweep context (default 32768)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 def main(argv=None) -> int:

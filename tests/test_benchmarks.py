@@ -85,3 +85,11 @@ def test_serve_sharegpt_workload_is_seeded_and_bounded():
     arrivals = [r["arrival"] for r in a]
     assert arrivals == sorted(arrivals) and 30 < arrivals[-1] < 70  # ~500 / 10 per second
     assert all(1 <= t < 1000 for r in a for t in r["prompt"])
+
+
+def test_bad_benchmark_options_are_named():
+    for script, args, msg in (("serve", ["--lengths", "bogus"], "invalid choice: 'bogus'"),
+                              ("decode", ["--rounds", "0"], "--rounds must be at least 1, got 0")):
+        r = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and msg in r.stderr, (script, r.stderr[-2000:])
