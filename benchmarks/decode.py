@@ -10,12 +10,18 @@ One query token per sequence, all sequences at the full context length;
 GQA 32 query heads / 8 KV heads, head_dim 128, bf16, paged block size 16.
 Batch in {1, 8, 32, 64, 256} x context in {1k, 4k, 16k, 32k, 128k}; shapes
 whose K+V exceed --max-kv-gb (40 GB) are skipped. Bandwidth = bytes of K and V
-read (batch * context * kv_heads * head_dim * 2 * itemsize) / time. Each
-timing runs `--chain` dependent calls in one jitted function (so launch gaps
-are amortised like in a decode loop). All peers of a shape are compiled first
-and then timed in `--rounds` interleaved rounds of `--reps` calls each; a cell
-is the median of its round medians (both caches stay resident when they fit,
-so the paged-vs-contiguous comparison is interleaved too). A device copy
+read (batch * context * kv_heads * head_dim * 2 * itemsize) / time. Time per
+call is the slope of wall time over chain length: each peer is compiled as a
+chain of n and of 4n dependent calls in one jitted function (n chosen so that
+n calls take ~2 ms, at most 16), and time(4n) - time(n) over 3n calls is what
+one call costs on the device in a decode loop. The fixed cost of launching an
+executable and waiting for it (~0.2 ms on an H100, more than a whole call at
+small shapes) cancels; kernel launch gaps, and the one elementwise op that
+links the calls, stay in. The wall time per call of the long chain is kept in
+the JSON too (`wall_ms`). All peers of a shape are compiled first and then
+timed in `--rounds` interleaved rounds of `--reps` runs each; a cell is the
+median of its per-round slopes (both caches stay resident when they fit, so
+the paged-vs-contiguous comparison is interleaved too). A device copy
 (read + write of a 2 GiB buffer) measured in the same run gives the HBM
 bandwidth that the "% copy" columns refer to: the faster of XLA's best
 elementwise copy and the driver's memcpy (through torch, when installed).
@@ -263,6 +269,18 @@ def pick_chain(est_bytes, bw_guess=2.0e12, target_s=2e-3, max_chain=16):
     return int(max(2, min(max_chain, math.ceil(target_s / per_call))))
 
 
+def per_call_ms(t_short, n_short, t_long, n_long):
+    """Device time of one call from the wall times of a short and a long chain
+    (the executable's fixed launch-and-wait cost cancels). Falls back to the
+    long chain's wall time per call if timing noise makes the slope not
+    positive, and to the single chain when there is only one."""
+    if n_long > n_short:
+        slope = (t_long - t_short) / (n_long - n_short)
+        if slope > 0:
+            return slope
+    return t_long / n_long
+
+
 def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, rounds=3):
     """Time every peer at one (batch, context). All peers are compiled first and
     then timed in `rounds` interleaved rounds (each peer `reps` calls per
@@ -279,6 +297,7 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
     heads, hkv, d, bs = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["block_size"]
     nbytes = kv_bytes(b, ctx, hkv, d, jnp.dtype(dtype).itemsize)
     chain = 1 if interpret else pick_chain(nbytes)
+    long_chain = chain if interpret else 4 * chain  # interpret mode: one call, no slope
     xla = jax.jit(make_peer("xla", interpret=interpret))
     mem = common.device_memory_bytes()
     together = interpret or (mem is not None and 2 * nbytes <= 0.8 * mem)
@@ -288,7 +307,7 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
     cells = {}
 
     def run_phase(phase):  # a function, so the phase's caches are freed when it returns
-        ready = []  # (peer, compiled, args)
+        ready = []  # (peer, {chain: compiled}, args)
         for todo, is_paged in phase:
             try:
                 q, kv, lengths = make_inputs(0, b, ctx, heads, hkv, d, bs, dtype, paged=is_paged)
@@ -307,26 +326,31 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
             args = (q, *kv, lengths)
             for peer in todo:
                 try:
-                    compiled, out, compile_s = compile_chain(make_peer(peer, interpret=interpret), args, chain)
+                    fn = make_peer(peer, interpret=interpret)
+                    compiled, out, compile_s = compile_chain(fn, args, chain)
                     err = float(jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref)))
                     del out
-                    for _ in range(max(0, warmup - 1)):
-                        jax.block_until_ready(compiled(*args))
-                    cells[peer] = {"compile_s": round(compile_s, 2), "chain": chain,
+                    execs = {chain: compiled}
+                    if long_chain != chain:
+                        execs[long_chain] = compile_chain(fn, args, long_chain)[0]
+                    for c in execs.values():
+                        for _ in range(max(0, warmup - 1)):
+                            jax.block_until_ready(c(*args))
+                    cells[peer] = {"compile_s": round(compile_s, 2), "chain": [chain, long_chain],
                                    "reps": reps, "rounds": rounds, "max_abs_err_vs_xla": err}
-                    ready.append((peer, compiled, args))
+                    ready.append((peer, execs, args))
                 except Exception as e:  # noqa: BLE001
                     cells[peer] = {"error": common.describe_error(e)}
                     print(f"  b={b:<4d} ctx={ctx:<6d} {peer:16s} {fmt_cell(cells[peer])}", flush=True)
             del q, kv, lengths, ref, args
-        medians = {p: [] for p, _, _ in ready}
-        mins = {p: [] for p, _, _ in ready}
+        medians = {p: [] for p, _, _ in ready}  # per-call ms of each round
+        walls = {p: [] for p, _, _ in ready}
         for _ in range(rounds):
-            for peer, compiled, args in ready:
+            for peer, execs, args in ready:
                 try:
-                    t = common.time_call(compiled, args, warmup=0, reps=reps)
-                    medians[peer].append(t["ms"] / chain)
-                    mins[peer].append(t["min_ms"] / chain)
+                    t = {c: common.time_call(e, args, warmup=0, reps=reps)["ms"] for c, e in execs.items()}
+                    walls[peer].append(t[long_chain] / long_chain)
+                    medians[peer].append(per_call_ms(t[chain], chain, t[long_chain], long_chain))
                 except Exception as e:  # noqa: BLE001
                     cells[peer] = {"error": common.describe_error(e)}
         for peer, _, _ in ready:
@@ -334,7 +358,7 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
             if "error" in cell or not medians[peer]:
                 continue
             cell["ms"] = statistics.median(medians[peer])
-            cell["min_ms"] = min(mins[peer])
+            cell["wall_ms"] = statistics.median(walls[peer])
             cell["round_ms"] = [round(x, 5) for x in medians[peer]]
             cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
             if copy_tb_s:
@@ -347,7 +371,7 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
     overhead = None
     if all("ms" in c for c in ours):
         overhead = 100.0 * (ours[0]["ms"] / ours[1]["ms"] - 1.0)
-    return {**cfg, "kv_bytes": nbytes, "chain": chain, "interleaved": bool(together), "peers": cells,
+    return {**cfg, "kv_bytes": nbytes, "chain": [chain, long_chain], "interleaved": bool(together), "peers": cells,
             "paged_overhead_pct": overhead}
 
 
@@ -439,7 +463,7 @@ def run_benchmark(args) -> dict:
         "peers_desc": {p: PEERS[p] for p in peers},
         "copy_bandwidth": copy,
         "timing": {"warmup": warmup, "reps": reps, "rounds": rounds,
-                   "statistic": "median over interleaved rounds of the per-round median, per call of a chain"},
+                   "statistic": "median over interleaved rounds of the per-call slope (time(4n) - time(n)) / 3n of chains of n and 4n calls, each the median of reps runs"},
         "results": results,
         "markdown": md,
         "elapsed_s": round(time.perf_counter() - start, 1),
@@ -463,6 +487,7 @@ def run_sweep(args) -> dict:
     reps = args.reps if args.reps is not None else (1 if args.quick else 7)
     nbytes = kv_bytes(b, ctx, dims["kv_heads"], dims["head_dim"], dtype.itemsize)
     chain = 1 if interpret else pick_chain(nbytes)
+    long_chain = chain if interpret else 4 * chain  # interpret mode: one call, no slope
     copy = None if interpret else copy_bandwidth(2 << 30, warmup=2, reps=10)
     print(f"# decode sweep on {info['device']}: batch {b}, context {ctx}, KV {nbytes / 1e6:.0f} MB"
           + (f", copy {copy['tb_s']:.3f} TB/s (torch memcpy {copy.get('torch_memcpy_tb_s', 'n/a')})"

@@ -93,3 +93,18 @@ def test_bad_benchmark_options_are_named():
         r = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and msg in r.stderr, (script, r.stderr[-2000:])
+
+
+def test_decode_per_call_time_is_the_chain_slope():
+    """A fixed per-executable cost cancels: chains of 16 and 64 calls of 50 us
+    each plus 200 us of launch-and-wait give 50 us per call."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import decode
+    finally:
+        sys.path.remove(str(BENCH))
+    t = lambda n: 0.2 + n * 0.05  # ms
+    assert abs(decode.per_call_ms(t(16), 16, t(64), 64) - 0.05) < 1e-12
+    # noise that makes the slope non-positive: fall back to wall time per call
+    assert decode.per_call_ms(3.3, 16, 3.2, 64) == 3.2 / 64
+    assert decode.per_call_ms(1.0, 1, 1.0, 1) == 1.0  # one chain only (interpret mode)
