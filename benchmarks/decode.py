@@ -18,7 +18,10 @@ one call costs on the device in a decode loop. The fixed cost of launching an
 executable and waiting for it (~0.2 ms on an H100, more than a whole call at
 small shapes) cancels; kernel launch gaps, and the one elementwise op that
 links the calls, stay in. The wall time per call of the long chain is kept in
-the JSON too (`wall_ms`). All peers of a shape are compiled first and then
+the JSON too (`wall_ms`). Caches smaller than 256 MiB are timed over several
+copies that the chain cycles through (`kv_copies`), so that every call reads
+its KV from HBM rather than from the 50 MB L2 that the previous call filled,
+as in a model, where each layer's cache is read once per step. All peers of a shape are compiled first and then
 timed in `--rounds` interleaved rounds of `--reps` runs each; a cell is the
 median of its per-round slopes (both caches stay resident when they fit, so
 the paged-vs-contiguous comparison is interleaved too). A device copy
@@ -66,6 +69,7 @@ DENSE_PEERS = ("ours_contiguous", "pallas_gqa", "xla")
 BATCHES = (1, 8, 32, 64, 256)
 CONTEXTS = (1024, 4096, 16384, 32768, 131072)
 HEADLINE = (1, 32768)  # (batch, context)
+ROTATE_BYTES = 256 * 2**20  # smaller caches are timed over several copies (kv_copies)
 SHAPE = dict(heads=32, kv_heads=8, head_dim=128, block_size=16)
 QUICK = dict(batches=(1, 2), contexts=(256, 512), heads=4, kv_heads=2, head_dim=32, block_size=16)
 
@@ -131,24 +135,29 @@ def make_peer(name: str, *, interpret: bool, **kw):
     raise ValueError(f"unknown peer {name!r}")
 
 
-def chained(fn, chain: int):
+def chained(fn, chain: int, copies: int = 1):
     """`chain` dependent calls of fn in one jitted function: each call's q
     depends (numerically not at all) on the previous output, so XLA can
-    neither hoist nor merge them."""
+    neither hoist nor merge them. Arguments are (q, *kv, lengths), or with
+    copies > 1 (q, *kv_1, ..., *kv_copies, lengths): call i reads KV copy
+    i % copies, so a small cache is not served from L2 by the previous call."""
     import jax
     import jax.numpy as jnp
 
     def run(q, *rest):
-        out = fn(q, *rest)
-        for _ in range(chain - 1):
+        *kvs, lengths = rest
+        per = len(kvs) // copies
+        sets = [kvs[i * per:(i + 1) * per] for i in range(copies)]
+        out = fn(q, *sets[0], lengths)
+        for i in range(1, chain):
             q = q + (out * jnp.asarray(1e-30, out.dtype)).astype(q.dtype)
-            out = fn(q, *rest)
+            out = fn(q, *sets[i % copies], lengths)
         return out
 
     return jax.jit(run)
 
 
-def compile_chain(fn, args, chain):
+def compile_chain(fn, args, chain, copies: int = 1):
     """Compile `chain` dependent calls once and run them once. Returns the
     executable, the first run's output (equal to fn(*args): the perturbation of
     q is far below its precision; for the correctness check, and a warmup) and
@@ -156,9 +165,18 @@ def compile_chain(fn, args, chain):
     import jax
 
     t0 = time.perf_counter()
-    compiled = chained(fn, chain).lower(*args).compile()
+    compiled = chained(fn, chain, copies).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     return compiled, jax.block_until_ready(compiled(*args)), compile_s
+
+
+def kv_copies(nbytes: int, interpret: bool) -> int:
+    """Copies of a small KV cache that the timing chain cycles through, so the
+    chain streams ROTATE_BYTES (5x an H100's 50 MB L2) and every call reads
+    its cache from HBM, as each layer's cache does in a model's decode step."""
+    if interpret or nbytes >= ROTATE_BYTES:
+        return 1
+    return int(min(64, math.ceil(ROTATE_BYTES / nbytes)))
 
 
 def measure(fn, args, *, chain, warmup, reps):
@@ -298,6 +316,7 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
     nbytes = kv_bytes(b, ctx, hkv, d, jnp.dtype(dtype).itemsize)
     chain = 1 if interpret else pick_chain(nbytes)
     long_chain = chain if interpret else 4 * chain  # interpret mode: one call, no slope
+    copies = kv_copies(nbytes, interpret)
     xla = jax.jit(make_peer("xla", interpret=interpret))
     mem = common.device_memory_bytes()
     together = interpret or (mem is not None and 2 * nbytes <= 0.8 * mem)
@@ -323,16 +342,20 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
                 for p in todo:
                     cells[p] = {"error": common.describe_error(e)}
                 continue
-            args = (q, *kv, lengths)
+            kv_sets = list(kv)
+            for _ in range(copies - 1):  # distinct buffers with the same contents
+                kv_sets += [x.copy() for x in kv]
+            args = (q, *kv_sets, lengths)
+            del kv_sets
             for peer in todo:
                 try:
                     fn = make_peer(peer, interpret=interpret)
-                    compiled, out, compile_s = compile_chain(fn, args, chain)
+                    compiled, out, compile_s = compile_chain(fn, args, chain, copies)
                     err = float(jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref)))
                     del out
                     execs = {chain: compiled}
                     if long_chain != chain:
-                        execs[long_chain] = compile_chain(fn, args, long_chain)[0]
+                        execs[long_chain] = compile_chain(fn, args, long_chain, copies)[0]
                     for c in execs.values():
                         for _ in range(max(0, warmup - 1)):
                             jax.block_until_ready(c(*args))
@@ -371,7 +394,7 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
     overhead = None
     if all("ms" in c for c in ours):
         overhead = 100.0 * (ours[0]["ms"] / ours[1]["ms"] - 1.0)
-    return {**cfg, "kv_bytes": nbytes, "chain": [chain, long_chain], "interleaved": bool(together), "peers": cells,
+    return {**cfg, "kv_bytes": nbytes, "chain": [chain, long_chain], "kv_copies": copies, "interleaved": bool(together), "peers": cells,
             "paged_overhead_pct": overhead}
 
 
@@ -488,6 +511,7 @@ def run_sweep(args) -> dict:
     nbytes = kv_bytes(b, ctx, dims["kv_heads"], dims["head_dim"], dtype.itemsize)
     chain = 1 if interpret else pick_chain(nbytes)
     long_chain = chain if interpret else 4 * chain  # interpret mode: one call, no slope
+    copies = kv_copies(nbytes, interpret)
     copy = None if interpret else copy_bandwidth(2 << 30, warmup=2, reps=10)
     print(f"# decode sweep on {info['device']}: batch {b}, context {ctx}, KV {nbytes / 1e6:.0f} MB"
           + (f", copy {copy['tb_s']:.3f} TB/s (torch memcpy {copy.get('torch_memcpy_tb_s', 'n/a')})"

@@ -108,3 +108,27 @@ def test_decode_per_call_time_is_the_chain_slope():
     # noise that makes the slope non-positive: fall back to wall time per call
     assert decode.per_call_ms(3.3, 16, 3.2, 64) == 3.2 / 64
     assert decode.per_call_ms(1.0, 1, 1.0, 1) == 1.0  # one chain only (interpret mode)
+
+
+def test_decode_chain_cycles_through_kv_copies():
+    """Call i of a timing chain reads KV copy i % copies; small caches get
+    enough copies to stream ROTATE_BYTES, large ones (and interpret mode) one."""
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import decode
+    finally:
+        sys.path.remove(str(BENCH))
+    seen = []
+    fn = lambda q, k, v, ln: q * 0 + k * v + ln  # noqa: E731 - which copy a call read
+    q, ln = jnp.zeros(()), jnp.zeros(())
+    sets = [(jnp.float32(1.0), jnp.float32(2.0)), (jnp.float32(3.0), jnp.float32(4.0))]
+    for chain, want in ((1, 2.0), (2, 12.0), (3, 2.0), (4, 12.0)):
+        out = decode.chained(fn, chain, copies=2)(q, *sets[0], *sets[1], ln)
+        seen.append(float(out))
+    assert seen == [2.0, 12.0, 2.0, 12.0]
+    assert decode.kv_copies(decode.ROTATE_BYTES, False) == 1
+    assert decode.kv_copies(4 * 2**20, False) == 64
+    assert decode.kv_copies(100 * 2**20, False) == 3
+    assert decode.kv_copies(4 * 2**20, True) == 1
