@@ -173,6 +173,25 @@ def test_poisoned_pages_are_never_read(gather, monkeypatch):
     check(out, ref, jnp.float32)
 
 
+@pytest.mark.parametrize("preload", ["always", "never"])
+def test_page_id_preload(preload, monkeypatch):
+    """Loading all of a split's page ids up front (PRELOAD) or one tile's per
+    loop step give the reference result: several splits of 1-3 tiles, partial
+    last tiles, shared and garbage table entries, poisoned unused pages, a
+    group of 3, and the unified-max path."""
+    monkeypatch.setattr(dec, "PRELOAD", preload)
+    kw = dict(batch=5, heads=6, kv_heads=2, head_dim=32, block_size=8, max_blocks=12,
+              lengths=[96, 1, 33, 0, 57], dtype=jnp.float32)
+    q, kp, vp, bt, ln = make_paged(23, **kw, poison=True, num_blocks=40)
+    q2, kp2, vp2, bt2, ln2 = make_paged(23, **kw, poison=False, num_blocks=40)
+    ref, _ = reference(q2, dense_from_pages(kp2, bt2, 96), dense_from_pages(vp2, bt2, 96), ln2)
+    for splits, ppb, um in ((3, 2, None), (5, 1, None), (2, 4, 2.0)):
+        out = paged_decode_attention(q, kp, vp, bt, ln, num_splits=splits, pages_per_block=ppb,
+                                     unified_max=um)
+        check(out, ref, jnp.float32)
+        assert (np.asarray(out[3]) == 0).all()
+
+
 def test_contiguous_matches_paged_and_reference():
     b, h, hkv, d, bs, nblk = 3, 8, 2, 32, 8, 6
     lengths = jnp.asarray([45, 1, 16], jnp.int32)
