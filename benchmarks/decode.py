@@ -1,7 +1,7 @@
 """Decode-attention benchmark: achieved KV bandwidth of flashjax's paged and
 contiguous Flash-Decoding kernel vs JAX's bundled Pallas ops and XLA.
 
-    python benchmarks/decode.py            # full GPU run (< 4 min on an H100)
+    python benchmarks/decode.py            # full GPU run (< 5 min on an H100)
     python benchmarks/decode.py --quick    # tiny sizes, CPU smoke test (interpret mode)
     python benchmarks/decode.py --sweep    # only: time launch parameters of our kernel
                                            # at batch 1, context 32k (--sweep-batch/--sweep-context)
@@ -179,12 +179,19 @@ def kv_copies(nbytes: int, interpret: bool) -> int:
     return int(min(64, math.ceil(ROTATE_BYTES / nbytes)))
 
 
-def measure(fn, args, *, chain, warmup, reps):
-    """compile_chain, then the median of `reps` timed runs (per call of the chain)."""
-    compiled, out, compile_s = compile_chain(fn, args, chain)
-    timing = common.time_call(compiled, args, warmup=max(0, warmup - 1), reps=reps)
-    return {"compile_s": round(compile_s, 2), "ms": timing["ms"] / chain,
-            "min_ms": timing["min_ms"] / chain, "chain": chain, "reps": reps}, out
+def measure(fn, args, *, chain, long_chain, copies, warmup, reps):
+    """Time per call as in run_config (slope between chains of `chain` and
+    `long_chain` calls cycling through `copies` KV copies), not interleaved."""
+    compiled, out, compile_s = compile_chain(fn, args, chain, copies)
+    execs = {chain: compiled}
+    if long_chain != chain:
+        execs[long_chain] = compile_chain(fn, args, long_chain, copies)[0]
+    t = {}
+    for c, e in execs.items():
+        t[c] = common.time_call(e, args, warmup=max(0, warmup - 1), reps=reps)["ms"]
+    return {"compile_s": round(compile_s, 2), "ms": per_call_ms(t[chain], chain, t[long_chain], long_chain),
+            "wall_ms": t[long_chain] / long_chain, "chain": [chain, long_chain], "kv_copies": copies,
+            "reps": reps}, out
 
 
 def copy_bandwidth(nbytes: int, *, warmup, reps) -> dict:
@@ -539,8 +546,10 @@ def run_sweep(args) -> dict:
             saved = fd.PAGED_GATHER
             try:
                 fd.PAGED_GATHER = gather
-                cell, _ = measure(make_peer(name, interpret=interpret, **kw), (q, *kv, lengths),
-                                  chain=chain, warmup=warmup, reps=reps)
+                args_all = (q, *kv, *[x.copy() for _ in range(copies - 1) for x in kv], lengths)
+                cell, _ = measure(make_peer(name, interpret=interpret, **kw), args_all, chain=chain,
+                                  long_chain=long_chain, copies=copies, warmup=warmup, reps=reps)
+                del args_all
                 cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
                 if copy:
                     cell["frac_copy_bw"] = cell["tb_s"] / copy["reference_tb_s"]

@@ -39,6 +39,17 @@ def test_decode_quick(tmp_path):
             assert cell["ms"] > 0 and cell["max_abs_err_vs_xla"] < 0.05, (peer, cell)
 
 
+def test_decode_sweep_quick(tmp_path):
+    out = tmp_path / "sweep.json"
+    r = subprocess.run([sys.executable, str(BENCH / "decode.py"), "--sweep", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    cells = data["results"]
+    assert cells and all(c.get("ms", 0) > 0 for c in cells if "error" not in c), cells
+    assert not [c for c in cells if "error" in c], cells
+
+
 def test_train_quick(tmp_path):
     data, _ = run_quick("train", tmp_path)
     impls = {r["attention"] for r in data["results"] if r.get("tokens_per_s")}
