@@ -510,17 +510,18 @@ def _run(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_s
         num_warps=int(DEFAULT_NUM_WARPS if num_warps is None else num_warps),
         num_stages=int(DEFAULT_NUM_STAGES if num_stages is None else num_stages),
         interpret=_backend.resolve_interpret(interpret), return_lse=bool(return_lse), name=name,
-        gather=PAGED_GATHER, fallback=bool(_UNIFIED_FALLBACK), preload=PRELOAD,
+        gather=PAGED_GATHER, fallback=bool(_UNIFIED_FALLBACK), preload=PRELOAD, combine=COMBINE,
     )
 
 
 @functools.partial(jax.jit, static_argnames=(
     "layout", "kv_heads", "tile", "pages_per_tile", "page_size", "num_pages", "kv_len",
     "max_len", "sm_scale", "softcap", "num_splits", "unified_max", "num_warps", "num_stages",
-    "interpret", "return_lse", "name", "gather", "fallback", "preload"))
+    "interpret", "return_lse", "name", "gather", "fallback", "preload", "combine"))
 def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
           num_pages, kv_len, max_len, sm_scale, softcap, num_splits, unified_max,
-          num_warps, num_stages, interpret, return_lse, name, gather, fallback, preload):
+          num_warps, num_stages, interpret, return_lse, name, gather, fallback, preload,
+          combine):
     batch, heads, head_dim = q.shape
     group = heads // kv_heads
     block_h = max(16, _next_pow2(group))
@@ -538,7 +539,9 @@ def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_
 
     qg = q.reshape(batch, kv_heads, group, head_dim)  # free: heads are kv-head major
     # Most tiles a split can own (its share of the longest possible sequence).
-    split_tiles = -(-(-(-max_len // tile)) // num_splits)
+    split_tiles = pl.cdiv(pl.cdiv(max_len, tile), num_splits)
+    if combine not in ("pallas", "xla"):
+        raise ValueError(f"flashjax.decode.COMBINE must be 'pallas' or 'xla', got {combine!r}")
     if preload not in ("auto", "always", "never"):
         raise ValueError(f"flashjax.decode.PRELOAD must be 'auto', 'always' or 'never', got {preload!r}")
     use = preload == "always" or (
@@ -590,7 +593,7 @@ def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_
         interpret=interpret,
         name=name,
     )(qg, k, v, bt, lengths)
-    if num_splits > 1 and COMBINE == "pallas":
+    if num_splits > 1 and combine == "pallas":
         o, lse2 = _combine_pallas(o, lse2, num_splits=num_splits, group=group,
                                   out_dtype=q.dtype, interpret=interpret)
     elif num_splits > 1:

@@ -5,6 +5,7 @@ once per call, so the number of calls is what the runtime depends on."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import jax
@@ -154,6 +155,18 @@ def test_combine_modes_many_splits(combine, monkeypatch):
     check(out, ref, jnp.float32)
     assert (np.asarray(out[2]) == 0).all() and np.isneginf(np.asarray(lse[2])).all()
     np.testing.assert_allclose(np.asarray(lse)[[0, 1, 3]], ref_lse[[0, 1, 3]], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,value,msg", [
+    ("COMBINE", "bogus", "flashjax.decode.COMBINE must be 'pallas' or 'xla', got 'bogus'"),
+    ("PRELOAD", "sometimes", "flashjax.decode.PRELOAD must be 'auto', 'always' or 'never', got 'sometimes'"),
+])
+def test_bad_module_switches_are_named(name, value, msg, monkeypatch):
+    monkeypatch.setattr(dec, name, value)
+    q, kp, vp, bt, ln = make_paged(3, batch=2, heads=4, kv_heads=2, head_dim=16, block_size=8,
+                                   max_blocks=4, lengths=[20, 5], dtype=jnp.float32)
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+        paged_decode_attention(q, kp, vp, bt, ln, num_splits=2)
 
 
 @pytest.mark.parametrize("gather", ["rows", "pages"])
