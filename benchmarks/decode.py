@@ -21,10 +21,11 @@ links the calls, stay in. The wall time per call of the long chain is kept in
 the JSON too (`wall_ms`). Caches smaller than 256 MiB are timed over several
 copies that the chain cycles through (`kv_copies`), so that every call reads
 its KV from HBM rather than from the 50 MB L2 that the previous call filled,
-as in a model, where each layer's cache is read once per step. All peers of a shape are compiled first and then
-timed in `--rounds` interleaved rounds of `--reps` runs each; a cell is the
-median of its per-round slopes (both caches stay resident when they fit, so
-the paged-vs-contiguous comparison is interleaved too). A device copy
+as in a model, where each layer's cache is read once per step. All peers of a
+shape are compiled first and then timed in `--rounds` interleaved rounds of
+`--reps` runs each; a cell is the median of its per-round slopes (both caches
+stay resident when they fit, so the paged-vs-contiguous comparison is
+interleaved too). A device copy
 (read + write of a 2 GiB buffer) measured in the same run gives the HBM
 bandwidth that the "% copy" columns refer to: the faster of XLA's best
 elementwise copy and the driver's memcpy (through torch, when installed).
@@ -179,19 +180,42 @@ def kv_copies(nbytes: int, interpret: bool) -> int:
     return int(min(64, math.ceil(ROTATE_BYTES / nbytes)))
 
 
-def measure(fn, args, *, chain, long_chain, copies, warmup, reps):
-    """Time per call as in run_config (slope between chains of `chain` and
-    `long_chain` calls cycling through `copies` KV copies), not interleaved."""
+def timing_plan(nbytes: int, interpret: bool):
+    """(n, 4n, copies): the two chain lengths whose slope is the time per call
+    (one chain in interpret mode), and the KV copies the chains cycle through."""
+    chain = 1 if interpret else pick_chain(nbytes)
+    return chain, (chain if interpret else 4 * chain), kv_copies(nbytes, interpret)
+
+
+def with_copies(q, kv, lengths, copies):
+    """Chain arguments (q, *kv, *kv copies, lengths); copies are distinct buffers."""
+    return (q, *kv, *[x.copy() for _ in range(copies - 1) for x in kv], lengths)
+
+
+def compile_pair(fn, args, plan):
+    """Both chains of a timing plan compiled; returns ({length: executable}, the
+    short chain's first output, its compile time in s)."""
+    chain, long_chain, copies = plan
     compiled, out, compile_s = compile_chain(fn, args, chain, copies)
     execs = {chain: compiled}
     if long_chain != chain:
         execs[long_chain] = compile_chain(fn, args, long_chain, copies)[0]
-    t = {}
-    for c, e in execs.items():
-        t[c] = common.time_call(e, args, warmup=max(0, warmup - 1), reps=reps)["ms"]
-    return {"compile_s": round(compile_s, 2), "ms": per_call_ms(t[chain], chain, t[long_chain], long_chain),
-            "wall_ms": t[long_chain] / long_chain, "chain": [chain, long_chain], "kv_copies": copies,
-            "reps": reps}, out
+    return execs, out, compile_s
+
+
+def time_pair(execs, args, plan, *, warmup, reps):
+    """(ms per call from the slope, wall ms per call of the long chain)."""
+    chain, long_chain, _ = plan
+    t = {c: common.time_call(e, args, warmup=warmup, reps=reps)["ms"] for c, e in execs.items()}
+    return per_call_ms(t[chain], chain, t[long_chain], long_chain), t[long_chain] / long_chain
+
+
+def measure(fn, args, plan, *, warmup, reps):
+    """compile_pair + time_pair for one configuration (not interleaved)."""
+    execs, out, compile_s = compile_pair(fn, args, plan)
+    ms, wall_ms = time_pair(execs, args, plan, warmup=max(0, warmup - 1), reps=reps)
+    return {"compile_s": round(compile_s, 2), "ms": ms, "wall_ms": wall_ms, "chain": list(plan[:2]),
+            "kv_copies": plan[2], "reps": reps}, out
 
 
 def copy_bandwidth(nbytes: int, *, warmup, reps) -> dict:
@@ -308,8 +332,9 @@ def per_call_ms(t_short, n_short, t_long, n_long):
 
 def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, rounds=3):
     """Time every peer at one (batch, context). All peers are compiled first and
-    then timed in `rounds` interleaved rounds (each peer `reps` calls per
-    round; the cell reports the median of the round medians), so a slow
+    then timed in `rounds` interleaved rounds (each round times both chains of
+    the plan, `reps` runs each; the cell reports the median of the per-round
+    per-call slopes), so a slow
     stretch of the GPU is shared by all peers instead of landing on one. Both
     caches (paged and dense) stay resident when they fit in 80% of the device
     memory; otherwise the paged and dense groups run one after the other."""
@@ -321,9 +346,7 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
     b, ctx = cfg["batch"], cfg["context"]
     heads, hkv, d, bs = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["block_size"]
     nbytes = kv_bytes(b, ctx, hkv, d, jnp.dtype(dtype).itemsize)
-    chain = 1 if interpret else pick_chain(nbytes)
-    long_chain = chain if interpret else 4 * chain  # interpret mode: one call, no slope
-    copies = kv_copies(nbytes, interpret)
+    plan = timing_plan(nbytes, interpret)
     xla = jax.jit(make_peer("xla", interpret=interpret))
     mem = common.device_memory_bytes()
     together = interpret or (mem is not None and 2 * nbytes <= 0.8 * mem)
@@ -349,24 +372,16 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
                 for p in todo:
                     cells[p] = {"error": common.describe_error(e)}
                 continue
-            kv_sets = list(kv)
-            for _ in range(copies - 1):  # distinct buffers with the same contents
-                kv_sets += [x.copy() for x in kv]
-            args = (q, *kv_sets, lengths)
-            del kv_sets
+            args = with_copies(q, kv, lengths, plan[2])
             for peer in todo:
                 try:
-                    fn = make_peer(peer, interpret=interpret)
-                    compiled, out, compile_s = compile_chain(fn, args, chain, copies)
+                    execs, out, compile_s = compile_pair(make_peer(peer, interpret=interpret), args, plan)
                     err = float(jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref)))
                     del out
-                    execs = {chain: compiled}
-                    if long_chain != chain:
-                        execs[long_chain] = compile_chain(fn, args, long_chain, copies)[0]
                     for c in execs.values():
                         for _ in range(max(0, warmup - 1)):
                             jax.block_until_ready(c(*args))
-                    cells[peer] = {"compile_s": round(compile_s, 2), "chain": [chain, long_chain],
+                    cells[peer] = {"compile_s": round(compile_s, 2), "chain": list(plan[:2]),
                                    "reps": reps, "rounds": rounds, "max_abs_err_vs_xla": err}
                     ready.append((peer, execs, args))
                 except Exception as e:  # noqa: BLE001
@@ -378,9 +393,9 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
         for _ in range(rounds):
             for peer, execs, args in ready:
                 try:
-                    t = {c: common.time_call(e, args, warmup=0, reps=reps)["ms"] for c, e in execs.items()}
-                    walls[peer].append(t[long_chain] / long_chain)
-                    medians[peer].append(per_call_ms(t[chain], chain, t[long_chain], long_chain))
+                    ms, wall_ms = time_pair(execs, args, plan, warmup=0, reps=reps)
+                    medians[peer].append(ms)
+                    walls[peer].append(wall_ms)
                 except Exception as e:  # noqa: BLE001
                     cells[peer] = {"error": common.describe_error(e)}
         for peer, _, _ in ready:
@@ -401,8 +416,8 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
     overhead = None
     if all("ms" in c for c in ours):
         overhead = 100.0 * (ours[0]["ms"] / ours[1]["ms"] - 1.0)
-    return {**cfg, "kv_bytes": nbytes, "chain": [chain, long_chain], "kv_copies": copies, "interleaved": bool(together), "peers": cells,
-            "paged_overhead_pct": overhead}
+    return {**cfg, "kv_bytes": nbytes, "chain": list(plan[:2]), "kv_copies": plan[2],
+            "interleaved": bool(together), "peers": cells, "paged_overhead_pct": overhead}
 
 
 def fmt_cell(cell):
@@ -516,9 +531,7 @@ def run_sweep(args) -> dict:
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     reps = args.reps if args.reps is not None else (1 if args.quick else 7)
     nbytes = kv_bytes(b, ctx, dims["kv_heads"], dims["head_dim"], dtype.itemsize)
-    chain = 1 if interpret else pick_chain(nbytes)
-    long_chain = chain if interpret else 4 * chain  # interpret mode: one call, no slope
-    copies = kv_copies(nbytes, interpret)
+    plan = timing_plan(nbytes, interpret)
     copy = None if interpret else copy_bandwidth(2 << 30, warmup=2, reps=10)
     print(f"# decode sweep on {info['device']}: batch {b}, context {ctx}, KV {nbytes / 1e6:.0f} MB"
           + (f", copy {copy['tb_s']:.3f} TB/s (torch memcpy {copy.get('torch_memcpy_tb_s', 'n/a')})"
@@ -546,9 +559,9 @@ def run_sweep(args) -> dict:
             saved = fd.PAGED_GATHER
             try:
                 fd.PAGED_GATHER = gather
-                args_all = (q, *kv, *[x.copy() for _ in range(copies - 1) for x in kv], lengths)
-                cell, _ = measure(make_peer(name, interpret=interpret, **kw), args_all, chain=chain,
-                                  long_chain=long_chain, copies=copies, warmup=warmup, reps=reps)
+                args_all = with_copies(q, kv, lengths, plan[2])
+                cell, _ = measure(make_peer(name, interpret=interpret, **kw), args_all, plan,
+                                  warmup=warmup, reps=reps)
                 del args_all
                 cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
                 if copy:
