@@ -48,6 +48,11 @@ MAX_HEAD_DIM = 256
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
+_TILE_FIELDS = ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_q_dq", "block_k_dq")
+_DQ_DEFAULTS = {"block_q_dq": "block_q_bwd", "block_k_dq": "block_k_bwd",
+                "num_warps_dq": "num_warps_bwd", "num_stages_dq": "num_stages_bwd"}
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes and launch parameters of the kernels.
@@ -64,15 +69,24 @@ class BlockSizes:
     num_stages: int | None = None
     num_warps_bwd: int | None = None
     num_stages_bwd: int | None = None
+    # The dQ kernel's own tiles and launch parameters. None: the default for the head
+    # dim, or the matching *_bwd value when that one is set.
+    block_q_dq: int | None = None  # dQ program's query rows
+    block_k_dq: int | None = None  # dQ loop step's keys
+    num_warps_dq: int | None = None
+    num_stages_dq: int | None = None
 
     def resolved(self, head_dim: int, interpret: bool) -> "BlockSizes":
         if interpret:  # small tiles: CPU tests exercise many tiles cheaply
             d = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16,
                      num_warps=4, num_stages=1, num_warps_bwd=4, num_stages_bwd=1)
         # Defaults from sweeps on an H100 (benchmarks/attention.py --sweep), bf16.
-        elif head_dim <= 64:  # backward 128x64: 1.46x faster than 64x64 (causal, seq 4k)
-            d = dict(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=64,
-                     num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
+        elif head_dim <= 64:
+            # Per-kernel profile sweep (causal, 12 heads, seq 1k/4k/16k), against the
+            # earlier 128x128 / 128x64 tiles: forward -6..-14%, dQ -13%, dK/dV -8..-17%.
+            d = dict(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64,
+                     num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=3,
+                     block_q_dq=64, block_k_dq=128, num_warps_dq=4, num_stages_dq=3)
         elif head_dim <= 128:
             d = dict(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64,
                      num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
@@ -83,7 +97,12 @@ class BlockSizes:
             val = getattr(self, f.name)
             if val is not None:
                 d[f.name] = int(val)
-        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+        for name, base in _DQ_DEFAULTS.items():
+            # A dQ field left as None follows its *_bwd field when that was given
+            # (or has no dQ-specific default).
+            if getattr(self, name) is None and (getattr(self, base) is not None or name not in d):
+                d[name] = d[base]
+        for name in _TILE_FIELDS:
             b = d[name]
             if b < 16 or b & (b - 1):
                 raise ValueError(f"block_sizes.{name} must be a power of two >= 16, got {b}")
@@ -539,12 +558,16 @@ def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
         delta = delta - dlse.astype(jnp.float32)
     lse2 = lse2.astype(jnp.float32)
 
-    # dQ: one program per (query tile, batch, head), streaming the key tiles it sees.
-    def q_tile(i, b, h):
-        return (n_q_tiles - 1 - i) if spec.causal else i
+    # dQ: one program per (query tile, batch, head), streaming the key tiles it sees;
+    # its own tiles (block_q_dq x block_k_dq).
+    bq_dq, bk_dq = bs.block_q_dq, bs.block_k_dq
+    n_q_dq = spec.q_pad // bq_dq
 
-    q_row = pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, q_tile(i, b, h), h, 0))
-    l_row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, q_tile(i, b, h)))
+    def q_tile(i, b, h):
+        return (n_q_dq - 1 - i) if spec.causal else i
+
+    q_row = pl.BlockSpec((None, bq_dq, None, d), lambda i, b, h: (b, q_tile(i, b, h), h, 0))
+    l_row = pl.BlockSpec((None, None, bq_dq), lambda i, b, h: (b, h, q_tile(i, b, h)))
     kv_all = pl.BlockSpec((None, spec.kv_pad, None, d), lambda i, b, h: (b, 0, h // group, 0))
     args, specs = _aux_inputs(
         spec, aux,
@@ -555,14 +578,14 @@ def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
         a2, s2 = _list_inputs(aux["dq_lists"], q_tile)
         args, specs = args + a2, specs + s2
     [dq] = _pallas(
-        functools.partial(_dq_kernel, spec=spec, bq=bq, bk=bk, n_k_tiles=n_k_tiles),
+        functools.partial(_dq_kernel, spec=spec, bq=bq_dq, bk=bk_dq, n_k_tiles=spec.kv_pad // bk_dq),
         spec=spec,
-        grid=(n_q_tiles, batch, heads),
+        grid=(n_q_dq, batch, heads),
         inputs=[q, k, v, do, lse2, delta, *args],
         in_specs=[q_row, kv_all, kv_all, q_row, l_row, l_row, *specs],
         out_specs=[q_row],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
-        warps=bs.num_warps_bwd, stages=bs.num_stages_bwd, name="flashjax_bwd_dq")
+        warps=bs.num_warps_dq, stages=bs.num_stages_dq, name="flashjax_bwd_dq")
 
     # dK, dV: one program per (key tile, batch, kv head), looping over the group's
     # query heads and the query tiles that see the key tile.
@@ -669,7 +692,7 @@ def _sparse_aux(spec, block_mask, sbs):
 
     return {
         "fwd_lists": expand(bs.block_q, spec.q_pad, bs.block_k, spec.kv_pad, False),
-        "dq_lists": expand(bs.block_q_bwd, spec.q_pad, bs.block_k_bwd, spec.kv_pad, False),
+        "dq_lists": expand(bs.block_q_dq, spec.q_pad, bs.block_k_dq, spec.kv_pad, False),
         "dkdv_lists": expand(bs.block_k_bwd, spec.kv_pad, bs.block_q_bwd, spec.q_pad, True),
     }
 
@@ -781,14 +804,12 @@ def flash_attention(
     def clamp(b, n):
         return min(b, max(16, pl.next_power_of_2(n)))
 
-    blocks = dataclasses.replace(
-        blocks,
-        block_q=clamp(blocks.block_q, q_len), block_k=clamp(blocks.block_k, kv_len),
-        block_q_bwd=clamp(blocks.block_q_bwd, q_len), block_k_bwd=clamp(blocks.block_k_bwd, kv_len))
+    blocks = dataclasses.replace(blocks, **{
+        name: clamp(getattr(blocks, name), q_len if name.startswith("block_q") else kv_len) for name in _TILE_FIELDS})
     sparse = block_mask is not None
     if sparse:
         sbs = int(sparse_block_size)
-        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+        for name in _TILE_FIELDS:
             if sbs % getattr(blocks, name):
                 raise ValueError(
                     f"sparse_block_size {sbs} must be a multiple of block_sizes.{name}="
@@ -798,8 +819,8 @@ def flash_attention(
             raise ValueError(
                 f"block_mask must have shape {want} (ceil(q_len/{sbs}), ceil(kv_len/{sbs})), "
                 f"got {tuple(jnp.shape(block_mask))}")
-    q_pad = _round_up(q_len, max(blocks.block_q, blocks.block_q_bwd))
-    kv_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_bwd))
+    q_pad = _round_up(q_len, max(blocks.block_q, blocks.block_q_bwd, blocks.block_q_dq))
+    kv_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_bwd, blocks.block_k_dq))
 
     aux: dict[str, Any] = {}
     if q_lengths is not None:

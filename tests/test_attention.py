@@ -74,9 +74,9 @@ def assert_close(actual, expected, tol, what):
 
 
 def check(request, *, batch=2, q_len, kv_len, heads=4, kv_heads=2, head_dim=32,
-          dtype=jnp.float32, grads=True, **kw):
+          dtype=jnp.float32, grads=True, block_sizes=None, **kw):
     q, k, v = make_qkv(_key(request), batch, q_len, kv_len, heads, kv_heads, head_dim, dtype)
-    o, lse = flash_attention(q, k, v, return_lse=True, poison_outputs=True, **kw)
+    o, lse = flash_attention(q, k, v, return_lse=True, poison_outputs=True, block_sizes=block_sizes, **kw)
     assert o.dtype == q.dtype and o.shape == q.shape
     ref_o, ref_lse = reference(q, k, v, return_lse=True, **kw)
     assert_close(o, ref_o, TOL[dtype], "output")
@@ -88,7 +88,8 @@ def check(request, *, batch=2, q_len, kv_len, heads=4, kv_heads=2, head_dim=32,
     if not grads:
         return
     ct = jax.random.normal(jax.random.fold_in(_key(request), 7), o.shape, jnp.float32).astype(dtype)
-    _, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, poison_outputs=True, **kw), q, k, v)
+    _, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, poison_outputs=True, block_sizes=block_sizes,
+                                                     **kw), q, k, v)
     got = vjp(ct)
     want = reference_grads(q, k, v, ct, **kw)
     for name, g, w in zip("qkv", got, want):
@@ -192,6 +193,34 @@ def test_block_sparse_all_masked_row_is_zero(request):
     g = jax.grad(lambda q: jnp.sum(flash_attention(q, k, v, block_mask=mask, sparse_block_size=sbs)))(q)
     assert np.all(np.isfinite(np.asarray(g)))
     check(request, q_len=n, kv_len=n, block_mask=mask, sparse_block_size=sbs)
+
+
+@pytest.mark.parametrize("dq_tiles", [(16, 32), (32, 16)])
+def test_dq_kernel_own_tiles(request, dq_tiles):
+    # The dQ kernel tiles differently from the dK/dV kernel: causal band edges,
+    # ragged tails, a window and block-sparse lists must still line up.
+    bq, bk = (S(t, 4 * t) for t in dq_tiles)
+    blocks = BlockSizes(block_q_bwd=S(16, 64), block_k_bwd=S(16, 64), block_q_dq=bq, block_k_dq=bk,
+                        num_warps_dq=4, num_stages_dq=S(1, 2))
+    check(request, q_len=S(45, 333), kv_len=S(45, 333), causal=True, block_sizes=blocks)
+    check(request, q_len=S(40, 300), kv_len=S(64, 500), window=(S(9, 70), 3), block_sizes=blocks,
+          kv_lengths=jnp.array([S(50, 400), S(23, 170)], jnp.int32))
+    sbs = S(32, 128)
+    n = S(70, 700)
+    nb = -(-n // sbs)
+    mask = np.random.default_rng(SEED + 11).random((nb, nb)) < 0.5
+    mask[0, 0] = True
+    check(request, q_len=n, kv_len=n, block_mask=jnp.asarray(mask), sparse_block_size=sbs,
+          causal=True, block_sizes=blocks)
+
+
+def test_dq_block_sizes_follow_bwd_when_unset():
+    base = BlockSizes().resolved(64, interpret=False)
+    assert (base.block_q_dq, base.block_k_dq) == (64, 128)  # head_dim 64's own dQ tiles
+    moved = BlockSizes(block_q_bwd=128, num_stages_bwd=2).resolved(64, interpret=False)
+    assert (moved.block_q_dq, moved.num_stages_dq, moved.block_k_dq) == (128, 2, 128)
+    d128 = BlockSizes(block_k_bwd=32, num_warps_dq=8).resolved(128, interpret=False)
+    assert (d128.block_k_dq, d128.block_q_dq, d128.num_warps_dq) == (32, d128.block_q_bwd, 8)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256, 80])
@@ -324,6 +353,7 @@ def test_bad_shapes_and_dtypes(mutate, exc, msg):
     (dict(window="wide"), ValueError, "window"),
     (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
     (dict(block_sizes=BlockSizes(block_q=48)), ValueError, "power of two"),
+    (dict(block_sizes=BlockSizes(block_k_dq=8)), ValueError, "block_sizes.block_k_dq must be a power of two"),
 ])
 def test_bad_options(kw, exc, msg):
     with pytest.raises(exc, match=msg):
