@@ -56,6 +56,18 @@ def test_train_quick(tmp_path):
     assert {"flash", "xla"} <= impls, data["results"]
 
 
+def test_kernels_quick(tmp_path):
+    data, stdout = run_quick("kernels", tmp_path)
+    assert data["device"] and data["versions"]["jax"] and set(data["configs"]) == {"default", "previous"}
+    [row] = data["results"]
+    for name in ("default", "previous"):
+        cell = row["peers"][name]
+        assert cell["wall_ms"] > 0 and cell["max_abs_diff_vs_first"] < 0.05, cell
+    assert row["peers"]["previous"]["block_sizes"]["block_q_bwd"] == 128  # the named config took effect
+    assert row["peers"]["default"]["block_sizes"] != row["peers"]["previous"]["block_sizes"]
+    assert "fwd / dq / dkdv (all)" in stdout
+
+
 def test_generate_quick(tmp_path):
     data, stdout = run_quick("generate", tmp_path, "--peers", "paged", "dense")
     peers = {(r["batch"], r["peer"]) for r in data["results"] if "error" not in r}
@@ -100,7 +112,9 @@ def test_serve_sharegpt_workload_is_seeded_and_bounded():
 
 def test_bad_benchmark_options_are_named():
     for script, args, msg in (("serve", ["--lengths", "bogus"], "invalid choice: 'bogus'"),
-                              ("decode", ["--rounds", "0"], "--rounds must be at least 1, got 0")):
+                              ("decode", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
+                              ("kernels", ["--shapes", "1x64x2"], "expected BATCHxSEQxHEADSxHEAD_DIM, got '1x64x2'"),
+                              ("kernels", ["--reps", "0"], "--reps must be at least 1, got 0")):
         r = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and msg in r.stderr, (script, r.stderr[-2000:])
