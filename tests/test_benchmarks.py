@@ -157,3 +157,11 @@ def test_decode_chain_cycles_through_kv_copies():
     assert decode.kv_copies(4 * 2**20, False) == 64
     assert decode.kv_copies(100 * 2**20, False) == 3
     assert decode.kv_copies(4 * 2**20, True) == 1
+
+
+def test_kernels_rejects_unknown_configs():
+    for cfg, msg in (("nope", "'nope' is neither one of ['default', 'previous'] nor a JSON object"),
+                     ('{"block_qq": 16}', "does not fit flashjax.BlockSizes")):
+        r = subprocess.run([sys.executable, str(BENCH / "kernels.py"), "--quick", "--configs", cfg],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and msg in r.stderr, (cfg, r.stderr[-2000:])
