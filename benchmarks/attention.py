@@ -402,18 +402,13 @@ def run_sweep(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    import flashjax
-
     cands = json.loads(open(args.sweep_configs).read()) if args.sweep_configs else SWEEP_CONFIGS
     if args.quick and not args.sweep_configs:
         cands = cands[:3]
     if len(cands) > 12:
         raise SystemExit(f"--sweep: {len(cands)} configs; keep it to 12 or fewer")
-    try:  # validate all first: an unknown field must fail loudly, before any timing
-        block_sizes = [dataclasses.replace(flashjax.BlockSizes(), **cfg) for cfg in cands]
-    except TypeError as exc:
-        fields = [f.name for f in dataclasses.fields(flashjax.BlockSizes)]
-        raise SystemExit(f"--sweep: a config does not fit flashjax.BlockSizes (fields: {fields}): {exc}")
+    # Validate all first: an unknown field must fail loudly, before any timing.
+    block_sizes = [common.block_sizes(cfg, "--sweep: a config") for cfg in cands]
 
     info = common.env_info()
     shape = QUICK["headline"] if args.quick else HEADLINE

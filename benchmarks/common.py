@@ -118,6 +118,19 @@ def describe_error(exc: BaseException) -> str:
 # Output
 # ---------------------------------------------------------------------------
 
+def block_sizes(overrides: dict, what: str):
+    """flashjax.BlockSizes() with `overrides`; an unknown field exits naming `what`."""
+    import dataclasses
+
+    import flashjax
+
+    try:
+        return dataclasses.replace(flashjax.BlockSizes(), **overrides)
+    except TypeError as exc:
+        fields = [f.name for f in dataclasses.fields(flashjax.BlockSizes)]
+        raise SystemExit(f"{what} does not fit flashjax.BlockSizes (fields: {fields}): {exc}")
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
               for i, h in enumerate(headers)]

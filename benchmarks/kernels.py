@@ -56,11 +56,8 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return vals
 
 
-def parse_config(text: str) -> tuple[str, dict]:
-    import dataclasses
-
-    import flashjax
-
+def parse_config(text: str):
+    """A --configs entry -> (name, overrides, flashjax.BlockSizes)."""
     if text in NAMED:
         cfg = NAMED[text]
     else:
@@ -70,12 +67,7 @@ def parse_config(text: str) -> tuple[str, dict]:
             cfg = None
         if not isinstance(cfg, dict):
             raise SystemExit(f"--configs: {text!r} is neither one of {sorted(NAMED)} nor a JSON object")
-    try:
-        dataclasses.replace(flashjax.BlockSizes(), **cfg)
-    except TypeError as exc:
-        fields = [f.name for f in dataclasses.fields(flashjax.BlockSizes)]
-        raise SystemExit(f"--configs: {text!r} does not fit flashjax.BlockSizes (fields: {fields}): {exc}")
-    return text, cfg
+    return text, cfg, common.block_sizes(cfg, f"--configs: {text!r}")
 
 
 def device_kernel_us(fn, args, reps: int) -> tuple[dict, float]:
@@ -131,7 +123,6 @@ def measure_shape(shape, configs, reps: int, with_cudnn: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
-    import flashjax
     from flashjax._backend import resolve_interpret
 
     b, s, h, d = shape
@@ -139,8 +130,7 @@ def measure_shape(shape, configs, reps: int, with_cudnn: bool) -> dict:
     q, k, v, do = (jax.random.normal(kk, (b, s, h, d), jnp.bfloat16) for kk in keys)
     row: dict = {"batch": b, "seq": s, "heads": h, "head_dim": d, "causal": True, "peers": {}}
     ref = None
-    for name, cfg in configs:
-        blocks = dataclasses.replace(flashjax.BlockSizes(), **cfg)
+    for name, _, blocks in configs:
         try:
             fn = grad_fn("flash", blocks, do)
             grads = fn(q, k, v)
@@ -148,11 +138,11 @@ def measure_shape(shape, configs, reps: int, with_cudnn: bool) -> dict:
         except Exception as exc:  # noqa: BLE001 - recorded in the table
             row["peers"][name] = {"error": common.describe_error(exc)}
             continue
-        cell = {"block_sizes": dataclasses.asdict(blocks.resolved(d, resolve_interpret(None))),
-                "wall_ms": wall, "kernels_us": {}}
+        by_kernel: dict = collections.defaultdict(float)
         for kname, us in totals.items():
-            cell["kernels_us"][KERNELS.get(kname, "other")] = cell["kernels_us"].get(
-                KERNELS.get(kname, "other"), 0.0) + us
+            by_kernel[KERNELS.get(kname, "other")] += us
+        cell = {"block_sizes": dataclasses.asdict(blocks.resolved(d, resolve_interpret(None))),
+                "wall_ms": wall, "kernels_us": dict(by_kernel)}
         if ref is None:
             ref = grads
             cell["max_abs_diff_vs_first"] = 0.0
@@ -171,7 +161,7 @@ def measure_shape(shape, configs, reps: int, with_cudnn: bool) -> dict:
 
 
 def table(data: dict) -> str:
-    names = [n for n in data["configs"]]
+    names = list(data["configs"])
     headers = ["batch x seq x heads x d"]
     for n in names:
         headers += [f"{n} fwd / dq / dkdv (all) µs"]
@@ -220,11 +210,11 @@ def main(argv=None) -> int:
     info = common.env_info()
     with_cudnn = jax.default_backend() == "gpu"
     data = {**info, "benchmark": "kernels", "quick": args.quick, "dtype": "bfloat16", "reps": args.reps,
-            "configs": {n: c for n, c in configs}, "with_cudnn": with_cudnn,
+            "configs": {n: c for n, c, _ in configs}, "with_cudnn": with_cudnn,
             "note": "device time per call from jax.profiler (GPU stream events), mean over reps",
             "results": []}
     path = args.out or common.results_path("kernels", info["device"], quick=args.quick)
-    print(f"kernel profile on {info['device']}: configs {[n for n, _ in configs]}", flush=True)
+    print(f"kernel profile on {info['device']}: configs {[n for n, _, _ in configs]}", flush=True)
     for shape in shapes:
         data["results"].append(measure_shape(shape, configs, args.reps, with_cudnn))
         common.write_json(data, path)

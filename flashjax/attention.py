@@ -80,7 +80,8 @@ class BlockSizes:
         if interpret:  # small tiles: CPU tests exercise many tiles cheaply
             d = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16,
                      num_warps=4, num_stages=1, num_warps_bwd=4, num_stages_bwd=1)
-        # Defaults from sweeps on an H100 (benchmarks/attention.py --sweep), bf16.
+        # Defaults from sweeps on an H100, bf16 (benchmarks/attention.py --sweep; for
+        # head_dim 64 per kernel, benchmarks/kernels.py compares them with the previous).
         elif head_dim <= 64:
             # Per-kernel profile sweep (causal, 12 heads, seq 1k/4k/16k), against the
             # earlier 128x128 / 128x64 tiles: forward -6..-14%, dQ -13%, dK/dV -8..-17%.

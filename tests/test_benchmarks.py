@@ -165,3 +165,11 @@ def test_kernels_rejects_unknown_configs():
         r = subprocess.run([sys.executable, str(BENCH / "kernels.py"), "--quick", "--configs", cfg],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 1 and msg in r.stderr, (cfg, r.stderr[-2000:])
+
+
+def test_attention_sweep_rejects_an_unknown_field(tmp_path):
+    cfgs = tmp_path / "cfgs.json"
+    cfgs.write_text('[{"block_qq": 16}]')
+    r = subprocess.run([sys.executable, str(BENCH / "attention.py"), "--sweep", "--quick", "--sweep-configs", str(cfgs)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--sweep: a config does not fit flashjax.BlockSizes" in r.stderr, r.stderr[-2000:]
