@@ -354,7 +354,8 @@ def test_bad_shapes_and_dtypes(mutate, exc, msg):
     (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
     (dict(block_sizes=BlockSizes(block_q=48)), ValueError, "power of two"),
     (dict(block_sizes=BlockSizes(block_k_dq=8)), ValueError, "block_sizes.block_k_dq must be a power of two"),
-    (dict(block_mask=jnp.ones((2, 2), bool), sparse_block_size=16, block_sizes=BlockSizes(block_q_dq=32)),
+    (dict(block_mask=jnp.ones((2, 2), bool), sparse_block_size=16,
+          block_sizes=BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16, block_k_dq=16, block_q_dq=32)),
      ValueError, "sparse_block_size 16 must be a multiple of block_sizes.block_q_dq=32"),
 ])
 def test_bad_options(kw, exc, msg):
