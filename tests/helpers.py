@@ -77,3 +77,31 @@ class KeySeq:
         keys = jax.random.split(self._key, n + 1)
         self._key = keys[0]
         return tuple(keys[1:])
+
+
+# Tiny Hugging Face architectures (transformers config class, kwargs) shared by
+# tests/test_hf.py and tests/data/hf/make.py. initializer_range 0.2 makes the logits
+# peaked enough that greedy decoding does not hinge on float rounding.
+HF_TINY_VOCAB = 96
+HF_TINY = {
+    "gpt2": ("GPT2Config", dict(
+        vocab_size=HF_TINY_VOCAB, n_positions=48, n_embd=32, n_head=4, n_layer=2, initializer_range=0.2,
+        bos_token_id=0, eos_token_id=0,
+    )),
+    "llama": ("LlamaConfig", dict(
+        vocab_size=HF_TINY_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-5,
+        initializer_range=0.2, tie_word_embeddings=False,
+    )),
+    "mistral": ("MistralConfig", dict(
+        vocab_size=HF_TINY_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, sliding_window=4,
+        initializer_range=0.2, tie_word_embeddings=True,
+    )),
+}
+HF_TINY_GREEDY = 10  # new tokens in the greedy check (mistral: 16 positions against a window of 4)
+
+
+def hf_tiny_ids(seed: int, shape=(2, 12)) -> np.ndarray:
+    """Token ids for the tiny Hugging Face models (int64, like torch.long)."""
+    return np.random.RandomState(seed).randint(0, HF_TINY_VOCAB, shape).astype(np.int64)
