@@ -143,6 +143,13 @@ def test_softcap(request):
     check(request, q_len=S(40, 300), kv_len=S(40, 300), softcap=3.0, causal=True, sm_scale=0.5)
 
 
+@pytest.mark.parametrize("sm_scale", [-0.4, 0.0, 2.0])
+def test_sm_scale_sign(request, sm_scale):
+    """A positive scale is folded into the exponent (exp2(s * c - m)); zero and negative
+    scales take the plain multiply. Each against the reference, with gradients."""
+    check(request, q_len=S(33, 200), kv_len=S(33, 200), causal=True, sm_scale=sm_scale)
+
+
 def test_lengths_padded_batch(request):
     b = 3
     q_len, kv_len = S(40, 300), S(56, 420)
