@@ -214,24 +214,11 @@ def _dot(a, b, trans_b=False):
 
 
 def _scores(spec, s):
-    """Raw q.k -> (scores, tanh for the backward or None, scale c): the scores in log2
-    units (soft-cap applied) are `scores * c`.
-
-    Without soft-capping and with a positive sm_scale, c is the log2 scale and the
-    multiply is left to the caller, which folds it into the exponent's subtraction
-    (`exp2(s * c - m)`: one fused multiply-add per element instead of a multiply and a
-    subtract). A positive scale commutes with the row max and with -inf masking, and
-    max(s) * c rounds to the same float as max(s * c). Otherwise c is 1.0.
-    """
+    """Raw q.k -> scores in log2 units (soft-cap applied). Also returns tanh for the backward."""
     if spec.softcap is None:
-        c = spec.sm_scale * LOG2E
-        return (s, None, c) if c > 0 else (s * c, None, 1.0)
+        return s * (spec.sm_scale * LOG2E), None
     t = jnp.tanh(s * (spec.sm_scale / spec.softcap))
-    return t * (spec.softcap * LOG2E), t, 1.0
-
-
-def _scaled(x, c: float):
-    return x if c == 1.0 else x * c
+    return t * (spec.softcap * LOG2E), t
 
 
 def _unpack_aux(spec, refs):
@@ -316,18 +303,18 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: _Spec, bq: int, bk: int, n_k_t
         k_start = pl.multiple_of(kt * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        s, _, c = _scores(spec, _dot(q, k, trans_b=True))
+        s, _ = _scores(spec, _dot(q, k, trans_b=True))
         cols = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         mask = data_mask(cols, k_start)
         if geometric:
             mask = _and(mask, _geometry_mask(spec, rows, cols, mask_tail=True))
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m_prev, _scaled(jnp.max(s, axis=1), c))
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         # A row with no visible key yet keeps m = -inf; use 0 there so exp2 gives 0, not NaN.
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m_prev - m_use)
-        p = jnp.exp2(_scaled(s, c) - m_use[:, None])
+        p = jnp.exp2(s - m_use[:, None])
         l_new = l_prev * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, l_new
@@ -449,7 +436,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _Sp
         k_start = pl.multiple_of(kt * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        s, t, c = _scores(spec, _dot(q, k, trans_b=True))
+        s, t = _scores(spec, _dot(q, k, trans_b=True))
         cols = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         mask = None
         if spec.has_kv_lengths:
@@ -462,7 +449,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _Sp
             mask = _and(mask, _geometry_mask(spec, rows, cols, mask_tail=True))
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
-        p = jnp.exp2(_scaled(s, c) - lse[:, None])
+        p = jnp.exp2(s - lse[:, None])
         dp = _dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
         if t is not None:
@@ -495,7 +482,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _
         do = do_ref[pl.ds(q_start, bq), g, :]
         lse = lse_ref[g, pl.ds(q_start, bq)]
         delta = delta_ref[g, pl.ds(q_start, bq)]
-        s_t, t, c = _scores(spec, _dot(k, q, trans_b=True))  # [bk, bq]
+        s_t, t = _scores(spec, _dot(k, q, trans_b=True))  # [bk, bq]
         rows = q_start + lax.broadcasted_iota(jnp.int32, (1, bq), 1)  # query positions
         mask = None
         if spec.has_kv_lengths:
@@ -513,7 +500,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _
                 mask = _and(mask, diff >= -spec.left)
         if mask is not None:
             s_t = jnp.where(mask, s_t, -jnp.inf)
-        p_t = jnp.exp2(_scaled(s_t, c) - lse[None, :])
+        p_t = jnp.exp2(s_t - lse[None, :])
         dv = dv + _dot(p_t.astype(do.dtype), do)
         dp_t = _dot(v, do, trans_b=True)
         ds_t = p_t * (dp_t - delta[None, :])
