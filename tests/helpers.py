@@ -105,3 +105,13 @@ HF_TINY_GREEDY = 10  # new tokens in the greedy check (mistral: 16 positions aga
 def hf_tiny_ids(seed: int, shape=(2, 12)) -> np.ndarray:
     """Token ids for the tiny Hugging Face models (int64, like torch.long)."""
     return np.random.RandomState(seed).randint(0, HF_TINY_VOCAB, shape).astype(np.int64)
+
+
+def check_hf_tiny_config(name: str, c) -> None:
+    """The flashjax ModelConfig that from_pretrained made of HF_TINY[name] (float32)."""
+    assert c.dtype == c.param_dtype == "float32"
+    assert c.family == ("gpt2" if name == "gpt2" else "llama")
+    if name == "mistral":
+        assert c.sliding_window == 4 and c.kv_heads == 1 and c.tied
+    if name == "llama":
+        assert c.kv_heads == 2 and c.rope_theta == 500.0 and not c.tied

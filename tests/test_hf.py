@@ -32,7 +32,7 @@ from flashjax.models import hf  # noqa: E402
 from flashjax.models.config import ModelConfig  # noqa: E402
 from flashjax.models.generate import DenseCacheSampler, load_model  # noqa: E402
 from flashjax.models.gpt import build_model  # noqa: E402
-from helpers import HF_TINY, HF_TINY_VOCAB  # noqa: E402
+from helpers import HF_TINY, HF_TINY_VOCAB, check_hf_tiny_config  # noqa: E402
 
 VOCAB = HF_TINY_VOCAB
 ATOL = 1e-4
@@ -87,13 +87,7 @@ def test_logits_match_transformers(saved, name):
     hf_model, d = saved[name]
     model, tok = from_pretrained(d, attention="xla")
     assert tok is None  # no tokenizer.json in these directories
-    c = model.config
-    assert c.dtype == c.param_dtype == "float32"
-    assert c.family == ("gpt2" if name == "gpt2" else "llama")
-    if name == "mistral":
-        assert c.sliding_window == 4 and c.kv_heads == 1 and c.tied
-    if name == "llama":
-        assert c.kv_heads == 2 and c.rope_theta == 500.0 and not c.tied
+    check_hf_tiny_config(name, model.config)
     ids = _ids(1)
     ours = _logits(model, ids)
     ref = _hf_logits(hf_model, ids)

@@ -23,7 +23,7 @@ from flashjax.models import hf
 from flashjax.models.config import ModelConfig
 from flashjax.models.generate import DenseCacheSampler
 from flashjax.models.gpt import abstract_model, build_model
-from helpers import HF_TINY, HF_TINY_GREEDY, HF_TINY_VOCAB, hf_tiny_ids
+from helpers import HF_TINY, HF_TINY_GREEDY, HF_TINY_VOCAB, check_hf_tiny_config, hf_tiny_ids
 
 DATA = Path(__file__).resolve().parent / "data" / "hf"
 ATOL = 1e-4
@@ -59,13 +59,7 @@ def test_reference_data_is_what_the_tests_expect():
 def test_logits_match_reference(name):
     model, tok = from_pretrained(DATA / name, attention="xla")
     assert tok is None  # no tokenizer.json in these directories
-    c = model.config
-    assert c.dtype == c.param_dtype == "float32"
-    assert c.family == ("gpt2" if name == "gpt2" else "llama")
-    if name == "mistral":
-        assert c.sliding_window == 4 and c.kv_heads == 1 and c.tied
-    if name == "llama":
-        assert c.kv_heads == 2 and c.rope_theta == 500.0 and not c.tied
+    check_hf_tiny_config(name, model.config)
     ref = _reference(name)
     ours = _logits(model, ref["ids"])
     assert ours.shape == (2, 12, HF_TINY_VOCAB) and ours.dtype == np.float32
