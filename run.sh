@@ -4,6 +4,8 @@
 #   bash run.sh [ARGS]      set up .venv, then run the main job (main_job below)
 #   bash run.sh test [ARGS] set up .venv, then: python -m pytest -q tests [ARGS]
 #                           (if ARGS name test files/dirs, those replace `tests`)
+#   bash run.sh extras      print the pip extras set-up would install (and why
+#                           any is left out); changes nothing
 #
 # Environment knobs (all optional):
 #   PYTHON=/path/to/python3.12   interpreter to build .venv from (>= 3.12)
@@ -115,8 +117,32 @@ EOF
     exit 1
 }
 
-setup_venv() {
-    local py py_base want_extras system_site stamp_now venv_base
+# hf: torch + transformers for tests/test_hf.py. A system-site interpreter that may be
+# offline gets it only when it already has them, so pip has nothing to download.
+# Elsewhere it needs disk: torch's PyPI wheel for Linux is a CUDA build (torch, triton
+# and nvidia-* libraries: about 6 GB installed, 3 GB more while pip unpacks). With less
+# free than FLASHJAX_HF_MIN_FREE_GB (default 12) it is left out: test_hf.py then skips,
+# saying so, and test_hf_golden.py still checks checkpoint loading against numbers
+# transformers wrote (tests/data/hf). Succeeds when hf should be installed.
+want_hf() {
+    local py="$1" system_site="$2" free_gb mount min_gb="${FLASHJAX_HF_MIN_FREE_GB:-12}"
+    if "$py" -c 'import torch, transformers, safetensors, jinja2' >/dev/null 2>&1 \
+        || { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import torch, transformers' >/dev/null 2>&1; }; then
+        return 0
+    fi
+    [ "$system_site" = 0 ] || return 1
+    read -r free_gb mount < <(df -Pk "$ROOT" 2>/dev/null | awk 'NR == 2 { printf "%d %s\n", $4 / 1048576, $6 }') || true
+    if [ -z "${free_gb:-}" ] || [ "$free_gb" -ge "$min_gb" ]; then
+        return 0
+    fi
+    say "Leaving out the hf extra (torch + transformers, about 9 GB to install): only ${free_gb} GB free"
+    say "  on $mount, FLASHJAX_HF_MIN_FREE_GB=$min_gb. tests/test_hf.py will skip; tests/test_hf_golden.py"
+    say "  still checks checkpoints against transformers' numbers. Force it: FLASHJAX_EXTRAS=test,serve,hf"
+    return 1
+}
+
+# Sets py, py_base, system_site and want_extras: the interpreter and what to install.
+choose_setup() {
     if [ -n "${PYTHON:-}" ] && ! probe_python "$PYTHON" >/dev/null; then
         die "PYTHON=$PYTHON is not a working Python >= $MIN_PY_MAJOR.$MIN_PY_MINOR with the venv module (unset it to search)."
     fi
@@ -140,26 +166,8 @@ setup_venv() {
         if [ "$system_site" = 0 ] || "$py" -c 'import fastapi, uvicorn, httpx' >/dev/null 2>&1; then
             want_extras="$want_extras,serve"
         fi
-        # hf: torch + transformers for tests/test_hf.py. A system-site interpreter that
-        # may be offline gets it only when it already has them, so pip has nothing to
-        # download. Elsewhere it needs disk: torch's PyPI wheel for Linux is a CUDA build
-        # (torch, triton and nvidia-* libraries: about 6 GB installed, 3 GB more while
-        # pip unpacks). With less free than that (FLASHJAX_HF_MIN_FREE_GB, default 12)
-        # it is left out: test_hf.py then skips, saying so, and test_hf_golden.py still
-        # checks checkpoint loading against numbers transformers wrote (tests/data/hf).
-        if "$py" -c 'import torch, transformers, safetensors, jinja2' >/dev/null 2>&1 \
-            || { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import torch, transformers' >/dev/null 2>&1; }; then
+        if want_hf "$py" "$system_site"; then
             want_extras="$want_extras,hf"
-        elif [ "$system_site" = 0 ]; then
-            local free_gb min_gb="${FLASHJAX_HF_MIN_FREE_GB:-12}"
-            free_gb="$(df -Pk "$ROOT" 2>/dev/null | awk 'NR == 2 { printf "%d", $4 / 1048576 }')"
-            if [ -z "$free_gb" ] || [ "$free_gb" -ge "$min_gb" ]; then
-                want_extras="$want_extras,hf"
-            else
-                say "Leaving out the hf extra (torch + transformers, about 9 GB to install): only ${free_gb} GB free"
-                say "  on $(df -Pk "$ROOT" | awk 'NR == 2 { print $6 }'), FLASHJAX_HF_MIN_FREE_GB=$min_gb. tests/test_hf.py will skip; tests/test_hf_golden.py"
-                say "  still checks checkpoints against transformers' numbers. Force it: FLASHJAX_EXTRAS=test,serve,hf"
-            fi
         fi
         # Outside system-site mode a GPU needs the CUDA plugin from pip.
         if [ "$system_site" = 0 ] && command -v nvidia-smi >/dev/null 2>&1 \
@@ -167,6 +175,11 @@ setup_venv() {
             want_extras="$want_extras,gpu"
         fi
     fi
+}
+
+setup_venv() {
+    local stamp_now venv_base
+    choose_setup
 
     # (Re)create .venv when missing, broken, or built from another interpreter.
     if [ -x "$VENV/bin/python" ]; then
@@ -248,6 +261,12 @@ run_tests() {
     done
     exec "$VENV/bin/python" -m pytest -q "${target[@]}" "$@"
 }
+
+if [ "${1:-}" = extras ]; then  # what set-up would install, and why; changes nothing
+    choose_setup
+    echo "$want_extras"
+    exit 0
+fi
 
 # One set-up at a time per checkout (parallel runs would race on .venv).
 if command -v flock >/dev/null 2>&1; then

@@ -96,3 +96,29 @@ def test_pip_install_non_editable(tmp_path):
     proc = subprocess.run([script, "--help"], capture_output=True, text=True, env=_clean_env(), cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
     assert "usage: flashjax" in proc.stdout and "demo" in proc.stdout
+
+
+@pytest.mark.parametrize("min_free_gb,want_hf", [(0, True), (10**9, False)])
+def test_run_sh_leaves_hf_out_when_disk_is_short(tmp_path, min_free_gb, want_hf):
+    """`bash run.sh extras`: with an interpreter that has no torch, the hf extra (torch's
+    ~9 GB CUDA wheel) is chosen only with FLASHJAX_HF_MIN_FREE_GB free, else left out
+    with a note that says why and how to force it."""
+    root = tmp_path / "checkout"
+    root.mkdir()
+    shutil.copy(REPO / "run.sh", root / "run.sh")
+    bare = tmp_path / "bare"  # no torch, no jax: a fresh, non-system-site set-up
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(bare)
+    env = _clean_env() | {"PYTHON": str(bare / "bin" / "python"), "FLASHJAX_HF_MIN_FREE_GB": str(min_free_gb)}
+    for k in ("FLASHJAX_EXTRAS", "FLASHJAX_SYSTEM_SITE"):
+        env.pop(k, None)
+    r = subprocess.run(["bash", str(root / "run.sh"), "extras"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    extras = r.stdout.strip().split(",")
+    assert extras[:2] == ["test", "serve"]
+    assert ("hf" in extras) == want_hf
+    assert not (root / ".venv").exists()  # `extras` sets nothing up
+    if want_hf:
+        assert "Leaving out the hf extra" not in r.stderr
+    else:
+        assert "Leaving out the hf extra" in r.stderr and f"FLASHJAX_HF_MIN_FREE_GB={min_free_gb}" in r.stderr
+        assert "FLASHJAX_EXTRAS=test,serve,hf" in r.stderr
