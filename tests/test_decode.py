@@ -165,7 +165,7 @@ def test_bad_module_switches_are_named(name, value, msg, monkeypatch):
     monkeypatch.setattr(dec, name, value)
     q, kp, vp, bt, ln = make_paged(3, batch=2, heads=4, kv_heads=2, head_dim=16, block_size=8,
                                    max_blocks=4, lengths=[20, 5], dtype=jnp.float32)
-    with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(msg)):
         paged_decode_attention(q, kp, vp, bt, ln, num_splits=2)
 
 
