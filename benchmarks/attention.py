@@ -1,8 +1,9 @@
-"""Attention benchmark: flashjax vs. cuDNN, XLA and JAX's bundled Pallas op.
+"""Attention benchmark: flashjax vs. cuDNN, XLA and JAX's bundled Pallas ops.
 
     python benchmarks/attention.py                 # full GPU run (~4 min on an H100)
     python benchmarks/attention.py --quick         # tiny sizes: CPU smoke test
     python benchmarks/attention.py --plot --readme # also a PNG and the README section
+    python benchmarks/attention.py --dtype float16 # float16 (the only dtype of JAX's Mosaic GPU op)
     python benchmarks/attention.py --sweep         # only: time flashjax block_sizes candidates
 
 Measures TFLOP/s of the forward and forward+backward passes, causal and not,
@@ -34,6 +35,9 @@ PEERS = {
     "flashjax": "flashjax.flash_attention (Pallas; compiled on GPU, interpret mode on CPU)",
     "cudnn": 'jax.nn.dot_product_attention(implementation="cudnn")',
     "pallas_mha": "jax.experimental.pallas.ops.gpu.attention.mha (JAX's bundled Pallas op, default blocks)",
+    "pallas_mgpu": ("jax.experimental.pallas.ops.gpu.attention_mgpu.attention (JAX's bundled Mosaic GPU "
+                    "FlashAttention-3 op; Hopper, float16 only, no causal backward; q pre-multiplied by "
+                    "sm_scale since the op has no scale; blocks 64x128, 2 stages, backward 64x64)"),
     "xla": 'jax.nn.dot_product_attention(implementation="xla")',
 }
 MODES = ("fwd", "fwd_bwd")
@@ -81,6 +85,20 @@ def _load_pallas_mha():
     return mha
 
 
+def _load_pallas_mgpu():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+    return attention_mgpu
+
+
+# The Mosaic GPU op has no default tiles. 64x128 with 2 KV stages was the fastest of
+# five configs (64x64/64x128/128x64, 2-4 stages) in its causal forward at head_dim 64
+# and 128 on an H100 (2026-11-26); its backward (non-causal only) takes 64x64 tiles.
+MGPU_TILES = dict(block_q=64, block_kv=128, max_concurrent_steps=2,
+                  block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+
+
 def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None):
     """(q, k, v) -> o for one peer; q/k/v are [batch, seq, heads, head_dim]."""
     import jax
@@ -97,6 +115,21 @@ def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None
         mha = _load_pallas_mha()
         interpret = jax.default_backend() != "gpu"
         return lambda q, k, v: mha(q, k, v, None, sm_scale=sm_scale, causal=causal, interpret=interpret)
+    if peer == "pallas_mgpu":
+        if jax.default_backend() != "gpu":
+            raise NotImplementedError("needs an NVIDIA Hopper GPU (Mosaic GPU has no interpret mode)")
+        cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+        if not cc.startswith("9."):
+            raise NotImplementedError(f"needs a Hopper GPU (sm_90, wgmma); this one is sm_{cc or '?'}")
+        am = _load_pallas_mgpu()
+        config = am.TuningConfig(causal=causal, **MGPU_TILES)
+
+        def mgpu(q, k, v):
+            if q.dtype != jax.numpy.float16:
+                raise NotImplementedError(f"float16 only (its shared-memory tiles are float16), got {q.dtype}")
+            return am.attention((q * sm_scale).astype(q.dtype), k, v, config)
+
+        return mgpu
     raise ValueError(f"unknown peer {peer!r}")
 
 
@@ -184,7 +217,7 @@ def run_benchmark(args) -> tuple[dict, str]:
     peers = args.peers or list(PEERS)
     mem_limit = info["device_memory_bytes"]
     cfgs = configs(args)
-    path = args.out or common.results_path("attention", info["device"], quick=args.quick)
+    path = args.out or common.results_path(results_kind(dtype.name), info["device"], quick=args.quick)
     print(f"# attention benchmark on {info['device']} ({info['backend']}), jax {info['versions']['jax']}, "
           f"{dtype.name}, {len(cfgs)} shapes x {len(peers)} peers x {len(MODES)} modes, "
           f"median of {reps} after {warmup} warmup; budget {args.budget:.0f} s", flush=True)
@@ -333,6 +366,12 @@ def tables(data: dict) -> str:
     parts.append("Forward+backward temp memory (MiB, XLA memory analysis):\n\n"
                  + common.markdown_table(headers, rows(_mib, "fwd_bwd")))
     return "\n\n".join(parts)
+
+
+def results_kind(dtype: str) -> str:
+    """Results file prefix and README section: bf16 is the main table, other dtypes their own
+    ("attention_float16"), so that a float16 run neither overwrites nor replaces it."""
+    return "attention" if dtype == "bfloat16" else f"attention_{dtype}"
 
 
 def readme_section(data: dict, json_path=None) -> str:
@@ -505,7 +544,7 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - plotting must not lose the results
             print(f"plot failed: {common.describe_error(exc)}")
     if args.readme:
-        print(f"updated {common.update_readme(readme_section(data, path))}")
+        print(f"updated {common.update_readme(readme_section(data, path), results_kind(data['dtype']))}")
     return 0
 
 

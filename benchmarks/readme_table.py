@@ -4,7 +4,8 @@
     python benchmarks/readme_table.py PATH.json  # a given file (quick runs too)
 
 Replaces the text between <!-- bench:attention:start --> and
-<!-- bench:attention:end --> in README.md.
+<!-- bench:attention:end --> in README.md (for a float16 run: the
+bench:attention_float16 markers).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from attention import readme_section  # noqa: E402
+from attention import readme_section, results_kind  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     data = json.loads(path.read_text())
-    readme = common.update_readme(readme_section(data, path))
+    readme = common.update_readme(readme_section(data, path), results_kind(data.get("dtype", "bfloat16")))
     print(f"updated {readme} from {path}")
     return 0
 

@@ -28,6 +28,30 @@ def test_attention_quick(tmp_path):
     assert checked and all(r["max_abs_err_vs_reference"] < 0.05 for r in checked)
     assert {r["peer"] for r in data["results"]} >= {"flashjax", "xla"}
     assert "TFLOP/s" in stdout
+    # JAX's Mosaic GPU op runs only on Hopper in float16: on CPU, and in this bf16 run on
+    # a GPU, each of its cells must say so rather than crash the run or hold a number.
+    mgpu = [r for r in data["results"] if r["peer"] == "pallas_mgpu"]
+    assert mgpu and all(r[m]["error"].startswith("unsupported: ") for r in mgpu for m in ("fwd", "fwd_bwd"))
+    assert all(("Hopper" in r["fwd"]["error"]) or ("float16 only" in r["fwd"]["error"]) for r in mgpu)
+
+
+def test_attention_results_by_dtype():
+    """bf16 is the main table; a float16 run gets its own file prefix and README section,
+    and the newest-'attention' lookup never picks it up."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import attention
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    assert attention.results_kind("bfloat16") == "attention"
+    assert attention.results_kind("float16") == "attention_float16"
+    path = common.results_path(attention.results_kind("float16"), "NVIDIA H100 80GB HBM3")
+    assert path.name.startswith("attention_float16-") and path.suffix == ".json"
+    assert all(not p.name.startswith("attention_") for p in [common.latest_json("attention")] if p)
+    readme = (BENCH.parent / "README.md").read_text()
+    for kind in ("attention", "attention_float16"):
+        assert f"<!-- bench:{kind}:start -->" in readme and f"<!-- bench:{kind}:end -->" in readme
 
 
 def test_decode_quick(tmp_path):
