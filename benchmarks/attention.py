@@ -78,18 +78,13 @@ SWEEP_CONFIGS = [
 # Peers
 # ---------------------------------------------------------------------------
 
-def _load_pallas_mha():
+def _bundled_op(module: str):
+    """One of JAX's bundled Pallas GPU op modules (jax.experimental.pallas.ops.gpu.<module>)."""
+    import importlib
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu.attention import mha
-    return mha
-
-
-def _load_pallas_mgpu():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu import attention_mgpu
-    return attention_mgpu
+        return importlib.import_module(f"jax.experimental.pallas.ops.gpu.{module}")
 
 
 # The Mosaic GPU op has no default tiles. 64x128 with 2 KV stages was the fastest of
@@ -112,7 +107,7 @@ def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None
         return lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, scale=sm_scale, is_causal=causal, implementation=peer)
     if peer == "pallas_mha":
-        mha = _load_pallas_mha()
+        mha = _bundled_op("attention").mha
         interpret = jax.default_backend() != "gpu"
         return lambda q, k, v: mha(q, k, v, None, sm_scale=sm_scale, causal=causal, interpret=interpret)
     if peer == "pallas_mgpu":
@@ -121,7 +116,7 @@ def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None
         cc = str(getattr(jax.devices()[0], "compute_capability", ""))
         if not cc.startswith("9."):
             raise NotImplementedError(f"needs a Hopper GPU (sm_90, wgmma); this one is sm_{cc or '?'}")
-        am = _load_pallas_mgpu()
+        am = _bundled_op("attention_mgpu")
         config = am.TuningConfig(causal=causal, **MGPU_TILES)
 
         def mgpu(q, k, v):
