@@ -197,3 +197,34 @@ def test_attention_sweep_rejects_an_unknown_field(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / "attention.py"), "--sweep", "--quick", "--sweep-configs", str(cfgs)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "--sweep: a config does not fit flashjax.BlockSizes" in r.stderr, r.stderr[-2000:]
+
+
+def test_mgpu_peer_names_what_it_cannot_run(monkeypatch):
+    """The Mosaic GPU peer refuses, with its reason, a backend that is not a GPU, a GPU
+    that is not Hopper, and a dtype other than float16 (before any kernel is built)."""
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import attention
+    finally:
+        sys.path.remove(str(BENCH))
+
+    class Device:
+        def __init__(self, cc):
+            self.compute_capability = cc
+
+    make = lambda: attention.make_attention("pallas_mgpu", causal=True, sm_scale=0.125)  # noqa: E731
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    with pytest.raises(NotImplementedError, match="needs an NVIDIA Hopper GPU"):
+        make()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device("8.0")])
+    with pytest.raises(NotImplementedError, match=r"needs a Hopper GPU \(sm_90, wgmma\); this one is sm_8.0"):
+        make()
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device("9.0")])
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="float16 only .* got bfloat16"):
+        make()(q, q, q)
