@@ -38,3 +38,12 @@ def num_multiprocessors() -> int:
     if count:
         return int(count)
     return 132
+
+
+@functools.cache
+def compute_capability() -> str | None:
+    """"9.0" on an H100/H200; None when the default backend is not a CUDA GPU."""
+    if not on_gpu():
+        return None
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    return None if cc is None else str(cc)

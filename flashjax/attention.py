@@ -39,7 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flashjax._backend import resolve_interpret
+from flashjax import attention_sm90
+from flashjax._backend import compute_capability, resolve_interpret
 from flashjax.reference import normalize_window
 
 LOG2E = math.log2(math.e)
@@ -133,6 +134,7 @@ class _Spec:
     blocks: BlockSizes
     interpret: bool
     poison: bool
+    impl: str = "triton"  # "triton" (Pallas Triton kernels) or "mosaic" (attention_sm90)
 
     @property
     def group(self) -> int:
@@ -381,6 +383,9 @@ def _pallas(kernel, *, spec, grid, inputs, in_specs, out_specs, out_shape, warps
 
 
 def _fwd_call(q, k, v, aux, spec: _Spec):
+    if spec.impl == "mosaic":
+        return attention_sm90.forward(q, k, v, causal=spec.causal, sm_scale=spec.sm_scale,
+                                      poison=spec.poison)
     batch, _, heads, d = q.shape
     bs = spec.blocks
     bq, bk = bs.block_q, bs.block_k
@@ -558,6 +563,9 @@ def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
     if dlse is not None:
         delta = delta - dlse.astype(jnp.float32)
     lse2 = lse2.astype(jnp.float32)
+    if spec.impl == "mosaic":
+        return attention_sm90.backward(q, k, v, do, lse2, delta, causal=spec.causal,
+                                       sm_scale=spec.sm_scale, poison=spec.poison)
 
     # dQ: one program per (query tile, batch, head), streaming the key tiles it sees;
     # its own tiles (block_q_dq x block_k_dq).
@@ -698,6 +706,29 @@ def _sparse_aux(spec, block_mask, sbs):
     }
 
 
+_IMPLEMENTATIONS = ("auto", "triton", "mosaic")
+
+
+def _choose_implementation(implementation, *, interpret, **call) -> str:
+    """Resolve flash_attention's `implementation=` option to "triton" or "mosaic"."""
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "triton":
+        return "triton"
+    if interpret:
+        why = "interpret mode (it is a compiled Mosaic GPU kernel)"
+    elif compute_capability() != "9.0":
+        why = f"a GPU of compute capability {compute_capability() or 'none'} (needs 9.0, Hopper)"
+    else:
+        why = attention_sm90.supports(**call)
+    if why is None:
+        return "mosaic"
+    if implementation == "mosaic":
+        raise ValueError(f"implementation='mosaic' cannot run this call: {why}")
+    return "triton"
+
+
 def _round_up(x, m):
     return -(-x // m) * m
 
@@ -718,6 +749,7 @@ def flash_attention(
     sparse_block_size: int = 128,
     block_sizes: BlockSizes | None = None,
     return_lse: bool = False,
+    implementation: str = "auto",
     interpret: bool | None = None,
     poison_outputs: bool = False,
 ):
@@ -749,6 +781,13 @@ def flash_attention(
       block_sizes: tile sizes and launch parameters (``BlockSizes``).
       return_lse: also return the natural-log log-sum-exp ``[batch, heads,
         q_len]`` (float32; ``-inf`` for rows that see no key). Differentiable.
+      implementation: which kernels run. ``"triton"``: Pallas Triton kernels
+        (every option here is supported). ``"mosaic"``: Pallas Mosaic GPU kernels
+        for Hopper, wgmma and TMA, with a backward that reduces dQ through TMA
+        (``flashjax.attention_sm90``; causal or full masks, head_dim 64,
+        bf16/f16, equal lengths that are multiples of 128). ``"auto"`` (default)
+        takes ``"mosaic"`` on a Hopper GPU when the call qualifies, else
+        ``"triton"``.
       interpret: Pallas interpret mode; ``None`` compiles on GPU and
         interprets elsewhere.
       poison_outputs: testing aid: the kernels write into NaN-filled buffers,
@@ -799,6 +838,11 @@ def flash_attention(
         right = 0
 
     interpret = resolve_interpret(interpret)
+    impl = _choose_implementation(implementation, interpret=interpret, q_len=q_len, kv_len=kv_len,
+                           head_dim=head_dim, dtype=dtype, window=win is not None,
+                           softcap=softcap, masked=any(x is not None for x in (
+                               q_lengths, kv_lengths, segment_ids)),
+                           sparse=block_mask is not None)
     d_pad = max(16, pl.next_power_of_2(head_dim))
     blocks = (block_sizes or BlockSizes()).resolved(d_pad, interpret)
 
@@ -822,6 +866,11 @@ def flash_attention(
                 f"got {tuple(jnp.shape(block_mask))}")
     q_pad = _round_up(q_len, max(blocks.block_q, blocks.block_q_bwd, blocks.block_q_dq))
     kv_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_bwd, blocks.block_k_dq))
+    if impl == "mosaic" and (q_pad, kv_pad) != (q_len, kv_len):  # larger custom tiles
+        if implementation == "mosaic":
+            raise ValueError(f"implementation='mosaic' needs block_sizes that divide the "
+                             f"sequence length {q_len}")
+        impl = "triton"
 
     aux: dict[str, Any] = {}
     if q_lengths is not None:
@@ -851,7 +900,7 @@ def flash_attention(
         left=left, right=right, softcap=softcap,
         has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
         has_segments=segment_ids is not None, sparse=sparse, blocks=blocks,
-        interpret=interpret, poison=bool(poison_outputs))
+        interpret=interpret, poison=bool(poison_outputs), impl=impl)
     if sparse:
         aux.update(_sparse_aux(spec, block_mask, sbs))
 

@@ -5,6 +5,7 @@ shapes already cover many tiles, band edges and ragged tails; on GPU they run
 compiled with the default tiles and larger shapes.
 """
 
+import functools
 import math
 import zlib
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from flashjax import BlockSizes, attention_reference, flash_attention
-from flashjax._backend import on_gpu
+from flashjax._backend import compute_capability, on_gpu
 
 GPU = on_gpu()
 REF_DTYPE = jnp.float32 if GPU else jnp.float64
@@ -74,9 +75,10 @@ def assert_close(actual, expected, tol, what):
 
 
 def check(request, *, batch=2, q_len, kv_len, heads=4, kv_heads=2, head_dim=32,
-          dtype=jnp.float32, grads=True, block_sizes=None, **kw):
+          dtype=jnp.float32, grads=True, block_sizes=None, implementation="auto", **kw):
     q, k, v = make_qkv(_key(request), batch, q_len, kv_len, heads, kv_heads, head_dim, dtype)
-    o, lse = flash_attention(q, k, v, return_lse=True, poison_outputs=True, block_sizes=block_sizes, **kw)
+    o, lse = flash_attention(q, k, v, return_lse=True, poison_outputs=True, block_sizes=block_sizes,
+                             implementation=implementation, **kw)
     assert o.dtype == q.dtype and o.shape == q.shape
     ref_o, ref_lse = reference(q, k, v, return_lse=True, **kw)
     assert_close(o, ref_o, TOL[dtype], "output")
@@ -89,7 +91,7 @@ def check(request, *, batch=2, q_len, kv_len, heads=4, kv_heads=2, head_dim=32,
         return
     ct = jax.random.normal(jax.random.fold_in(_key(request), 7), o.shape, jnp.float32).astype(dtype)
     _, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, poison_outputs=True, block_sizes=block_sizes,
-                                                     **kw), q, k, v)
+                                                     implementation=implementation, **kw), q, k, v)
     got = vjp(ct)
     want = reference_grads(q, k, v, ct, **kw)
     for name, g, w in zip("qkv", got, want):
@@ -251,6 +253,93 @@ def test_lse_gradient(request):
         want = [np.asarray(w) for w in want]
     for g, w in zip(got, want):
         assert_close(g, w, GRAD_TOL[jnp.float32], "lse grad")
+
+
+# --------------------------------------------------------------------------- Mosaic GPU kernels (Hopper)
+
+HOPPER = compute_capability() == "9.0"
+hopper = pytest.mark.skipif(not HOPPER, reason="the Mosaic GPU kernels need a Hopper GPU (sm_90)")
+
+
+def _uses_mosaic(fn, *args):
+    """Whether the lowered gradient computation contains a Mosaic GPU kernel."""
+    return "mosaic_gpu" in jax.jit(fn).lower(*args).as_text()
+
+
+@hopper
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("heads,kv_heads,seq", [(4, 4, 256), (4, 2, 384), (3, 1, 128)])
+def test_mosaic_matches_reference(request, causal, dtype, heads, kv_heads, seq):
+    # Outputs, lse and gradients against the float32 reference, outputs poisoned.
+    check(request, q_len=seq, kv_len=seq, heads=heads, kv_heads=kv_heads, head_dim=64,
+          dtype=dtype, causal=causal, implementation="mosaic")
+
+
+@hopper
+def test_mosaic_lse_gradient_and_vmap(request):
+    q, k, v = make_qkv(_key(request), 2, 256, 256, 2, 1, 64, jnp.bfloat16)
+
+    def f(impl, q, k, v):
+        o, lse = flash_attention(q, k, v, causal=True, return_lse=True, implementation=impl)
+        return jnp.sum(o.astype(jnp.float32) * 0.3) + jnp.sum(jnp.sin(lse))
+
+    grad = lambda impl: jax.grad(functools.partial(f, impl), argnums=(0, 1, 2))
+    got, want = grad("mosaic")(q, k, v), grad("triton")(q, k, v)
+    for g, w in zip(got, want):
+        assert_close(g, np.asarray(w, np.float32), GRAD_TOL[jnp.bfloat16], "lse grad vs triton")
+    # vmap over a leading axis: the same per-example gradients.
+    per = jax.vmap(grad("mosaic"))(q[:, None], k[:, None], v[:, None])
+    for g, w in zip(per, got):
+        assert_close(g[:, 0], np.asarray(w, np.float32), GRAD_TOL[jnp.bfloat16], "vmap grad")
+
+
+@hopper
+def test_auto_takes_mosaic_only_where_it_applies():
+    def grad_fn(**kw):
+        return jax.grad(lambda q: jnp.sum(flash_attention(q, q, q, **kw).astype(jnp.float32)))
+
+    x = jnp.ones((1, 256, 2, 64), jnp.bfloat16)
+    assert _uses_mosaic(grad_fn(causal=True), x)
+    assert _uses_mosaic(grad_fn(causal=False), x)
+    assert not _uses_mosaic(grad_fn(causal=True, implementation="triton"), x)
+    assert not _uses_mosaic(grad_fn(causal=True, window=64), x)  # unsupported: falls back
+    assert not _uses_mosaic(grad_fn(causal=True), x[:, :200])
+    assert not _uses_mosaic(grad_fn(causal=True), x[..., :32])
+    assert not _uses_mosaic(grad_fn(causal=True), x.astype(jnp.float32))
+
+
+def test_sm90_supports_names_each_limit():
+    from flashjax.attention_sm90 import supports
+
+    ok = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.bfloat16, window=False,
+              softcap=None, masked=False, sparse=False)
+    assert supports(**ok) is None
+    assert supports(**{**ok, "dtype": jnp.float16}) is None
+    for change, words in [({"dtype": jnp.float32}, "float32"), ({"head_dim": 128}, "head_dim 128"),
+                          ({"kv_len": 384}, "256/384"), ({"q_len": 200, "kv_len": 200}, "200/200"),
+                          ({"window": True}, "window"), ({"softcap": 30.0}, "soft-cap"),
+                          ({"masked": True}, "padding"), ({"sparse": True}, "block-sparsity")]:
+        why = supports(**{**ok, **change})
+        assert why is not None and words in why, (change, why)
+
+
+def test_implementation_option_errors():
+    q, k, v = _ok()
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        flash_attention(q, k, v, implementation="cuda")
+    if not HOPPER:  # here "mosaic" cannot run at all, and says why
+        with pytest.raises(ValueError, match="implementation='mosaic' cannot run this call: "
+                                             "(interpret mode|a GPU of compute capability)"):
+            flash_attention(q, k, v, implementation="mosaic")
+    else:  # a Hopper GPU: the call's own limit is named
+        with pytest.raises(ValueError, match="cannot run this call: dtype float32"):
+            flash_attention(q, k, v, implementation="mosaic")
+        x = jnp.ones((1, 384, 2, 64), jnp.bfloat16)
+        with pytest.raises(ValueError, match="block_sizes that divide the sequence length 384"):
+            flash_attention(x, x, x, implementation="mosaic", block_sizes=BlockSizes(block_q=256))
+    # "auto" never raises for this: it falls back to the Triton kernels.
+    assert flash_attention(q, k, v).shape == q.shape
 
 
 # --------------------------------------------------------------------------- transformations
