@@ -60,12 +60,15 @@ def supports(*, q_len, kv_len, head_dim, dtype, window, softcap, masked, sparse)
 
 
 def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
-            stages: int = STAGES):
+            stages: int = STAGES, pingpong: bool = True):
     """O and the log2-domain log-sum-exp [batch, heads, seq] (float32) of attention.
 
     One program per 128 query rows of a (batch, head): warpgroups 0 and 1 each own 64
     rows and run S = Q K^T, the online softmax and O += P V with wgmma; warpgroup 2
     streams 128-key tiles of K and V through a ring of shared-memory slots with TMA.
+    With ``pingpong`` the two compute warpgroups take turns on the tensor cores: one
+    issues its matmuls while the other runs its softmax (a rendezvous barrier orders
+    them), so the exponentials hide behind the other warpgroup's wgmma.
     """
     plgpu = _plgpu()
     batch, seq, heads, d = q.shape
@@ -79,7 +82,12 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars):
         q_smem, k_smem, v_smem, lse_smem = smem
-        q_bar, k_bar, v_bar, k_free, v_free = bars
+        q_bar, k_bar, v_bar, k_free, v_free, turn = bars
+
+        def rendezvous():  # both compute warpgroups reach this point
+            if pingpong:
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         qc = lax.axis_index("q")
@@ -120,6 +128,8 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
             q_tile = q_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_tile, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
+            # Warpgroup 0 issues its first matmul before warpgroup 1 does.
+            pl.when(wg == 1)(rendezvous)
 
             def step(t, carry, masked: bool):
                 acc, m, l = carry
@@ -128,6 +138,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                    rendezvous()  # the other warpgroup may issue its matmuls now
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((WG_KEYS, BLOCK_K), jnp.float32))
@@ -145,7 +156,12 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
-                plgpu.barrier_wait(v_bar.at[slot])
+                if pingpong:  # softmax done; wait until the other one has issued its matmuls
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(turn)
+                else:
+                    plgpu.barrier_wait(v_bar.at[slot])
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -164,6 +180,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
                 carry = step(n_steps - 1, carry, masked=True)
             else:
                 carry = lax.fori_loop(0, n_steps, functools.partial(step, masked=False), carry)
+            pl.when(wg == 0)(rendezvous)  # balances warpgroup 1's first one
             acc, m, l = carry
             q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
             lse_smem.at[wg][...] = m + jnp.log2(l)
@@ -185,6 +202,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong turns
         )
         pl.run_scoped(lambda *scoped: body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scoped),
                       smem, bars, collective_axes="wg")
