@@ -32,7 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 PEERS = {
-    "flashjax": "flashjax.flash_attention (Pallas; compiled on GPU, interpret mode on CPU)",
+    "flashjax": ("flashjax.flash_attention, implementation='auto' (the Mosaic GPU kernels on Hopper "
+                 "where they apply: causal/full, head_dim 64, bf16/f16, length a multiple of 128; "
+                 "else Pallas Triton; interpret mode on CPU)"),
+    "flashjax_triton": "flashjax.flash_attention(implementation='triton'): the Pallas Triton kernels",
     "cudnn": 'jax.nn.dot_product_attention(implementation="cudnn")',
     "pallas_mha": "jax.experimental.pallas.ops.gpu.attention.mha (JAX's bundled Pallas op, default blocks)",
     "pallas_mgpu": ("jax.experimental.pallas.ops.gpu.attention_mgpu.attention (JAX's bundled Mosaic GPU "
@@ -98,10 +101,12 @@ def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None
     """(q, k, v) -> o for one peer; q/k/v are [batch, seq, heads, head_dim]."""
     import jax
 
-    if peer == "flashjax":
+    if peer in ("flashjax", "flashjax_triton"):
         import flashjax
 
         extra = {} if block_sizes is None else {"block_sizes": block_sizes}
+        if peer == "flashjax_triton":
+            extra["implementation"] = "triton"
         return lambda q, k, v: flashjax.flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, **extra)
     if peer in ("cudnn", "xla"):
         return lambda q, k, v: jax.nn.dot_product_attention(
@@ -464,7 +469,7 @@ def run_sweep(args) -> dict:
     for causal in causals:
         flops = forward_flops(b, s, h, d, causal)
         for cfg, bs in zip(cands, block_sizes):
-            attn = make_attention("flashjax", causal=causal, sm_scale=1.0 / math.sqrt(d), block_sizes=bs)
+            attn = make_attention("flashjax_triton", causal=causal, sm_scale=1.0 / math.sqrt(d), block_sizes=bs)
             row = {"causal": causal, "config": cfg, "block_sizes": dataclasses.asdict(bs)}
             for mode in MODES:
                 try:

@@ -60,7 +60,7 @@ def supports(*, q_len, kv_len, head_dim, dtype, window, softcap, masked, sparse)
 
 
 def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
-            stages: int = STAGES, pingpong: bool = True):
+            stages: int = STAGES, pingpong: bool = True, fold_scale: bool = True):
     """O and the log2-domain log-sum-exp [batch, heads, seq] (float32) of attention.
 
     One program per 128 query rows of a (batch, head): warpgroups 0 and 1 each own 64
@@ -77,6 +77,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
     rows_per_cta = WG_KEYS * COMPUTE_WGS  # 64 query rows per warpgroup
     n_kv = seq // BLOCK_K
     scale_log2 = float(sm_scale) * 1.4426950408889634
+    fold_scale = fold_scale and scale_log2 > 0  # max(s) * c is max(s * c) only for c > 0
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     row_vec = plgpu.Layout.WGMMA.reduce(1)
 
@@ -143,16 +144,23 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
 
                 s = pl.run_scoped(qk, plgpu.ACC((WG_KEYS, BLOCK_K), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                s = s * scale_log2
-                if masked:
+                if not fold_scale:
+                    s = s * scale_log2
+                if masked:  # after any scaling: -inf times a scale <= 0 is not -inf
                     q_pos = q0 + plgpu.broadcasted_iota(
                         jnp.int32, (WG_KEYS, BLOCK_K), 0, layout=plgpu.Layout.WGMMA)
                     k_pos = t * BLOCK_K + plgpu.broadcasted_iota(
                         jnp.int32, (WG_KEYS, BLOCK_K), 1, layout=plgpu.Layout.WGMMA)
                     s = jnp.where(q_pos >= k_pos, s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1))
+                # m is kept in scaled log2 units. With a positive scale it folds into
+                # exp2's argument: one fused multiply-add per score instead of two ops.
+                if fold_scale:
+                    m_new = jnp.maximum(m, s.max(axis=1) * scale_log2)
+                else:
+                    m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                p = jnp.exp2((s * scale_log2 if fold_scale else s)
+                             - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)

@@ -277,6 +277,13 @@ def test_mosaic_matches_reference(request, causal, dtype, heads, kv_heads, seq):
 
 
 @hopper
+@pytest.mark.parametrize("sm_scale", [-0.3, 0.0, 1.0])
+def test_mosaic_sm_scale_sign(request, sm_scale):
+    check(request, q_len=128, kv_len=128, heads=2, kv_heads=2, head_dim=64, dtype=jnp.bfloat16,
+          causal=True, sm_scale=sm_scale, implementation="mosaic")
+
+
+@hopper
 def test_mosaic_lse_gradient_and_vmap(request):
     q, k, v = make_qkv(_key(request), 2, 256, 256, 2, 1, 64, jnp.bfloat16)
 
