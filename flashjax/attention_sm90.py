@@ -46,6 +46,21 @@ def _plgpu():
     return plgpu
 
 
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    axes = getattr(aval, "manual_axis_type", None)  # jax 0.11: ManualAxisType(varying=...)
+    return frozenset(axes.varying) if axes is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _vary_like(x, like):
+    """Give a kernel output the varying manual axes of the input it corresponds to.
+
+    Inside `jax.shard_map` (with its default check_vma) a Mosaic GPU kernel's results
+    carry no manual axes, while custom_vjp and shard_map expect q's own (`{V:model}`)."""
+    missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
 def supports(*, q_len, kv_len, head_dim, dtype, window, softcap, masked, sparse) -> str | None:
     """None when the call can run here; otherwise the reason it cannot (for logs/tests)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -232,7 +247,8 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, *outs)
-    return (refs[0][...], refs[1][...]) if poison else tuple(res)
+    o, lse = (refs[0][...], refs[1][...]) if poison else res
+    return _vary_like(o, q), _vary_like(lse, q)
 
 
 def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison: bool = False,
@@ -453,4 +469,5 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
         shape = (batch, seq, kv_heads, group, d)
         dk = dk.reshape(shape).sum(axis=3)
         dv = dv.reshape(shape).sum(axis=3)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+    return (_vary_like(dq, q), _vary_like(dk.astype(k.dtype), k),
+            _vary_like(dv.astype(v.dtype), v))

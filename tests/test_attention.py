@@ -331,6 +331,31 @@ def test_sm90_supports_names_each_limit():
         assert why is not None and words in why, (change, why)
 
 
+def test_mosaic_path_traces_under_shard_map(monkeypatch):
+    """The Mosaic kernels' outputs keep shard_map's varying axes (custom_vjp checks them).
+
+    Traced only (no compile), so it runs on CPU: the mosaic path is forced by claiming
+    a Hopper GPU."""
+    from jax.sharding import PartitionSpec as P
+
+    from flashjax import attention as A
+
+    monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
+    mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+    spec = P(None, None, "model")
+
+    def loss(q, k, v):
+        attn = lambda q, k, v: flash_attention(q, k, v, causal=True, implementation="mosaic",
+                                               interpret=False)
+        o = jax.shard_map(attn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+        return jnp.sum(o.astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16,
+                             sharding=jax.sharding.NamedSharding(mesh, spec))
+    traced = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
+    assert "mpmd_map" in str(traced.jaxpr)  # the Mosaic GPU kernels, forward and backward
+
+
 def test_implementation_option_errors():
     q, k, v = _ok()
     with pytest.raises(ValueError, match="implementation must be one of"):
