@@ -1,26 +1,29 @@
-"""A Hopper (sm_90) backward for FlashAttention, in Pallas's Mosaic GPU dialect.
+"""FlashAttention for Hopper (sm_90) in Pallas's Mosaic GPU dialect: wgmma and TMA.
 
-The Triton backward in :mod:`flashjax.attention` runs two kernels: one for dK/dV and
-one for dQ, which recomputes the scores and dP. That is seven matmuls per tile pair.
-This kernel does five: one program per key block computes dK and dV and also the
-block's share of dQ, which it adds into a float32 dQ in HBM with a bulk TMA
-reduction (``cp.reduce.async.bulk``), one 64 x head_dim tile at a time, instead of
-element-wise atomics.
+Forward: one program per 128 query rows of a (batch, head). Warpgroup 2 streams
+128-key tiles of K and V through a ring of shared-memory slots with TMA;
+warpgroups 0 and 1 each own 64 rows and run S = Q K^T, the online softmax and
+O += P V with wgmma, taking turns on the tensor cores (ping-pong) so one's
+exponentials hide behind the other's matmuls. It writes O and the log2-domain
+log-sum-exp that the Triton forward in :mod:`flashjax.attention` writes.
 
-Layout of one program (a 128-key block of one (batch, head)):
+Backward: the Triton backward runs two kernels, one for dK/dV and one for dQ,
+which recomputes the scores and dP: seven matmuls per tile pair. This one does
+five. One program per 128-key block of a (batch, head):
 
 * warpgroup 2 streams query tiles (Q, dO, log-sum-exp, delta) through a ring of
   shared-memory slots with TMA;
 * warpgroups 0 and 1 each own 64 of the block's keys. Per query tile each computes
   S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T and dK += dS^T Q with wgmma;
   both then write their half of dS^T to shared memory, and one of them (the two
-  alternate by tile) computes dQ_tile = dS K over all 128 keys and issues the TMA
-  add.
+  alternate by tile) computes dQ_tile = dS K over all 128 keys and adds it into a
+  float32 dQ in HBM with a bulk TMA reduction (``cp.reduce.async.bulk``), one
+  64 x head_dim tile at a time, instead of element-wise atomics.
 
-It covers what training a causal or bidirectional model needs: equal query and key
+Both cover what training a causal or bidirectional model needs: equal query and key
 lengths that are multiples of 128, head_dim 64, bf16/f16, any GQA grouping, no
 window, padding, segments, block-sparsity or soft-cap. `supports` says whether a call
-qualifies; :mod:`flashjax.attention` falls back to the Triton kernels otherwise.
+qualifies; :mod:`flashjax.attention` uses the Triton kernels otherwise.
 """
 
 from __future__ import annotations
@@ -284,8 +287,8 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
         wg = lax.axis_index("wg")
         kh = lax.div(h, jnp.int32(group))
         k0 = kb * BLOCK_K
-        # Causal: the first query tile that sees any key of the block, and the first
-        # tile that sees all of them (before it, tiles cross the diagonal: masked).
+        # Causal: start at the first query tile that sees any key of the block (the
+        # first BLOCK_K // BLOCK_Q tiles from there cross the diagonal: masked).
         first = lax.div(k0, jnp.int32(BLOCK_Q)) if causal else jnp.int32(0)
         n_steps = n_q - first
 
