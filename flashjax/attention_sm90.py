@@ -64,6 +64,24 @@ def _vary_like(x, like):
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
+def _produce(n_steps, stages: int, copies):
+    """The producer warpgroup's loop: fill ring slot ``t % stages`` for each step t.
+
+    ``copies(t, slot)`` lists ``(free barrier or None, gmem source, smem slot, ready
+    barrier)`` in issue order; once the ring has wrapped (t >= stages) a copy first
+    waits for its free barrier (the compute warpgroups' arrival on that slot)."""
+    plgpu = _plgpu()
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, n_steps)
+    def _(t):
+        slot = lax.rem(t, jnp.int32(stages))
+        for free, src, dst, ready in copies(t, slot):
+            if free is not None:
+                pl.when(t >= stages)(lambda free=free: plgpu.barrier_wait(free))
+            plgpu.copy_gmem_to_smem(src, dst, ready)
+
+
 def supports(*, q_len, kv_len, head_dim, dtype, window, softcap, masked, sparse) -> str | None:
     """None when the call can run here; otherwise the reason it cannot (for logs/tests)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -118,26 +136,12 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
         # both warpgroups end on the same tile, the diagonal one, which is masked).
         n_steps = (qc + 1) * (rows_per_cta // BLOCK_K) if causal else jnp.int32(n_kv)
 
-        @pl.when(wg == COMPUTE_WGS)
-        def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+        def kv_tiles(t, slot):
+            keys = pl.ds(t * BLOCK_K, BLOCK_K)
+            return [(k_free.at[slot], k_ref.at[b, keys, kh], k_smem.at[slot], k_bar.at[slot]),
+                    (v_free.at[slot], v_ref.at[b, keys, kh], v_smem.at[slot], v_bar.at[slot])]
 
-            @pl.loop(0, n_steps)
-            def _(t):
-                slot = lax.rem(t, jnp.int32(stages))
-                keys = pl.ds(t * BLOCK_K, BLOCK_K)
-
-                @pl.when(t >= stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kh], k_smem.at[slot], k_bar.at[slot])
-
-                @pl.when(t >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kh], v_smem.at[slot], v_bar.at[slot])
+        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, stages, kv_tiles))
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
@@ -292,24 +296,14 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
         first = lax.div(k0, jnp.int32(BLOCK_Q)) if causal else jnp.int32(0)
         n_steps = n_q - first
 
-        @pl.when(wg == COMPUTE_WGS)
-        def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+        def q_tiles(t, slot):  # the slot is free once both compute warpgroups consumed it
+            rows = pl.ds((first + t) * BLOCK_Q, BLOCK_Q)
+            return [(consumed.at[slot], q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot]),
+                    (None, lse_ref.at[b, h, rows], lse_smem.at[slot], lse_bar.at[slot]),
+                    (None, do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot]),
+                    (None, delta_ref.at[b, h, rows], delta_smem.at[slot], delta_bar.at[slot])]
 
-            @pl.loop(0, n_steps)
-            def _(t):
-                slot = lax.rem(t, jnp.int32(stages))
-                rows = pl.ds((first + t) * BLOCK_Q, BLOCK_Q)
-
-                @pl.when(t >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-
-                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[slot], lse_bar.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[slot],
-                                        delta_bar.at[slot])
+        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, stages, q_tiles))
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
