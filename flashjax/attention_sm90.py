@@ -40,7 +40,7 @@ WG_KEYS = 64  # keys per compute warpgroup (wgmma M for S^T, dV, dP^T, dK)
 COMPUTE_WGS = 2
 BLOCK_K = WG_KEYS * COMPUTE_WGS
 HEAD_DIM = 64
-STAGES = 2  # default query-tile ring depth
+STAGES = 2  # depth of the K/V (forward) and query-tile (backward) rings
 
 
 def _plgpu():
@@ -64,21 +64,21 @@ def _vary_like(x, like):
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _produce(n_steps, stages: int, copies):
-    """The producer warpgroup's loop: fill ring slot ``t % stages`` for each step t.
+def _produce(n_steps, copies):
+    """The producer warpgroup's loop: fill ring slot ``t % STAGES`` for each step t.
 
     ``copies(t, slot)`` lists ``(free barrier or None, gmem source, smem slot, ready
-    barrier)`` in issue order; once the ring has wrapped (t >= stages) a copy first
+    barrier)`` in issue order; once the ring has wrapped (t >= STAGES) a copy first
     waits for its free barrier (the compute warpgroups' arrival on that slot)."""
     plgpu = _plgpu()
     plgpu.set_max_registers(40, action="decrease")
 
     @pl.loop(0, n_steps)
     def _(t):
-        slot = lax.rem(t, jnp.int32(stages))
+        slot = lax.rem(t, jnp.int32(STAGES))
         for free, src, dst, ready in copies(t, slot):
             if free is not None:
-                pl.when(t >= stages)(lambda free=free: plgpu.barrier_wait(free))
+                pl.when(t >= STAGES)(lambda free=free: plgpu.barrier_wait(free))
             plgpu.copy_gmem_to_smem(src, dst, ready)
 
 
@@ -95,16 +95,15 @@ def supports(*, q_len, kv_len, head_dim, dtype, window, softcap, masked, sparse)
     return None
 
 
-def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
-            stages: int = STAGES, pingpong: bool = True, fold_scale: bool = True):
+def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False):
     """O and the log2-domain log-sum-exp [batch, heads, seq] (float32) of attention.
 
     One program per 128 query rows of a (batch, head): warpgroups 0 and 1 each own 64
     rows and run S = Q K^T, the online softmax and O += P V with wgmma; warpgroup 2
     streams 128-key tiles of K and V through a ring of shared-memory slots with TMA.
-    With ``pingpong`` the two compute warpgroups take turns on the tensor cores: one
-    issues its matmuls while the other runs its softmax (a rendezvous barrier orders
-    them), so the exponentials hide behind the other warpgroup's wgmma.
+    The two compute warpgroups take turns on the tensor cores (ping-pong): one issues
+    its matmuls while the other runs its softmax (a rendezvous barrier orders them),
+    so the exponentials hide behind the other warpgroup's wgmma.
     """
     plgpu = _plgpu()
     batch, seq, heads, d = q.shape
@@ -113,7 +112,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
     rows_per_cta = WG_KEYS * COMPUTE_WGS  # 64 query rows per warpgroup
     n_kv = seq // BLOCK_K
     scale_log2 = float(sm_scale) * 1.4426950408889634
-    fold_scale = fold_scale and scale_log2 > 0  # max(s) * c is max(s * c) only for c > 0
+    fold_scale = scale_log2 > 0  # max(s) * c is max(s * c) only for c > 0
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     row_vec = plgpu.Layout.WGMMA.reduce(1)
 
@@ -122,9 +121,8 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
         q_bar, k_bar, v_bar, k_free, v_free, turn = bars
 
         def rendezvous():  # both compute warpgroups reach this point
-            if pingpong:
-                plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(turn)
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         qc = lax.axis_index("q")
@@ -141,7 +139,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
             return [(k_free.at[slot], k_ref.at[b, keys, kh], k_smem.at[slot], k_bar.at[slot]),
                     (v_free.at[slot], v_ref.at[b, keys, kh], v_smem.at[slot], v_bar.at[slot])]
 
-        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, stages, kv_tiles))
+        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, kv_tiles))
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
@@ -156,7 +154,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
 
             def step(t, carry, masked: bool):
                 acc, m, l = carry
-                slot = lax.rem(t, jnp.int32(stages))
+                slot = lax.rem(t, jnp.int32(STAGES))
                 plgpu.barrier_wait(k_bar.at[slot])
 
                 def qk(acc_ref):
@@ -186,12 +184,10 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
-                if pingpong:  # softmax done; wait until the other one has issued its matmuls
-                    plgpu.barrier_arrive(turn)
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.barrier_wait(turn)
-                else:
-                    plgpu.barrier_wait(v_bar.at[slot])
+                # Softmax done; wait until the other one has issued its matmuls.
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(turn)
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -222,16 +218,16 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
     def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
         smem = (
             plgpu.SMEM((COMPUTE_WGS, WG_KEYS, d), dtype, transforms=tr),  # Q, then O
-            plgpu.SMEM((stages, BLOCK_K, d), dtype, transforms=tr),  # K ring
-            plgpu.SMEM((stages, BLOCK_K, d), dtype, transforms=tr),  # V ring
+            plgpu.SMEM((STAGES, BLOCK_K, d), dtype, transforms=tr),  # K ring
+            plgpu.SMEM((STAGES, BLOCK_K, d), dtype, transforms=tr),  # V ring
             plgpu.SMEM((COMPUTE_WGS, WG_KEYS), jnp.float32),  # lse
         )
         bars = (
             plgpu.Barrier(num_barriers=COMPUTE_WGS),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_barriers=STAGES),
+            plgpu.Barrier(num_barriers=STAGES),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=STAGES),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=STAGES),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong turns
         )
         pl.run_scoped(lambda *scoped: body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scoped),
@@ -258,16 +254,13 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
     return _vary_like(o, q), _vary_like(lse, q)
 
 
-def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison: bool = False,
-             stages: int = STAGES, swizzle_dq: bool = True):
+def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison: bool = False):
     """dQ, dK, dV of softmax(q k^T * sm_scale) v.
 
     q, do: [batch, seq, heads, 64]; k, v: [batch, seq, kv_heads, 64];
     lse2: [batch, heads, seq] float32 log-sum-exp of the scaled scores in log2 units
     (as the forward writes it); delta: [batch, heads, seq] float32 rowsum(dO * O).
     poison: dK/dV start as NaN buffers (a testing aid: an unwritten row stays NaN).
-    stages: depth of the query-tile ring; swizzle_dq: swizzle the float32 dQ staging
-    tile (fewer shared-memory bank conflicts when the accumulator is stored).
     """
     plgpu = _plgpu()
     batch, seq, heads, d = q.shape
@@ -303,7 +296,7 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
                     (None, do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot]),
                     (None, delta_ref.at[b, h, rows], delta_smem.at[slot], delta_bar.at[slot])]
 
-        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, stages, q_tiles))
+        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, q_tiles))
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
@@ -321,7 +314,7 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
 
             def step(t, carry, masked: bool):
                 dk_acc, dv_acc = carry
-                slot = lax.rem(t, jnp.int32(stages))
+                slot = lax.rem(t, jnp.int32(STAGES))
                 q_tile = first + t
                 plgpu.barrier_wait(q_bar.at[slot])
                 plgpu.barrier_wait(lse_bar.at[slot])
@@ -414,10 +407,10 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
         smem = (
             plgpu.SMEM((BLOCK_K, d), dtype, transforms=tr),  # K
             plgpu.SMEM((BLOCK_K, d), dtype, transforms=tr),  # V
-            plgpu.SMEM((stages, BLOCK_Q, d), dtype, transforms=tr),  # Q ring
-            plgpu.SMEM((stages, BLOCK_Q, d), dtype, transforms=tr),  # dO ring
-            plgpu.SMEM((stages, BLOCK_Q), jnp.float32),  # lse ring
-            plgpu.SMEM((stages, BLOCK_Q), jnp.float32),  # delta ring
+            plgpu.SMEM((STAGES, BLOCK_Q, d), dtype, transforms=tr),  # Q ring
+            plgpu.SMEM((STAGES, BLOCK_Q, d), dtype, transforms=tr),  # dO ring
+            plgpu.SMEM((STAGES, BLOCK_Q), jnp.float32),  # lse ring
+            plgpu.SMEM((STAGES, BLOCK_Q), jnp.float32),  # delta ring
             plgpu.SMEM((2, BLOCK_K, BLOCK_Q), dtype, transforms=tr),  # dS^T, two tiles
             plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, d), jnp.float32, transforms=dq_tr),  # dQ tiles
             plgpu.SMEM((2, BLOCK_K, d), out_dtype, transforms=out_tr),  # dK, dV out
@@ -425,11 +418,11 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
         bars = (
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K halves
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # V halves
-            plgpu.Barrier(num_barriers=stages),  # Q
-            plgpu.Barrier(num_barriers=stages),  # dO
-            plgpu.Barrier(num_barriers=stages),  # lse
-            plgpu.Barrier(num_barriers=stages),  # delta
-            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed
+            plgpu.Barrier(num_barriers=STAGES),  # Q
+            plgpu.Barrier(num_barriers=STAGES),  # dO
+            plgpu.Barrier(num_barriers=STAGES),  # lse
+            plgpu.Barrier(num_barriers=STAGES),  # delta
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=STAGES),  # slot consumed
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),  # dS^T tile written
             plgpu.Barrier(num_arrivals=1, num_barriers=2),  # dS^T tile read by dQ
         )
@@ -442,8 +435,7 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
     out_dtype = dtype if group == 1 else jnp.float32
     out_tr = (tiling, swizzle) if group == 1 else (plgpu.TilingTransform((8, 32)), swizzle)
     dkv_type = jax.ShapeDtypeStruct((batch, seq, heads, d), out_dtype)
-    f32_tr = (plgpu.TilingTransform((8, 32)), swizzle)
-    dq_tr = f32_tr if swizzle_dq else ()
+    dq_tr = (plgpu.TilingTransform((8, 32)), swizzle)  # swizzled: fewer bank conflicts
     dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
     if poison:
         dk_ref = jax.new_ref(jnp.full(dkv_type.shape, jnp.nan, out_dtype))
