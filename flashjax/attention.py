@@ -709,8 +709,11 @@ def _sparse_aux(spec, block_mask, sbs):
 _IMPLEMENTATIONS = ("auto", "triton", "mosaic")
 
 
-def _choose_implementation(implementation, *, interpret, **call) -> str:
-    """Resolve flash_attention's `implementation=` option to "triton" or "mosaic"."""
+def _choose_implementation(implementation, *, interpret, padded, **call) -> str:
+    """Resolve flash_attention's `implementation=` option to "triton" or "mosaic".
+
+    padded: the Triton tiles in use pad the sequence (custom block_sizes larger than
+    what divides it); the Mosaic kernels take the unpadded arrays only."""
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
@@ -722,6 +725,8 @@ def _choose_implementation(implementation, *, interpret, **call) -> str:
         why = f"a GPU of compute capability {compute_capability() or 'none'} (needs 9.0, Hopper)"
     else:
         why = attention_sm90.supports(**call)
+        if why is None and padded:
+            why = f"needs block_sizes that divide the sequence length {call['q_len']}"
     if why is None:
         return "mosaic"
     if implementation == "mosaic":
@@ -838,11 +843,6 @@ def flash_attention(
         right = 0
 
     interpret = resolve_interpret(interpret)
-    impl = _choose_implementation(implementation, interpret=interpret, q_len=q_len, kv_len=kv_len,
-                           head_dim=head_dim, dtype=dtype, window=win is not None,
-                           softcap=softcap, masked=any(x is not None for x in (
-                               q_lengths, kv_lengths, segment_ids)),
-                           sparse=block_mask is not None)
     d_pad = max(16, pl.next_power_of_2(head_dim))
     blocks = (block_sizes or BlockSizes()).resolved(d_pad, interpret)
 
@@ -866,11 +866,11 @@ def flash_attention(
                 f"got {tuple(jnp.shape(block_mask))}")
     q_pad = _round_up(q_len, max(blocks.block_q, blocks.block_q_bwd, blocks.block_q_dq))
     kv_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_bwd, blocks.block_k_dq))
-    if impl == "mosaic" and (q_pad, kv_pad) != (q_len, kv_len):  # larger custom tiles
-        if implementation == "mosaic":
-            raise ValueError(f"implementation='mosaic' needs block_sizes that divide the "
-                             f"sequence length {q_len}")
-        impl = "triton"
+    impl = _choose_implementation(
+        implementation, interpret=interpret, padded=(q_pad, kv_pad) != (q_len, kv_len),
+        q_len=q_len, kv_len=kv_len, head_dim=head_dim, dtype=dtype, window=win is not None,
+        softcap=softcap, masked=any(x is not None for x in (q_lengths, kv_lengths, segment_ids)),
+        sparse=block_mask is not None)
 
     aux: dict[str, Any] = {}
     if q_lengths is not None:

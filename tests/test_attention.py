@@ -356,6 +356,25 @@ def test_mosaic_path_traces_under_shard_map(monkeypatch):
     assert "mpmd_map" in str(traced.jaxpr)  # the Mosaic GPU kernels, forward and backward
 
 
+def test_mosaic_refusals_on_a_claimed_hopper(monkeypatch):
+    """On CPU, with a Hopper GPU claimed: the choice logic alone (traced, nothing runs)."""
+    from flashjax import attention as A
+
+    monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
+    x = jax.ShapeDtypeStruct((1, 384, 2, 64), jnp.bfloat16)
+    big = BlockSizes(block_q=256)  # pads 384 to 512: the Mosaic kernels take no padding
+    with pytest.raises(ValueError, match="cannot run this call: needs block_sizes that divide "
+                                         "the sequence length 384"):
+        flash_attention(x, x, x, implementation="mosaic", interpret=False, block_sizes=big)
+
+    def jaxpr(**kw):
+        return str(jax.make_jaxpr(lambda q: flash_attention(q, q, q, interpret=False, **kw))(x))
+
+    assert "mpmd_map" in jaxpr()  # auto: the Mosaic kernels
+    assert "mpmd_map" not in jaxpr(block_sizes=big)  # auto falls back to Triton
+    assert "mpmd_map" not in jaxpr(window=64)
+
+
 def test_implementation_option_errors():
     q, k, v = _ok()
     with pytest.raises(ValueError, match="implementation must be one of"):
