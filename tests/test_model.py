@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -177,6 +178,48 @@ def test_bf16_compute_keeps_fp32_params(rng):
     l32 = GPT(c32, rngs=nnx.Rngs(0))(toks)
     assert l16.dtype == jnp.float32
     np.testing.assert_allclose(l16, l32, atol=5e-2, rtol=5e-2)
+
+
+def test_vocab_projection_backward_runs_in_the_compute_dtype(rng):
+    """The logits' einsum returns float32; its backward matmuls take bf16 operands
+    (not the float32 cotangent with upcast weights) and match float32 autodiff within
+    bf16 tolerance; with float32 operands it is plain autodiff."""
+    from flashjax.models.gpt import vocab_projection
+
+    kx, kw, kg = rng(3)
+    x = jax.random.normal(kx, (2, 8, 32))
+    w = jax.random.normal(kw, (97, 32)) * 0.2
+    g = jax.random.normal(kg, (2, 8, 97))
+    spec = "bsd,vd->bsv"
+
+    def grads(f, a, b):
+        out, vjp = jax.vjp(f, a, b)
+        return (out, *vjp(g.astype(out.dtype)))
+
+    plain = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)  # noqa: E731
+    ours = lambda a, b: vocab_projection(spec, a, b)  # noqa: E731
+    for got, want in zip(grads(ours, x, w), grads(plain, x, w)):  # float32: identical
+        np.testing.assert_array_equal(got, want)
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    o16, dx16, dw16 = grads(ours, x16, w16)
+    assert (o16.dtype, dx16.dtype, dw16.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
+    _, dx, dw = grads(plain, x16.astype(jnp.float32), w16.astype(jnp.float32))
+    for got, want in ((dx16, dx), (dw16, dw)):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
+    # every matmul in the bf16 backward takes bf16 operands
+    jaxpr = jax.make_jaxpr(lambda a, b: grads(ours, a, b))(x16, w16)
+    dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) >= 3, dots  # forward, dx, dw (the custom_vjp also holds its primal)
+    for e in dots:
+        assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16, jnp.bfloat16], e
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            yield from _all_eqns(sub)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
