@@ -408,39 +408,63 @@ def train(args=None, **kwargs) -> dict[str, Any]:
     tok_s = float("nan")
     step = start
     mf = open(metrics_path, "a")
+    t_last = None  # when the previous step's metrics were in hand
+
+    def validates(step):
+        return step % a.eval_interval == 0 or step == a.steps
+
+    def checkpoints(step):
+        return step % a.ckpt_interval == 0 or step == end
+
+    def record(step, m):
+        """Log one finished step: wait for its loss, then the metrics row, progress bar,
+        validation and checkpoint (the last two only on steps whose parameters are current)."""
+        nonlocal rate_tokens, rate_time, tok_s, t_last
+        loss = float(m["loss"])
+        now = time.perf_counter()
+        if t_last is not None:  # not the first step, which includes compilation
+            rate_tokens += tokens_per_step
+            rate_time += now - t_last
+            tok_s = rate_tokens / rate_time
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or check the data")
+        losses[step] = loss
+        row = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"])}
+        if math.isfinite(tok_s):
+            row["tokens_per_s"] = tok_s
+        if validates(step):
+            val_losses[step] = row["val_loss"] = evaluate(params)
+        mf.write(json.dumps(row) + "\n")
+        mf.flush()
+        if bar is not None:
+            post = {"loss": f"{loss:.3f}"}
+            if step in val_losses:
+                post["val"] = f"{val_losses[step]:.3f}"
+            elif val_losses:
+                post["val"] = f"{val_losses[max(val_losses)]:.3f}"
+            if math.isfinite(tok_s):
+                post["tok/s"] = f"{tok_s:,.0f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        if checkpoints(step):
+            save(step)
+        t_last = time.perf_counter()
+
     try:
+        # One step stays in flight: step n's loss is read after step n + 1 is dispatched,
+        # so the host's work (the batch, dispatch, logging) overlaps the device's. Steps
+        # that validate or checkpoint are waited for at once, while `params` are theirs.
+        pending = None
         for step in range(start + 1, end + 1):
             x, y = get_batch(data.train, a.seq_len, a.seed, step, (a.grad_accum, micro))
-            t0 = time.perf_counter()
             params, opt_state, m = train_step(params, opt_state, x, y)
-            loss = float(m["loss"])
-            dt = time.perf_counter() - t0
-            if step > start + 1:  # the first step includes compilation
-                rate_tokens += tokens_per_step
-                rate_time += dt
-                tok_s = rate_tokens / rate_time
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or check the data")
-            losses[step] = loss
-            row = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"])}
-            if math.isfinite(tok_s):
-                row["tokens_per_s"] = tok_s
-            if step % a.eval_interval == 0 or step == a.steps:
-                val_losses[step] = row["val_loss"] = evaluate(params)
-            mf.write(json.dumps(row) + "\n")
-            mf.flush()
-            if bar is not None:
-                post = {"loss": f"{loss:.3f}"}
-                if step in val_losses:
-                    post["val"] = f"{val_losses[step]:.3f}"
-                elif val_losses:
-                    post["val"] = f"{val_losses[max(val_losses)]:.3f}"
-                if math.isfinite(tok_s):
-                    post["tok/s"] = f"{tok_s:,.0f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if step % a.ckpt_interval == 0 or step == end:
-                save(step)
+            if pending is not None:
+                record(*pending)
+                pending = None
+            if validates(step) or checkpoints(step):
+                record(step, m)
+            else:
+                pending = (step, m)
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
