@@ -18,7 +18,9 @@ measures:
   * model TFLOP/s: (6 * params_without_embeddings + 6 * n_layer * seq * d_model)
     FLOPs per token (causal attention counted once, half of the full square);
   * memory: XLA's compiled memory analysis of the step (temporaries + arguments
-    + outputs - aliased/donated) and the device's peak bytes in use.
+    + outputs - aliased/donated), and the device's peak bytes in use so far in the
+    process (`device_peak_bytes_so_far`: every implementation of a length is resident
+    at once, so this is not one implementation's peak).
 
 A configuration that does not fit or fails is recorded as "OOM" / "error: ..." in
 its cell and the run goes on. Prints a Markdown table and writes
