@@ -47,3 +47,29 @@ def compute_capability() -> str | None:
         return None
     cc = getattr(jax.devices()[0], "compute_capability", None)
     return None if cc is None else str(cc)
+
+
+def varying_axes(*xs) -> frozenset:
+    """The manual mesh axes (inside `jax.shard_map`) that any of xs varies over; empty
+    outside shard_map."""
+    axes = frozenset()
+    for x in xs:
+        mat = getattr(jax.typeof(x), "manual_axis_type", None)
+        if mat is not None:
+            axes |= frozenset(mat.varying)
+    return axes
+
+
+def vary_over(x, axes: frozenset):
+    """x, made to vary over `axes` too (`lax.pcast`); x itself when it already does."""
+    missing = tuple(sorted(axes - varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def out_types(out_shape, inputs) -> list:
+    """A kernel's output types, varying over every manual axis an input varies over.
+
+    Inside `jax.shard_map(check_vma=True)` (its default) Pallas needs each output's
+    `manual_axis_type`; elsewhere the field is ignored, so the kernel is unchanged."""
+    mat = jax.sharding.ManualAxisType(varying=varying_axes(*inputs))
+    return [jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat) for s in out_shape]

@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flashjax import attention_sm90
+from flashjax import _backend, attention_sm90
 from flashjax._backend import compute_capability, resolve_interpret
 from flashjax.reference import normalize_window
 
@@ -359,9 +359,12 @@ def _pallas(kernel, *, spec, grid, inputs, in_specs, out_specs, out_shape, warps
     """pallas_call; with spec.poison the outputs start as NaN buffers (aliased), so any
     element a kernel does not write stays NaN."""
     aliases = {}
+    axes = _backend.varying_axes(*inputs)
+    out_shape = _backend.out_types(out_shape, inputs)
     if spec.poison:
         n_in, n_out = len(inputs), len(out_shape)
-        inputs = [*inputs, *[jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]]
+        inputs = [*inputs, *[_backend.vary_over(jnp.full(s.shape, jnp.nan, s.dtype), axes)
+                             for s in out_shape]]
         in_specs = [*in_specs, *out_specs]
         aliases = {n_in + i: i for i in range(n_out)}
         inner = kernel

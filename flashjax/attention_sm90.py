@@ -35,6 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from flashjax import _backend
+
 BLOCK_Q = 64  # query rows per step (wgmma M for dQ)
 WG_KEYS = 64  # keys per compute warpgroup (wgmma M for S^T, dV, dP^T, dK)
 COMPUTE_WGS = 2
@@ -49,19 +51,12 @@ def _plgpu():
     return plgpu
 
 
-def _varying_axes(x) -> frozenset:
-    aval = jax.typeof(x)
-    axes = getattr(aval, "manual_axis_type", None)  # jax 0.11: ManualAxisType(varying=...)
-    return frozenset(axes.varying) if axes is not None else frozenset(getattr(aval, "vma", ()))
-
-
 def _vary_like(x, like):
     """Give a kernel output the varying manual axes of the input it corresponds to.
 
     Inside `jax.shard_map` (with its default check_vma) a Mosaic GPU kernel's results
     carry no manual axes, while custom_vjp and shard_map expect q's own (`{V:model}`)."""
-    missing = tuple(sorted(_varying_axes(like) - _varying_axes(x)))
-    return lax.pcast(x, missing, to="varying") if missing else x
+    return _backend.vary_over(x, _backend.varying_axes(like))
 
 
 def _produce(n_steps, copies):

@@ -356,6 +356,45 @@ def test_mosaic_path_traces_under_shard_map(monkeypatch):
     assert "mpmd_map" in str(traced.jaxpr)  # the Mosaic GPU kernels, forward and backward
 
 
+@pytest.mark.parametrize("poison", [False, True])
+def test_triton_path_under_shard_map_with_check_vma(poison, rng):
+    """The Pallas Triton kernels inside `jax.shard_map` with its default check_vma=True
+    (heads sharded, GQA). Before their output types carried shard_map's varying axes,
+    this raised "manual_axis_type must not be None" while tracing.
+
+    On a GPU the kernels run: outputs and gradients equal the same call outside
+    shard_map. On CPU only the compiled path is traced (interpret=False): Pallas's
+    interpret mode itself does not support check_vma (its grid loop's carry loses the
+    varying axes)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+    spec = P(None, None, "model")
+    q, k, v = make_qkv(rng(), 1, 64, 64, 4, 2, 16, jnp.float32)
+    ct = jax.random.normal(rng(), q.shape)
+
+    def attn(q, k, v):
+        return flash_attention(q, k, v, causal=True, poison_outputs=poison, interpret=False,
+                               block_sizes=BlockSizes(block_q=16, block_k=16))
+
+    def grads(f, q, k, v, ct):
+        o, vjp = jax.vjp(f, q, k, v)
+        return (o, *vjp(ct))
+
+    sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+    inside = jax.jit(lambda q, k, v, ct: grads(
+        jax.shard_map(attn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec), q, k, v, ct))
+    traced = inside.trace(*sharded, ct)
+    assert str(traced.jaxpr).count("pallas_call") == 3  # forward, dQ, dK/dV
+    if not GPU:
+        return
+    got = inside(*sharded, ct)
+    want = jax.jit(lambda q, k, v, ct: grads(attn, q, k, v, ct))(q, k, v, ct)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
 def test_mosaic_refusals_on_a_claimed_hopper(monkeypatch):
     """On CPU, with a Hopper GPU claimed: the choice logic alone (traced, nothing runs)."""
     from flashjax import attention as A

@@ -493,3 +493,26 @@ def test_gpu_pool_over_4gib():
     v = kv[1][:, ::-1].reshape(kv_heads, 8 * bs, d).swapaxes(0, 1)[None]
     ref, _ = reference(q, k, v, ln)
     check(out, ref, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_traces_under_shard_map_with_check_vma(num_splits):
+    """Paged decode inside `jax.shard_map` with its default check_vma=True (KV heads
+    sharded): the kernels' output types carry shard_map's varying axes. Traced only,
+    with interpret=False (Pallas's interpret mode does not support check_vma)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("model",), devices=jax.devices()[:1])
+    q = jax.ShapeDtypeStruct((2, 4, 32), jnp.float32, sharding=NamedSharding(mesh, P(None, "model")))
+    pages = jax.ShapeDtypeStruct((2, 8, 16, 32), jnp.float32, sharding=NamedSharding(mesh, P("model")))
+    tables = jax.ShapeDtypeStruct((2, 4), jnp.int32, sharding=NamedSharding(mesh, P()))
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, P()))
+
+    def attn(q, k, v, bt, n):
+        return dec.paged_decode_attention(q, k, v, bt, n, num_splits=num_splits, interpret=False)
+
+    f = jax.shard_map(attn, mesh=mesh, in_specs=(P(None, "model"), P("model"), P("model"), P(), P()),
+                      out_specs=P(None, "model"))
+    traced = jax.jit(f).trace(q, pages, pages, tables, lengths)
+    assert "pallas_call" in str(traced.jaxpr)
