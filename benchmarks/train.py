@@ -85,7 +85,6 @@ def prepare(impl: str, seq: int, args, mem_limit) -> tuple[dict, object]:
     x, y = jax.device_put(x), jax.device_put(y)
     compiled = step.lower(params, opt_state, x, y).compile()
     cell["compile_s"] = round(time.perf_counter() - t0, 1)
-    cell["flops_per_token"] = flops_per_token(cfg, seq)
     mem = common.compiled_memory(compiled)
     if mem:
         need = mem.get("temp_bytes", 0) + mem.get("argument_bytes", 0) + mem.get("output_bytes", 0) - mem.get(
@@ -109,6 +108,7 @@ def prepare(impl: str, seq: int, args, mem_limit) -> tuple[dict, object]:
         return time.perf_counter() - t
 
     steps.state = state
+    steps.flops_per_token = flops_per_token(cfg, seq)
     return cell, steps
 
 
@@ -163,10 +163,8 @@ def measure_seq(seq: int, args, mem_limit) -> list[dict]:
         cell.update(
             step_ms=step_s * 1e3, min_step_ms=min(times[impl]) * 1e3, round_step_ms=[t * 1e3 for t in times[impl]],
             synced_step_ms=statistics.median(synced) * 1e3, reps=args.reps, rounds=args.rounds,
-            tokens_per_s=tokens / step_s, tflops=cell.pop("flops_per_token") * tokens / step_s / 1e12, loss=loss,
+            tokens_per_s=tokens / step_s, tflops=steps.flops_per_token * tokens / step_s / 1e12, loss=loss,
         )
-    for cell in cells:
-        cell.pop("flops_per_token", None)
     try:
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
