@@ -266,6 +266,10 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.reps = args.reps if args.reps is not None else (2 if args.quick else 8)
     args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
+    for name in ("warmup", "reps", "rounds"):
+        low = 0 if name == "warmup" else 1
+        if getattr(args, name) < low:
+            p.error(f"--{name} must be at least {low}, got {getattr(args, name)}")
     for impl in args.attention:
         if impl not in IMPLS:
             p.error(f"unknown attention {impl!r}; choose from {', '.join(IMPLS)}")

@@ -228,3 +228,24 @@ def test_mgpu_peer_names_what_it_cannot_run(monkeypatch):
     q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
     with pytest.raises(NotImplementedError, match="float16 only .* got bfloat16"):
         make()(q, q, q)
+
+
+def test_train_benchmark_rejects_bad_counts(capsys):
+    """--reps and --rounds below 1 (or --warmup below 0) are argument errors naming the
+    option, not a crash after minutes of compiling; unknown attention names likewise."""
+    import pytest
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(BENCH))
+    for argv, msg in ((["--rounds", "0"], "--rounds must be at least 1, got 0"),
+                      (["--reps", "-2"], "--reps must be at least 1, got -2"),
+                      (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+                      (["--attention", "flash,triton"], "unknown attention 'triton'")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--quick", *argv])
+        assert msg in capsys.readouterr().err
+    args = train.parse_args(["--quick", "--warmup", "0"])
+    assert (args.warmup, args.reps, args.rounds) == (0, 2, 2)
