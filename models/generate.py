@@ -170,14 +170,15 @@ def generate_text(
     if not ids:
         ids = [tokenizer.eot_id]
     sampler = DenseCacheSampler(model, temperature=temperature, top_k=top_k, top_p=top_p)
-    dec = tokenizer.stream_decoder()
+    # The prompt's ids give the first new word its context (a SentencePiece leading space).
+    dec = tokenizer.stream_decoder(prompt_ids=ids if prompt else ())
     pieces = []
     stop = tokenizer.eot_id if stop_at_eot else None
     for tok in sampler.generate(ids, max_new_tokens, seed=seed, stop_id=stop):
         t = int(tok[0])
         if stop is not None and t == stop:
             break
-        piece = dec.push(t)
+        piece, _ = dec.push([t])
         pieces.append(piece)
         if stream is not None and piece:
             stream.write(piece)

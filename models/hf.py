@@ -782,8 +782,14 @@ class PretrainedTokenizer:
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def stream_decoder(self) -> "IncrementalDecoder":
-        return IncrementalDecoder(self)
+    def stream_decoder(self, *, stop: Sequence[str] = (), prompt_ids: Sequence[int] = ()):
+        """A `flashjax.serving.detokenizer.Detokenizer` for text from ids as they are generated.
+
+        Pass the prompt's ids so that the first generated word keeps its leading space.
+        """
+        from flashjax.serving.detokenizer import Detokenizer
+
+        return Detokenizer(self, stop=stop, prompt_ids=prompt_ids)
 
     # Chat -----------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
@@ -819,36 +825,6 @@ class PretrainedTokenizer:
         for k, v in self.special.items():
             cfg.setdefault(k, v)
         (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-class IncrementalDecoder:
-    """Text for ids given one at a time, emitted once it is stable.
-
-    Decoding each id alone would lose SentencePiece's word-initial spaces and split
-    multi-byte characters, so it decodes a short window of recent ids and emits the
-    part that is new (held back while it ends in an incomplete character).
-    """
-
-    def __init__(self, tok: PretrainedTokenizer):
-        self.tok = tok
-        self.ids: list[int] = []
-        self.prefix = 0  # window start
-        self.read = 0  # ids before this are already emitted
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        now = self.tok.decode(self.ids[self.prefix :])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        now = self.tok.decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before) :] if len(now) > len(before) else ""
 
 
 def render_chat_template(template: str, messages: Sequence[dict], *, add_generation_prompt: bool = True,

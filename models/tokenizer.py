@@ -8,7 +8,6 @@ Saved as a standard tokenizer.json that `tokenizers.Tokenizer.from_file` loads.
 
 from __future__ import annotations
 
-import codecs
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -124,22 +123,11 @@ class Tokenizer:
         """Exact inverse of `encode` (invalid UTF-8 from sampled ids becomes U+FFFD)."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def stream_decoder(self, *, stop: Sequence[str] = (), prompt_ids: Sequence[int] = ()):
+        """A `flashjax.serving.detokenizer.Detokenizer` for text from ids as they are generated."""
+        from flashjax.serving.detokenizer import Detokenizer
 
-
-class StreamDecoder:
-    """Turns ids, one at a time, into text as soon as whole characters are known."""
-
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
-        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        return self._dec.decode(self.tok.decode_bytes([token_id]))
-
-    def flush(self) -> str:
-        return self._dec.decode(b"", final=True)
+        return Detokenizer(self, stop=stop, prompt_ids=prompt_ids)
 
 
 def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> np.ndarray:

@@ -364,13 +364,14 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sa
     if len(ids) + max_new > ctx:
         ids = ids[len(ids) + max_new - ctx:]
     eos = tokenizer.eot_id if stop_at_eot else None
-    dec = tokenizer.stream_decoder()
+    # The prompt's ids give the first new word its context (a SentencePiece leading space).
+    dec = tokenizer.stream_decoder(prompt_ids=ids if prompt else ())
     for chunk in generate_stream(model, [ids], max_new, sampling, eos_id=eos, chunk_tokens=chunk_tokens,
                                  block_size=block_size):
         for t in chunk[0]:
             if eos is not None and t == eos:
                 break
-            piece = dec.push(t)
+            piece, _ = dec.push([t])
             if piece:
                 yield piece
     tail = dec.flush()

@@ -115,3 +115,35 @@ def check_hf_tiny_config(name: str, c) -> None:
         assert c.sliding_window == 4 and c.kv_heads == 1 and c.tied
     if name == "llama":
         assert c.kv_heads == 2 and c.rope_theta == 500.0 and not c.tied
+
+
+def sentencepiece_style_tokenizer(vocab_size: int = HF_TINY_VOCAB, *, byte_fallback: bool = False):
+    """A `tokenizers.Tokenizer` BPE with Metaspace ('▁' word starts) like Llama/Mistral's, with <s> and </s>.
+
+    Encoding adds <s> in front. byte_fallback=True gives it Llama's <0x00>..<0xFF>
+    ids (appended after the trained vocabulary) for characters outside it, and
+    Llama's decoder, which joins runs of those bytes into characters.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, héllo wörld", "tokens stream well"] * 10
+    t.train_from_iterator(text, trainer)
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if not byte_fallback:
+        return t
+    spec = json.loads(t.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = json.loads(decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ]).__getstate__())
+    return Tokenizer.from_str(json.dumps(spec))

@@ -32,7 +32,7 @@ from flashjax.models import hf  # noqa: E402
 from flashjax.models.config import ModelConfig  # noqa: E402
 from flashjax.models.generate import DenseCacheSampler, load_model  # noqa: E402
 from flashjax.models.gpt import build_model  # noqa: E402
-from helpers import HF_TINY, HF_TINY_VOCAB, check_hf_tiny_config  # noqa: E402
+from helpers import HF_TINY, HF_TINY_VOCAB, check_hf_tiny_config, sentencepiece_style_tokenizer  # noqa: E402
 
 VOCAB = HF_TINY_VOCAB
 ATOL = 1e-4
@@ -270,22 +270,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def _sentencepiece_style_tokenizer():
-    """A BPE with Metaspace ('▁' word starts) like Llama/Mistral's, with <s> and </s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Metaspace()
-    t.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    text = ["the quick brown fox jumps over the lazy dog", "hello world, héllo wörld", "tokens stream well"] * 10
-    t.train_from_iterator(text, trainer)
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return t
-
-
 def _add_tokenizer(d, *, chat=True):
-    t = _sentencepiece_style_tokenizer()
+    t = sentencepiece_style_tokenizer()
     t.save(str(d / "tokenizer.json"))
     cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}
     if chat:
@@ -304,8 +290,12 @@ def test_tokenizer_stream_and_chat_template(saved, tmp_path):
     assert ids[0] == tok.bos_id == 1 and tok.eot_id == 2  # eos from generation_config.json
     assert tok.decode(ids[1:]) == text
     dec = tok.stream_decoder()
-    streamed = "".join(dec.push(i) for i in ids[1:]) + dec.flush()
+    streamed = "".join(dec.push([i])[0] for i in ids[1:]) + dec.flush()
     assert streamed == text
+    # after the prompt "the quick", the next word keeps its leading space
+    head = tok.encode("the quick")
+    dec = tok.stream_decoder(prompt_ids=head)
+    assert "".join(dec.push([i])[0] for i in ids[len(head):]) + dec.flush() == text[len("the quick"):]
     messages = [{"role": "user", "content": "hi there"}]
     rendered = tok.apply_chat_template(messages)
     assert rendered == "<s><|user|>hi there</s><|assistant|>"
@@ -346,7 +336,8 @@ def test_generate_cli_on_hf_directory(saved, tmp_path, capsys):
     ref = [int(t[0]) for t in DenseCacheSampler(model, temperature=0.0).generate(prompt, 6)]
     if tok.eot_id in ref:
         ref = ref[: ref.index(tok.eot_id)]
-    assert out.out.rstrip("\n") == "the quick" + tok.decode(ref)
+    # ... with its first word's leading space: the text of prompt + continuation, less the <s>
+    assert out.out.rstrip("\n") == tok.decode(prompt[1:] + ref)
 
 
 # ---------------------------------------------------------------------------
