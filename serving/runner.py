@@ -158,11 +158,13 @@ def _clip_positions(model, positions):
     return jnp.clip(positions, 0, model.config.max_seq_len - 1).astype(jnp.int32)
 
 
-def _reserve(state: KVCacheState, seq_ids, counts, *, continuation: bool):
+def _reserve(state: KVCacheState, seq_ids, counts, *, continuation: bool, allocate: bool = True):
     """Activate new slots and grow each row's sequence by counts[b] tokens.
 
     Returns (state, starts): starts[b] is the row's first new position (its
     length before the call; 0 for new sequences). All or nothing.
+    allocate=False: the caller's block tables already hold the blocks (a host
+    block pool gave them out); only the lengths grow.
     """
     S = state.max_seqs
     seq_ids = jnp.asarray(seq_ids, jnp.int32)
@@ -177,7 +179,10 @@ def _reserve(state: KVCacheState, seq_ids, counts, *, continuation: bool):
     dup = jnp.any(dup & ~jnp.eye(seq_ids.shape[0], dtype=bool))
     activated = state.replace(active=state.active.at[jnp.where(new, seq_ids, S)].set(True, mode="drop"))
     grow = jnp.zeros((S,), jnp.int32).at[slot].add(jnp.where(live, counts, 0), mode="drop")
-    grown = kv_cache.append_batch(activated, grow)
+    if allocate:
+        grown = kv_cache.append_batch(activated, grow)
+    else:
+        grown = activated.replace(lengths=jnp.where(activated.active, activated.lengths, 0) + grow)
     errors = [
         (jnp.any(live & (seq_ids >= S)) | dup, kv_cache.INVALID_SEQ),
         (jnp.any(counts < 0), kv_cache.INVALID_ARG),
@@ -222,7 +227,7 @@ def gather_layer(k_pages, v_pages, state: KVCacheState, seq_ids, positions):
 
 def prefill(model, pages: Pages, state: KVCacheState, tokens, seq_ids, lengths, *,
             continuation: bool = False, kv_len: int | None = None, all_logits: bool = False,
-            flash_kwargs: dict | None = None):
+            flash_kwargs: dict | None = None, allocate: bool = True):
     """Write a chunk of prompt tokens into the cache and return its logits.
 
     tokens: int [B, T], row b's real tokens in tokens[b, :lengths[b]].
@@ -233,6 +238,8 @@ def prefill(model, pages: Pages, state: KVCacheState, tokens, seq_ids, lengths, 
       max(prefix length) + T. Default: state.capacity + T.
     all_logits: return logits for every position [B, T, vocab] instead of
       the last real token's [B, vocab]. Static.
+    allocate: False when `state.block_tables` already hold blocks for the new
+      tokens (the engine's host block pool); only lengths grow. Static.
 
     Returns (logits float32, pages, state).
     """
@@ -248,7 +255,7 @@ def prefill(model, pages: Pages, state: KVCacheState, tokens, seq_ids, lengths, 
         raise ValueError(f"pages has {len(pages)} layers, the model {c.n_layer}")
     hd, phd = c.head_dim, pages[0][0].shape[-1]
     lengths = jnp.clip(lengths, 0, T)
-    state, starts = _reserve(state, seq_ids, lengths, continuation=continuation)
+    state, starts = _reserve(state, seq_ids, lengths, continuation=continuation, allocate=allocate)
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     mpos = _clip_positions(model, positions)
     fk = dict(flash_kwargs or {})
@@ -289,11 +296,12 @@ def prefill(model, pages: Pages, state: KVCacheState, tokens, seq_ids, lengths, 
 
 
 def decode(model, pages: Pages, state: KVCacheState, tokens, seq_ids, *,
-           decode_kwargs: dict | None = None):
+           decode_kwargs: dict | None = None, allocate: bool = True):
     """One decode step: token[b] is appended to sequence seq_ids[b] (-1: idle row).
 
     Returns (logits float32 [B, vocab], pages, state). Every named slot must be
-    active; rows may not repeat a slot.
+    active; rows may not repeat a slot. allocate=False: the block tables
+    already hold the new token's block (see `prefill`).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     seq_ids = jnp.asarray(seq_ids, jnp.int32)
@@ -309,7 +317,7 @@ def decode(model, pages: Pages, state: KVCacheState, tokens, seq_ids, *,
     s = jnp.clip(seq_ids, 0, S - 1)
     positions = jnp.where(live, state.lengths[s], 0)
     grow = jnp.zeros((S,), jnp.int32).at[jnp.where(live, seq_ids, S)].add(1, mode="drop")
-    grown = kv_cache.append_batch(state, grow)
+    grown = kv_cache.append_batch(state, grow) if allocate else state.replace(lengths=state.lengths + grow)
     status = jnp.where(jnp.any((seq_ids >= S)), jnp.int32(kv_cache.INVALID_SEQ), grown.status)
     state = grown.replace(status=status)
     kv_lengths = jnp.where(live, state.lengths[s], 0)

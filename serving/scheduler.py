@@ -20,16 +20,19 @@ Sequences join and leave the batch at every step (Orca-style iteration-level
 scheduling); shapes stay fixed (the engine pads to its row counts and chunk
 buckets), so nothing recompiles per request.
 
-`BlockManager` mirrors the functional allocator's state
-(`flashjax.kv_cache.KVCacheState`) in numpy. The engine hands it to the jitted
-step as a `KVCacheState` (the runner allocates new blocks there with
-`kv_cache.append_batch`) and copies the result back. On top of it the host
-keeps the *prefix cache*: a full block is keyed by the hash chain of its tokens
-(hash of the parent block's key and its own token ids); when its last user
-releases it, a keyed block is not returned to the free stack but kept,
-evictable, in LRU order, and a later prompt with the same prefix reattaches
-it (refcount + 1). Evicted (least recently used first) only when the free
-stack runs short.
+The scheduler owns the engine's block pool (`flashjax.serving.blocks`):
+admission, prefix-cache attachment, n > 1 forks and preemption change the pool
+here and are reported in the returned `SchedulePlan`; the engine applies
+their device side (page swaps and copies) and runs the step. It has no
+callbacks into the engine.
+
+Steps in flight: the engine dispatches step n + 1 before it reads step n's
+sampled tokens. A sequence's `inflight` counts the tokens sampled by
+dispatched steps that the host has not read yet; they count as context for
+`pending` (a decoding sequence stays ready to decode: its next input token is
+on the device) and against `max_tokens`. A plan that would need a preemption
+is only made with nothing in flight (`schedule(allow_preempt=False)` answers
+`blocked`).
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ import enum
 import itertools
 import numbers
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from flashjax import kv_cache
+from flashjax.serving.blocks import BlockManager, block_hashes  # noqa: F401 (re-exported)
 from flashjax.serving.sampling import MAX_SEED, SamplingParams, validate_sampling
 
 __all__ = ["RequestParams", "Request", "RequestStatus", "BlockManager", "Scheduler", "SchedulePlan",
@@ -143,20 +146,21 @@ class Request:
     order: int = dataclasses.field(default_factory=lambda: next(_SEQ_COUNTER))
     status: RequestStatus = RequestStatus.WAITING
     slot: int = -1
-    output: list[int] = dataclasses.field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the cache (= the slot's length)
+    output: list[int] = dataclasses.field(default_factory=list)  # tokens the host has read back
+    inflight: int = 0  # tokens sampled by dispatched steps whose values the host has not read yet
+    num_cached: int = 0  # tokens whose K/V are in the cache or written by a dispatched step
     hashes: list[int] = dataclasses.field(default_factory=list)  # keys of its cached full blocks
     fork_pending: bool = False  # n > 1: fork into n sequences once the prompt is cached
     reserved_slots: list[int] = dataclasses.field(default_factory=list)  # for its fork
     swap: Any = None  # (host pages, num_cached) while swapped out
     finish_reason: str | None = None
-    text: str = ""  # detokenized output (stop strings cut)
-    sent_text: int = 0  # characters already streamed
-    sent_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0
     beam_score: float = 0.0
+    detok: Any = None  # the output processor's incremental detokenizer
+    consts: Any = None  # the device step's per-sequence constants (sampling settings, stop ids)
 
     @property
     def context(self) -> list[int]:
@@ -164,235 +168,22 @@ class Request:
 
     @property
     def context_len(self) -> int:
+        """Known tokens: the prompt and the outputs read back so far."""
         return len(self.prompt) + len(self.output)
 
     @property
     def pending(self) -> int:
-        """Context tokens not yet in the cache (1 = ready to decode its last token)."""
-        return self.context_len - self.num_cached
+        """Tokens (known or in flight) not yet written to the cache (1 = ready to decode)."""
+        return self.context_len + self.inflight - self.num_cached
+
+    def decode_room(self, max_len: int) -> int:
+        """How many more tokens the sequence may still be asked to sample."""
+        total = self.context_len + self.inflight
+        return max(0, min(self.params.max_tokens - len(self.output) - self.inflight, max_len - total))
 
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
-
-
-# --------------------------------------------------------------------------
-# Host mirror of the allocator + prefix cache
-# --------------------------------------------------------------------------
-
-
-def block_hashes(tokens: Sequence[int], block_size: int, limit_blocks: int | None = None,
-                 start: int = 0, parent: int | None = None) -> list[int]:
-    """Hash chain keys of the full blocks of `tokens` (block i's key covers tokens[: (i+1)*bs])."""
-    n = len(tokens) // block_size if limit_blocks is None else min(limit_blocks, len(tokens) // block_size)
-    out = []
-    h = parent
-    for i in range(start, n):
-        h = hash((h, tuple(int(t) for t in tokens[i * block_size:(i + 1) * block_size])))
-        out.append(h)
-    return out
-
-
-class BlockManager:
-    """numpy mirror of a `KVCacheState` plus the prefix cache (see the module doc)."""
-
-    def __init__(self, num_blocks: int, max_seqs: int, max_blocks_per_seq: int, block_size: int,
-                 *, prefix_caching: bool = True):
-        st = kv_cache.init_state(num_blocks, max_seqs, max_blocks_per_seq, block_size)
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.max_seqs = max_seqs
-        self.max_blocks_per_seq = max_blocks_per_seq
-        self.prefix_caching = prefix_caching
-        self.tables = np.array(st.block_tables)
-        self.lengths = np.array(st.lengths)
-        self.active = np.array(st.active)
-        self.refcounts = np.array(st.refcounts)
-        self.free = list(np.array(st.free_stack))  # top of the stack = the end
-        self.evictable: collections.OrderedDict[int, int] = collections.OrderedDict()  # block -> key, LRU first
-        self.key_to_block: dict[int, int] = {}
-        self.block_key: dict[int, int] = {}
-        self.free_slots = list(range(max_seqs - 1, -1, -1))
-
-    # -- counts ------------------------------------------------------------
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    @property
-    def num_available(self) -> int:
-        """Blocks a sequence can get: free plus evictable cached ones."""
-        return len(self.free) + len(self.evictable)
-
-    @property
-    def num_used(self) -> int:
-        return int((self.refcounts > 0).sum())
-
-    def blocks_for(self, length: int, add: int) -> int:
-        bs = self.block_size
-        return -(-(length + add) // bs) - (-(-length // bs))
-
-    # -- device round trip ----------------------------------------------------
-    def to_state(self, host: bool = False):
-        """The allocator state as a KVCacheState: device arrays, or numpy copies
-        with host=True (for passing straight to a jitted step)."""
-        import jax.numpy as jnp
-
-        put = np.array if host else jnp.asarray
-        stack = np.zeros((self.num_blocks,), np.int32)
-        stack[: len(self.free)] = self.free
-        return kv_cache.KVCacheState(
-            free_stack=put(stack), num_free=put(np.int32(len(self.free))),
-            block_tables=put(self.tables), lengths=put(self.lengths),
-            active=put(self.active), refcounts=put(self.refcounts),
-            status=put(np.int32(kv_cache.OK)), block_size=self.block_size)
-
-    def from_state(self, host: dict) -> None:
-        """Adopt the state arrays a step returned (already on the host)."""
-        self.tables = np.array(host["block_tables"])
-        self.lengths = np.array(host["lengths"])
-        self.active = np.array(host["active"])
-        self.refcounts = np.array(host["refcounts"])
-        self.free = list(np.array(host["free_stack"])[: int(host["num_free"])])
-
-    # -- slots -----------------------------------------------------------------
-    def take_slot(self, activate: bool = True) -> int:
-        slot = self.free_slots.pop()
-        assert not self.active[slot]
-        self.active[slot] = activate  # an empty active sequence: the runner continues it
-        self.lengths[slot] = 0
-        return slot
-
-    def activate(self, slot: int) -> None:
-        self.active[slot] = True
-
-    def ensure_free(self, n: int) -> bool:
-        """Evict LRU cached blocks until n are on the free stack; False if impossible."""
-        while len(self.free) < n and self.evictable:
-            blk, key = self.evictable.popitem(last=False)
-            self._forget(blk)
-            self.free.append(blk)
-        return len(self.free) >= n
-
-    def _forget(self, blk: int) -> None:
-        key = self.block_key.pop(blk, None)
-        if key is not None and self.key_to_block.get(key) == blk:
-            del self.key_to_block[key]
-
-    def _pop_block(self) -> int:
-        if not self.ensure_free(1):
-            raise RuntimeError("out of KV blocks")
-        return self.free.pop()
-
-    def release(self, slot: int) -> None:
-        """Free a sequence's slot; its keyed blocks stay cached (evictable)."""
-        if not self.active[slot]:
-            self.free_slots.append(slot)
-            return
-        nblk = -(-int(self.lengths[slot]) // self.block_size)
-        row = self.tables[slot, :nblk].tolist()
-        for blk in reversed(row):  # the tail of a chain is evicted first
-            self.refcounts[blk] -= 1
-            if self.refcounts[blk] == 0:
-                if self.prefix_caching and blk in self.block_key:
-                    self.evictable[blk] = self.block_key[blk]
-                    self.evictable.move_to_end(blk, last=False)
-                else:
-                    self._forget(blk)
-                    self.free.append(blk)
-        self.tables[slot] = -1
-        self.lengths[slot] = 0
-        self.active[slot] = False
-        self.free_slots.append(slot)
-
-    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
-        """Cached blocks holding the longest cached prefix of tokens (leaving >= 1 token uncached)."""
-        if not self.prefix_caching:
-            return []
-        limit = (len(tokens) - 1) // self.block_size
-        blocks = []
-        for key in block_hashes(tokens, self.block_size, limit):
-            blk = self.key_to_block.get(key)
-            if blk is None:
-                break
-            blocks.append(blk)
-        return blocks
-
-    def attach(self, slot: int, blocks: list[int]) -> None:
-        """Start `slot` with these (full, cached) blocks as its leading blocks."""
-        for i, blk in enumerate(blocks):
-            if self.refcounts[blk] == 0:
-                self.evictable.pop(blk, None)
-            self.refcounts[blk] += 1
-            self.tables[slot, i] = blk
-        self.lengths[slot] = len(blocks) * self.block_size
-
-    def register(self, req: Request) -> None:
-        """Key the full blocks of a running sequence (after a step wrote them)."""
-        if not self.prefix_caching or req.slot < 0:
-            return
-        full = req.num_cached // self.block_size
-        if full <= len(req.hashes):
-            return
-        ctx = req.context
-        parent = req.hashes[-1] if req.hashes else None
-        keys = block_hashes(ctx, self.block_size, full, start=len(req.hashes), parent=parent)
-        for i, key in enumerate(keys, start=len(req.hashes)):
-            blk = int(self.tables[req.slot, i])
-            if key not in self.key_to_block and blk not in self.block_key:
-                self.key_to_block[key] = blk
-                self.block_key[blk] = key
-        req.hashes.extend(keys)
-
-    def allocate_exact(self, slot: int, length: int) -> list[int]:
-        """Give `slot` fresh blocks for `length` tokens (swap-in). Caller checked availability."""
-        nblk = -(-length // self.block_size)
-        self.ensure_free(nblk)
-        blocks = [self._pop_block() for _ in range(nblk)]
-        for i, blk in enumerate(blocks):
-            self.refcounts[blk] += 1
-            self.tables[slot, i] = blk
-        self.lengths[slot] = length
-        return blocks
-
-    def fork(self, src: int, dst: int) -> tuple[int, int] | None:
-        """dst shares src's full blocks; a partial last block is copied. Returns (src, dst) page copy."""
-        length = int(self.lengths[src])
-        bs = self.block_size
-        nblk = -(-length // bs)
-        full = length // bs
-        for i in range(full):
-            blk = int(self.tables[src, i])
-            self.refcounts[blk] += 1
-            self.tables[dst, i] = blk
-        self.lengths[dst] = length
-        if nblk > full:
-            new = self._pop_block()
-            self.refcounts[new] += 1
-            self.tables[dst, full] = new
-            return int(self.tables[src, full]), new
-        return None
-
-    def check(self) -> None:
-        """Invariants (tests): every block is free, cached-evictable or referenced, exactly once."""
-        state = self.to_state()
-        free = set(self.free)
-        ev = set(self.evictable)
-        assert not (free & ev), "a block is both free and cached"
-        assert len(free) == len(self.free), "a block is on the free stack twice"
-        counts = np.zeros(self.num_blocks, np.int64)
-        for s in range(self.max_seqs):
-            if self.active[s]:
-                n = -(-int(self.lengths[s]) // self.block_size)
-                counts[self.tables[s, :n]] += 1
-                assert (self.tables[s, n:] == -1).all()
-            else:
-                assert (self.tables[s] == -1).all() and self.lengths[s] == 0
-        assert (counts == self.refcounts).all(), "refcounts disagree with the tables"
-        used = set(np.nonzero(self.refcounts)[0].tolist())
-        assert not (used & (free | ev)), "a referenced block is free or evictable"
-        assert len(used) + len(free) + len(ev) == self.num_blocks, "a block is lost"
-        del state
 
 
 # --------------------------------------------------------------------------
@@ -402,10 +193,26 @@ class BlockManager:
 
 @dataclasses.dataclass
 class SchedulePlan:
-    decodes: list[Request]
-    prefills: list[tuple[Request, int]]  # (request, chunk tokens)
-    preempted: list[Request]
-    forks: list[Request]  # group leaders to fork before running
+    """One step's work, and what the scheduler changed to make room for it.
+
+    The engine applies the device side of the bookkeeping changes in this order
+    before it dispatches the step: `swap_out` (copy these blocks to the host:
+    they are free now and may be reused by this very step), `swap_in` (fill
+    these fresh blocks from `req.swap`), `copies` (copy-on-write of forked
+    partial blocks).
+    """
+
+    decodes: list[Request] = dataclasses.field(default_factory=list)
+    prefills: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (request, chunk tokens)
+    preempted: list[Request] = dataclasses.field(default_factory=list)
+    forked: list[tuple[Request, list[Request]]] = dataclasses.field(default_factory=list)  # leader, children
+    beam_forks: list[Request] = dataclasses.field(default_factory=list)  # beam leaders ready to decode
+    restarted: list[Request] = dataclasses.field(default_factory=list)  # new leaders of preempted beam groups
+    swap_out: list[tuple[Request, np.ndarray]] = dataclasses.field(default_factory=list)  # (request, blocks)
+    swap_in: list[tuple[Request, list[int]]] = dataclasses.field(default_factory=list)
+    copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src block, dst block)
+    admitted: list[Request] = dataclasses.field(default_factory=list)
+    blocked: bool = False  # the decodes need blocks only a preemption could free (not allowed)
 
     @property
     def empty(self) -> bool:
@@ -413,24 +220,28 @@ class SchedulePlan:
 
 
 class Scheduler:
-    """Decides each step's batch (see the module doc). The engine applies the plan."""
+    """Decides each step's batch and keeps the block pool in step with it (module doc).
+
+    It owns `blocks` (a `BlockManager`): admission, prefix-cache attachment,
+    forks and preemption happen here and are reported in the plan; it never
+    calls back into the engine, so it can be driven and tested alone.
+    """
 
     def __init__(self, blocks: BlockManager, *, max_num_batched_tokens: int, prefill_rows: int,
-                 max_chunk: int, preemption_mode: str = "recompute",
-                 preempt: Callable[[Request], None] | None = None,
-                 admit: Callable[[Request, int], bool] | None = None):
+                 max_chunk: int, max_len: int, preemption_mode: str = "recompute"):
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
         self.blocks = blocks
         self.max_num_batched_tokens = int(max_num_batched_tokens)
         self.prefill_rows = int(prefill_rows)
         self.max_chunk = int(max_chunk)
+        self.max_len = int(max_len)
         self.preemption_mode = preemption_mode
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-        self._preempt = preempt
-        self._admit = admit
+        self.counters: collections.Counter = collections.Counter()
 
+    # -- queues ------------------------------------------------------------------
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
@@ -450,6 +261,27 @@ class Scheduler:
         except ValueError:
             pass
 
+    def release(self, req: Request) -> None:
+        """Give back a sequence's slot(s) and blocks (keyed blocks stay cached)."""
+        bm = self.blocks
+        if req.slot >= 0:
+            bm.release(req.slot)
+            req.slot = -1
+        for s in req.reserved_slots:
+            bm.release(s)
+        req.reserved_slots = []
+        req.num_cached = 0
+        req.inflight = 0
+        req.hashes = []
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Take a sequence out for good (stopped, cancelled, failed)."""
+        self.remove(req)
+        self.release(req)
+        req.swap = None
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -458,22 +290,123 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # -- admission and preemption ---------------------------------------------------
+    def _preempt(self, req: Request, plan: SchedulePlan) -> None:
+        self.counters["preemptions"] += 1
+        req.num_preemptions += 1
+        plan.preempted.append(req)
+        if req.params.beam_width > 1:  # a beam group restarts as a whole
+            group = [s for s in self.running if s.group is req.group] + [req]
+            for s in group:
+                self.remove(s)
+                self.release(s)
+                s.status = RequestStatus.FINISHED
+            leader = Request(req.request_id, list(req.prompt), req.params, index=0, group=req.group)
+            leader.arrival = req.arrival
+            leader.order = min(s.order for s in group)
+            leader.fork_pending = True
+            leader.num_preemptions = 1
+            plan.restarted.append(leader)
+            self.requeue_front(leader)
+            return
+        self.remove(req)
+        if self.preemption_mode == "swap" and req.num_cached > 0:
+            nblk = -(-req.num_cached // self.blocks.block_size)
+            plan.swap_out.append((req, self.blocks.tables[req.slot, :nblk].copy()))
+            num_cached = req.num_cached
+            self.release(req)
+            req.num_cached = num_cached
+            req.swap = (None, num_cached)  # the engine fills in the pages
+            req.status = RequestStatus.SWAPPED
+            self.counters["swap_out"] += 1
+        else:
+            self.release(req)
+            req.status = RequestStatus.WAITING
+        self.requeue_front(req)
+
+    def _admit(self, req: Request, avail: int, plan: SchedulePlan) -> bool:
+        bm = self.blocks
+        if req.swap is not None:
+            _, num_cached = req.swap
+            nblk = -(-num_cached // bm.block_size)
+            if nblk + 1 > avail:
+                return False
+            req.slot = bm.take_slot()
+            plan.swap_in.append((req, bm.allocate_exact(req.slot, num_cached)))
+            req.num_cached = num_cached
+            req.hashes = []
+            bm.register(req)
+            self.counters["swap_in"] += 1
+            return True
+        ctx = req.context
+        hit = bm.match_prefix(ctx)
+        n_evictable = sum(1 for b in hit if bm.refcounts[b] == 0)
+        hit_len = len(hit) * bm.block_size
+        need = bm.blocks_for(hit_len, req.pending - hit_len + req.num_cached) + n_evictable
+        if need > avail:
+            return False
+        req.slot = bm.take_slot()
+        if req.fork_pending:
+            req.reserved_slots = [bm.take_slot(activate=False) for _ in range(req.params.num_seqs - 1)]
+        bm.attach(req.slot, hit)
+        req.num_cached = hit_len
+        req.hashes = []
+        bm.register(req)
+        if not req.output and req.num_preemptions == 0:
+            self.counters["prefix_query_tokens"] += len(req.prompt)
+            self.counters["prefix_hit_tokens"] += hit_len
+            req.cached_prompt_tokens = hit_len
+        return True
+
+    def _fork(self, leader: Request, plan: SchedulePlan) -> list[Request]:
+        """Split a leader whose prompt is cached (but its last token) into n sequences."""
+        bm = self.blocks
+        children = []
+        for i, slot in enumerate(leader.reserved_slots, start=1):
+            bm.activate(slot)
+            c = bm.fork(leader.slot, slot)
+            if c is not None:
+                plan.copies.append(c)
+            child = Request(leader.request_id, list(leader.prompt), leader.params, index=i, group=leader.group)
+            child.arrival = leader.arrival
+            child.order = leader.order
+            child.slot = slot
+            child.num_cached = leader.num_cached
+            child.hashes = list(leader.hashes)
+            child.status = RequestStatus.RUNNING
+            children.append(child)
+        leader.reserved_slots = []
+        leader.fork_pending = False
+        self.running.extend(children)
+        plan.forked.append((leader, children))
+        return children
+
     def _room(self, length: int, free_blocks: int) -> int:
         """Most tokens a sequence of `length` can grow by with `free_blocks` new blocks."""
         bs = self.blocks.block_size
         in_last = (-length) % bs
         return in_last + free_blocks * bs
 
-    def schedule(self) -> SchedulePlan:
+    def _decodable(self, r: Request) -> bool:
+        return r.pending == 1 and r.decode_room(self.max_len) > 0
+
+    # -- the plan ----------------------------------------------------------------
+    def schedule(self, *, allow_preempt: bool = True) -> SchedulePlan:
+        """This step's batch. With allow_preempt=False a plan that would need a preemption
+        comes back `blocked` and nothing is changed (the engine first reads back the steps
+        in flight, then asks again)."""
         bm = self.blocks
-        preempted: list[Request] = []
-        forks: list[Request] = []
+        plan = SchedulePlan()
         running = sorted(self.running, key=lambda r: r.order)
 
         def decode_need(rs):
             need = 0
             for r in rs:
-                if r.pending == 1:
+                if self._decodable(r):
                     need += bm.blocks_for(r.num_cached, 1)
                     if r.fork_pending:
                         need += (r.params.n - 1) * (2 if r.num_cached % bm.block_size else 1)
@@ -481,33 +414,32 @@ class Scheduler:
 
         # 1. Decodes (and pending forks); preempt the newest while blocks are short.
         while running and decode_need(running) > bm.num_available:
-            victim = running[-1]  # newest
-            self._preempt(victim)
-            preempted.append(victim)
+            if not allow_preempt:
+                return SchedulePlan(blocked=True)
+            self._preempt(running[-1], plan)  # newest
             running = sorted(self.running, key=lambda r: r.order)
+        decodes = []
         for r in running:
-            if r.fork_pending and r.pending == 1:
-                forks.append(r)
-        decodes = [r for r in running if r.pending == 1]
+            if not self._decodable(r):
+                continue
+            if r.fork_pending and r.params.beam_width > 1:
+                plan.beam_forks.append(r)  # beams decode the leader first, then fork on its top tokens
+            elif r.fork_pending:
+                decodes.extend(self._fork(r, plan))
+            decodes.append(r)
         committed = decode_need(running)
-        budget = self.max_num_batched_tokens - sum(r.params.n if r.fork_pending else 1 for r in decodes)
+        budget = self.max_num_batched_tokens - len(decodes)
 
         # 2. Chunked prefill of running sequences, oldest first.
         prefills: list[tuple[Request, int]] = []
 
-        def plan_chunk(r: Request, avail: int, budget: int) -> tuple[int, int]:
-            want = r.pending - (1 if r.fork_pending else 0)
-            c = min(want, budget, self.max_chunk, self._room(r.num_cached, avail))
-            if c <= 0:
-                return 0, 0
-            return c, bm.blocks_for(r.num_cached, c)
-
-        def take_chunk(r):
+        def take_chunk(r: Request) -> None:
             nonlocal committed, budget
-            c, nb = plan_chunk(r, bm.num_available - committed, budget)
+            want = r.pending - (1 if r.fork_pending else 0)
+            c = min(want, budget, self.max_chunk, self._room(r.num_cached, bm.num_available - committed))
             if c > 0:
                 prefills.append((r, c))
-                committed += nb
+                committed += bm.blocks_for(r.num_cached, c)
                 budget -= c
 
         for r in running:
@@ -518,28 +450,35 @@ class Scheduler:
         # 3. Admit waiting requests (FCFS) into free slots.
         while self.waiting and budget > 0 and len(prefills) < self.prefill_rows:
             r = self.waiting[0]
+            if r in plan.preempted:
+                break  # not back in the step that preempted it
             need_slots = r.params.num_seqs if r.fork_pending else 1
             if len(bm.free_slots) < need_slots:
                 break
-            if not self._admit(r, bm.num_available - committed):
+            if not self._admit(r, bm.num_available - committed, plan):
                 break
             self.waiting.popleft()
             r.status = RequestStatus.RUNNING
             self.running.append(r)
+            plan.admitted.append(r)
             if r.pending == 1:  # swapped-in, or fully cached but the last token
-                if r.fork_pending:
-                    forks.append(r)
-                    committed += (r.params.n - 1) * 2
-                decodes.append(r)
-                budget -= r.params.n if r.fork_pending else 1
                 committed += bm.blocks_for(r.num_cached, 1)
+                if r.fork_pending and r.params.beam_width > 1:
+                    plan.beam_forks.append(r)
+                elif r.fork_pending:
+                    committed += (r.params.n - 1) * 2
+                    kids = self._fork(r, plan)
+                    decodes.extend(kids)
+                    budget -= len(kids)
+                decodes.append(r)
+                budget -= 1
                 continue
             take_chunk(r)
-        if not decodes and not prefills and self.running and not preempted:
+        if not decodes and not prefills and self.running and not plan.preempted and allow_preempt:
             # Nothing fits: free room by preempting the newest (never the only one).
             cands = sorted(self.running, key=lambda r: r.order)
-            if len(cands) > 1:
-                victim = cands[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-        return SchedulePlan(decodes=decodes, prefills=prefills, preempted=preempted, forks=forks)
+            if len(cands) > 1 and not any(r.inflight for r in cands):
+                self._preempt(cands[-1], plan)
+        plan.decodes = decodes
+        plan.prefills = prefills
+        return plan

@@ -209,10 +209,11 @@ def test_background_thread_and_bounded_compiles(eng):
         eng.stop()
     assert [len(o.outputs[0].token_ids) for o in outs] == [1 + i % 7 for i in range(10)]
     assert dict(eng.trace_counts) == before, "a varied workload must not compile anything new"
-    # 3 step variants for the single chunk bucket (+1: JAX registers a tracing-context
-    # config value lazily on first use, which retraces once), swap out/in, block copy
-    assert eng.trace_counts["step"] <= 4
-    assert eng.num_compiles() <= 4 + 3
+    # 4 step variants for the single chunk bucket: prefill with and without a decode step,
+    # one decode step, K decode steps (+1: JAX registers a tracing-context config value
+    # lazily on first use, which retraces once); swap out/in, block copy
+    assert eng.trace_counts["step"] <= 5
+    assert eng.num_compiles() <= 5 + 3
     s = eng.stats()
     assert s["requests_finished"] >= 10 and s["ttft_p50"] is not None and s["tpot_p50"] is not None
 
@@ -224,12 +225,16 @@ def test_requests_from_another_thread_join_the_running_batch(eng):
     eng.stats_counters["max_decode_batch"] = 0
     eng.start()
     try:
-        hs = []
-        for p in _prompts(3, seed=11, lo=3, hi=6):
+        ps = _prompts(3, seed=11, lo=3, hi=6)
+        hs = [eng.add_request(ps[0], RequestParams(temperature=0, max_tokens=50))]
+        deadline = time.time() + 60
+        while not hs[0].token_ids[0]:  # the first one is decoding on the engine thread
+            assert time.time() < deadline
+            time.sleep(0.0005)
+        for p in ps[1:]:
             hs.append(eng.add_request(p, RequestParams(temperature=0, max_tokens=12)))
-            time.sleep(0.005)
         outs = [h.result(timeout=120) for h in hs]
-        assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [50, 12, 12]
     finally:
         eng.stop()
     assert eng.stats_counters["max_decode_batch"] >= 2, eng.stats_counters

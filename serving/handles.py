@@ -1,0 +1,145 @@
+"""What the engine hands back for a request: a handle that streams and collects
+its outputs (blocking iteration, callbacks, asyncio), and the output records.
+
+The engine thread fills a handle (`_emit`, `_finish`); any thread or event
+loop reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+import time
+from typing import Callable
+
+from flashjax.serving.scheduler import Request, RequestParams
+
+__all__ = ["RequestHandle", "StreamEvent", "SequenceOutput", "CompletionOutput", "QueueFullError"]
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is at its bound (servers answer 429/503)."""
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    index: int  # choice index
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class SequenceOutput:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    score: float | None = None  # beam search: sum of log-probabilities
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[SequenceOutput]
+    ttft: float | None
+    num_cached_prompt_tokens: int = 0
+
+
+class RequestHandle:
+    """What `Engine.add_request` returns: streams and collects one request's outputs.
+
+    Iterate it (blocking) for `StreamEvent`s, `await handle.result_async()`,
+    or use `async for ev in handle.aiter()` from an asyncio loop.
+    """
+
+    def __init__(self, engine, request_id: str, prompt: list[int], params: RequestParams,
+                 callback: Callable[[StreamEvent], None] | None):
+        self.engine = engine
+        self.request_id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.callback = callback
+        n = params.n
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
+        self.texts = ["" for _ in range(n)]
+        self.finish_reasons: list[str | None] = [None] * n
+        self.scores: list[float | None] = [None] * n
+        self.events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.cached_prompt_tokens = 0
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self._async: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self.seqs: list[Request] = []
+
+    # engine side
+    def _emit(self, ev: StreamEvent | None) -> None:
+        self.events.put(ev)
+        for loop, q in list(self._async):
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:  # loop closed
+                pass
+        if ev is not None and self.callback is not None:
+            self.callback(ev)
+
+    def _finish(self) -> None:
+        if not self._done.is_set():
+            self._done.set()
+            self._emit(None)
+
+    # user side
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self):
+        while True:
+            ev = self.events.get()
+            if ev is None:
+                return
+            yield ev
+
+    def aiter(self):
+        """An async iterator of events; call from the event loop that consumes it."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        # replay what is already there
+        with self.engine._lock:
+            for i in range(self.params.n):
+                if self.token_ids[i] or self.finish_reasons[i]:
+                    q.put_nowait(StreamEvent(i, list(self.token_ids[i]), self.texts[i], self.finish_reasons[i]))
+            if self._done.is_set():
+                q.put_nowait(None)
+            else:
+                self._async.append((loop, q))
+
+        async def gen():
+            while True:
+                ev = await q.get()
+                if ev is None:
+                    return
+                yield ev
+        return gen()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> CompletionOutput:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout}s")
+        if self.error is not None:
+            raise self.error
+        outs = [SequenceOutput(i, list(self.token_ids[i]), self.texts[i], self.finish_reasons[i], self.scores[i])
+                for i in range(self.params.n)]
+        ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
+        return CompletionOutput(self.request_id, list(self.prompt), outs, ttft, self.cached_prompt_tokens)
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.request_id)

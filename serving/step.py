@@ -1,0 +1,245 @@
+"""The engine's device side: the paged KV pages, the last sampled token of every
+slot, and one jitted call per engine step.
+
+    runner = StepRunner(model, num_blocks=..., max_seqs=..., block_size=..., ...)
+    out = runner.run(slots, prefill, steps=K)      # dispatch; returns device arrays at once
+    host = jax.device_get(out)                     # later, while the next step runs
+
+A call runs an optional chunked prefill (`prefill_rows` rows padded to a chunk
+bucket) and then `steps` decode steps of every slot (0: none) inside one
+`lax.while_loop`, sampling on the device with per-row settings. The inputs are
+small host arrays (`SlotBatch`, `PrefillBatch`): block tables and lengths from
+the host block pool (`flashjax.serving.blocks`; nothing is allocated on the
+device), per-slot sampling settings and stop ids, and for decoding rows
+whether the input token comes from the host or is the one the previous call
+sampled (`last_tok`, which never leaves the device). So the engine can
+dispatch step n + 1 before it has read step n's tokens.
+
+Multi-step decode (`steps` > 1): row r runs `n_steps[r]` steps at most and
+stops early on the device after sampling its end-of-text token or one of its
+stop ids (up to `MAX_STOP_IDS`; more are checked on the host only). Tokens
+after a stop are -1. The loop exits as soon as no row is live.
+
+Compiles: one variant per (prefill chunk bucket or none) x (decode steps 0, 1
+or K); the engine keeps to `2 * buckets + 2`. Single-step calls also return
+the top `logprobs_k` log-probabilities per decode row (beam search).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flashjax import kv_cache
+from flashjax.serving import runner as R
+from flashjax.serving.sampling import SamplingArrays, sample
+
+__all__ = ["StepRunner", "SlotBatch", "PrefillBatch", "MAX_STOP_IDS"]
+
+MAX_STOP_IDS = 4  # stop token ids per row checked on the device (eos not counted)
+
+# Columns of SlotBatch.ints.
+LENGTH, ACTIVE, N_STEPS, HOST_TOK, USE_HOST, STEP0, TOP_K, SEED, EOS = range(9)
+STOP0 = 9
+NUM_INT_COLS = STOP0 + MAX_STOP_IDS
+CONST_COLS = slice(TOP_K, NUM_INT_COLS)  # per-sequence constants (set when a sequence takes the slot)
+TEMPERATURE, TOP_P = range(2)
+# Columns of PrefillBatch.meta.
+PF_SLOT, PF_LEN, PF_SAMPLE, PF_STEP0 = range(4)
+
+
+class SlotBatch:
+    """Host arrays for one call, one row per slot (numpy; a jitted call transfers them).
+
+    ints [S, NUM_INT_COLS] int32: length before the call, active, decode steps for
+      this call (0 = not decoding), host token and whether to use it (else the
+      device's last sampled token), output index of the first token sampled,
+      top_k, seed (uint32 bits), eos id (-1 none), stop ids (-1 padded).
+    floats [S, 2] float32: temperature, top_p.
+    tables [S, max_blocks_per_seq] int32: block tables from the host pool.
+    """
+
+    def __init__(self, max_seqs: int, max_blocks_per_seq: int):
+        self.ints = np.zeros((max_seqs, NUM_INT_COLS), np.int32)
+        self.ints[:, EOS:] = -1
+        self.floats = np.zeros((max_seqs, 2), np.float32)
+        self.floats[:, TOP_P] = 1.0
+        self.tables = np.full((max_seqs, max_blocks_per_seq), -1, np.int32)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dict(ints=self.ints.copy(), floats=self.floats.copy(), tables=self.tables.copy())
+
+
+def sequence_constants(params, index: int, eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ints[CONST_COLS], floats) of a sequence: sampling settings, eos and stop ids."""
+    sp = params.sampling(index) if params.beam_width == 1 else None
+    ints = np.full((NUM_INT_COLS - TOP_K,), -1, np.int32)
+    floats = np.array([0.0, 1.0], np.float32)
+    ints[TOP_K - TOP_K] = 0 if sp is None else sp.top_k
+    ints[SEED - TOP_K] = np.uint32(0 if sp is None else sp.seed).view(np.int32)
+    if sp is not None:
+        floats[:] = (sp.temperature, sp.top_p)
+    eos = None if params.ignore_eos else eos_id
+    ints[EOS - TOP_K] = -1 if eos is None else int(eos)
+    stops = list(params.stop_token_ids)[:MAX_STOP_IDS]
+    ints[STOP0 - TOP_K: STOP0 - TOP_K + len(stops)] = stops
+    return ints, floats
+
+
+class PrefillBatch:
+    """tokens [P, T] int32 and meta [P, 4] int32 (slot or -1, chunk length, samples, step0)."""
+
+    def __init__(self, rows: int, chunk: int):
+        self.tokens = np.zeros((rows, chunk), np.int32)
+        self.meta = np.zeros((rows, 4), np.int32)
+        self.meta[:, PF_SLOT] = -1
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dict(tokens=self.tokens, meta=self.meta)
+
+
+class StepRunner:
+    """Owns the KV pages and `last_tok`; runs the jitted step (pages donated)."""
+
+    def __init__(self, model, *, num_blocks: int, max_seqs: int, block_size: int, max_blocks_per_seq: int,
+                 logprobs_k: int, decode_kwargs: dict | None = None):
+        self.config = model.config
+        self.num_blocks = int(num_blocks)
+        self.max_seqs = int(max_seqs)
+        self.block_size = int(block_size)
+        self.max_blocks_per_seq = int(max_blocks_per_seq)
+        self.logprobs_k = int(logprobs_k)
+        self.decode_kwargs = dict(decode_kwargs or {})
+        self.graphdef, self.params = nnx.split(model)
+        self.pages = R.init_pages(self.config, self.num_blocks, self.block_size)
+        self.last_tok = jnp.zeros((self.max_seqs,), jnp.int32)
+        self.trace_counts: collections.Counter = collections.Counter()
+        self._step = jax.jit(self._step_impl, donate_argnums=(1, 2), static_argnames=("steps",))
+        self._gather = jax.jit(self._gather_impl)
+        self._scatter = jax.jit(self._scatter_impl, donate_argnums=(0,))
+        self._copy = jax.jit(self._copy_impl, donate_argnums=(0,))
+
+    # -- public ------------------------------------------------------------------
+    def run(self, slots: dict, prefill: dict | None, *, steps: int) -> dict[str, Any]:
+        """Dispatch one call; returns its outputs as device arrays (not waited for).
+
+        out["prefill"] = sampled ids [P]; out["decode"] = ids [steps, S] (-1: none);
+        single-step calls add out["top_lp"], out["top_id"] [S, logprobs_k].
+        """
+        self.pages, self.last_tok, out = self._step(self.params, self.pages, self.last_tok, slots, prefill,
+                                                    steps=int(steps))
+        return out
+
+    def swap_out(self, blocks: np.ndarray):
+        """Host copies of these blocks' pages (every layer)."""
+        idx = np.full((self.max_blocks_per_seq,), -1, np.int32)
+        idx[: len(blocks)] = blocks
+        return jax.device_get(self._gather(self.pages, idx))
+
+    def swap_in(self, blocks: list[int], data) -> None:
+        idx = np.full((self.max_blocks_per_seq,), -1, np.int32)
+        idx[: len(blocks)] = blocks
+        self.pages = self._scatter(self.pages, idx, data)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = np.full((max(self.max_seqs, len(copies)),), -1, np.int32)
+        dst = src.copy()
+        for i, (s, d) in enumerate(copies):
+            src[i], dst[i] = s, d
+        self.pages = self._copy(self.pages, src, dst)
+
+    # -- jitted ------------------------------------------------------------------
+    def _state(self, tables, lengths, active) -> kv_cache.KVCacheState:
+        nb = self.num_blocks
+        return kv_cache.KVCacheState(
+            free_stack=jnp.zeros((nb,), jnp.int32), num_free=jnp.int32(0), block_tables=tables,
+            # refcount 1 everywhere: the host pool only ever points a write at a block
+            # its row owns alone (shared blocks are full; forks copy the partial one)
+            lengths=lengths, active=active, refcounts=jnp.ones((nb,), jnp.int32),
+            status=jnp.int32(kv_cache.OK), block_size=self.block_size)
+
+    def _pick(self, logits, sp: SamplingArrays, steps):
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t.astype(jnp.uint32)))(sp.seed, steps)
+        return sample(logits, sp, keys)
+
+    def _step_impl(self, params, pages, last_tok, slots, prefill, *, steps):
+        self.trace_counts["step"] += 1
+        model = nnx.merge(self.graphdef, params)
+        S = self.max_seqs
+        ints, floats = slots["ints"], slots["floats"]
+        state = self._state(slots["tables"], ints[:, LENGTH], ints[:, ACTIVE] > 0)
+        sp = SamplingArrays(temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
+                            seed=jax.lax.bitcast_convert_type(ints[:, SEED], jnp.uint32))
+        out = {}
+        if prefill is not None:
+            meta = prefill["meta"]
+            seq = meta[:, PF_SLOT]
+            logits, pages, state = R.prefill(model, pages, state, prefill["tokens"], seq, meta[:, PF_LEN],
+                                             continuation=True, allocate=False)
+            rows = jax.tree.map(lambda a: a[jnp.clip(seq, 0, S - 1)], sp)
+            tok = self._pick(logits, rows, meta[:, PF_STEP0])
+            out["prefill"] = tok
+            write = (meta[:, PF_SAMPLE] > 0) & (seq >= 0)
+            last_tok = last_tok.at[jnp.where(write, seq, S)].set(tok, mode="drop")
+        if steps:
+            n_steps = ints[:, N_STEPS]
+            step0 = ints[:, STEP0]
+            eos = ints[:, EOS]
+            stop_ids = ints[:, STOP0:]
+            tok = jnp.where(ints[:, USE_HOST] > 0, ints[:, HOST_TOK], last_tok)
+
+            def one(j, pages, lengths, tok, alive):
+                live = alive & (j < n_steps)
+                seq = jnp.where(live, jnp.arange(S, dtype=jnp.int32), -1)
+                logits, pages, st = R.decode(model, pages, state.replace(lengths=lengths), tok, seq,
+                                             decode_kwargs=self.decode_kwargs or None, allocate=False)
+                new = self._pick(logits, sp, step0 + j)
+                stop = (new == eos) | jnp.any(new[:, None] == stop_ids, axis=1)
+                return logits, pages, st.lengths, jnp.where(live, new, tok), alive & ~(live & stop), \
+                    jnp.where(live, new, -1)
+
+            alive = n_steps > 0
+            if steps == 1:
+                logits, pages, _, tok, _, new = one(0, pages, state.lengths, tok, alive)
+                out["decode"] = new[None]
+                lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+                out["top_lp"], top_id = jax.lax.top_k(lp, self.logprobs_k)
+                out["top_id"] = top_id.astype(jnp.int32)
+            else:
+                def cond(c):
+                    j, _, _, _, alive, _ = c
+                    return (j < steps) & jnp.any(alive & (j < n_steps))
+
+                def body(c):
+                    j, pages, lengths, tok, alive, toks = c
+                    _, pages, lengths, tok, alive, new = one(j, pages, lengths, tok, alive)
+                    return j + 1, pages, lengths, tok, alive, toks.at[j].set(new)
+
+                toks = jnp.full((steps, S), -1, jnp.int32)
+                _, pages, _, tok, _, toks = jax.lax.while_loop(
+                    cond, body, (jnp.int32(0), pages, state.lengths, tok, alive, toks))
+                out["decode"] = toks
+            last_tok = tok
+        return pages, last_tok, out
+
+    def _gather_impl(self, pages, idx):
+        self.trace_counts["swap_out"] += 1
+        i = jnp.clip(idx, 0, self.num_blocks - 1)
+        return tuple((k[:, i], v[:, i]) for k, v in pages)
+
+    def _scatter_impl(self, pages, idx, data):
+        self.trace_counts["swap_in"] += 1
+        i = jnp.where(idx >= 0, idx, self.num_blocks)
+        return tuple((k.at[:, i].set(dk, mode="drop"), v.at[:, i].set(dv, mode="drop"))
+                     for (k, v), (dk, dv) in zip(pages, data))
+
+    def _copy_impl(self, pages, src, dst):
+        self.trace_counts["copy"] += 1
+        return tuple(kv_cache.copy_blocks(k, v, kv_cache.BlockCopy(src, dst)) for k, v in pages)
