@@ -39,6 +39,8 @@ __all__ = ["SamplingParams", "SamplingArrays", "GREEDY", "stack_params", "sample
            "validate_sampling"]
 
 MAX_SEED = 2**32 - 1
+INT32_MAX = 2**31 - 1  # ints that land in int32 device arrays must fit
+MAX_TEMPERATURE = 1e4  # a finite float32 well past any useful setting (logits / t stay finite)
 
 
 def _is_int(x) -> bool:
@@ -47,6 +49,13 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (OverflowError, ValueError):  # e.g. an int too big for a float
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +82,16 @@ class SamplingParams:
 
 
 def validate_sampling(temperature, top_k, top_p, seed) -> None:
-    """Raise ValueError naming the first invalid field."""
-    if not _is_real(temperature) or not math.isfinite(float(temperature)) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not _is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {top_k!r}")
-    if not _is_real(top_p) or not math.isfinite(float(top_p)) or not 0 < top_p <= 1:
+    """Raise ValueError naming the first invalid field (the message starts with its name).
+
+    Every value must fit the device array it goes into: top_k an int32, seed a
+    uint32, temperature and top_p finite float32s.
+    """
+    if not _is_real(temperature) or not _finite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {temperature!r}")
+    if not _is_int(top_k) or not 0 <= top_k <= INT32_MAX:
+        raise ValueError(f"top_k must be an integer in [0, 2**31) (0 = no limit), got {top_k!r}")
+    if not _is_real(top_p) or not _finite(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 = no limit), got {top_p!r}")
     if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from flashjax.serving.blocks import BlockManager, block_hashes  # noqa: F401 (re-exported)
-from flashjax.serving.sampling import MAX_SEED, SamplingParams, validate_sampling
+from flashjax.serving.sampling import INT32_MAX, MAX_SEED, SamplingParams, validate_sampling
 
 __all__ = ["RequestParams", "Request", "RequestStatus", "BlockManager", "Scheduler", "SchedulePlan",
            "block_hashes"]
@@ -90,9 +90,12 @@ class RequestParams:
     beam_width: int = 1
 
     def __post_init__(self):
+        # Every int here ends up in an int32 (seed: uint32) device array: each must fit, or a
+        # request would crash the engine's step instead of being refused (the message starts
+        # with the field's name).
         validate_sampling(self.temperature, self.top_k, self.top_p, self.seed)
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
+            raise ValueError(f"max_tokens must be an integer in [1, 2**31), got {self.max_tokens!r}")
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
@@ -101,15 +104,15 @@ class RequestParams:
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
         ids = tuple(self.stop_token_ids)
-        if not all(_is_int(t) and t >= 0 for t in ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not all(_is_int(t) and 0 <= t <= INT32_MAX for t in ids):
+            raise ValueError(f"stop_token_ids must be integers in [0, 2**31), got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", ids)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
-        if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if not _is_int(self.beam_width) or self.beam_width < 1:
-            raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= INT32_MAX:
+            raise ValueError(f"n must be an integer in [1, 2**31), got {self.n!r}")
+        if not _is_int(self.beam_width) or not 1 <= self.beam_width <= INT32_MAX:
+            raise ValueError(f"beam_width must be an integer in [1, 2**31), got {self.beam_width!r}")
         if self.beam_width > 1 and self.n > self.beam_width:
             raise ValueError(f"n ({self.n}) must be <= beam_width ({self.beam_width}) for beam search")
 

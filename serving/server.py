@@ -17,23 +17,33 @@ chunk per `data:` line, ending with `data: [DONE]`. A client that disconnects
 cancels its request (its KV blocks are freed at once).
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`:
-400 for malformed JSON, wrong types, invalid sampling values and prompts over
-the context length; 429 when the engine's waiting queue is full; 503 if the
-engine failed.
+400 for malformed JSON, wrong types, invalid or out-of-range values (every
+number that reaches the device must fit its int32/float32 array) and prompts
+over the context length; 429 when the engine's waiting queue is full; 503 if
+the engine failed.
+
+If the engine dies (its thread sets `engine.engine_error`, or the thread is
+gone), `/health` answers 503 with the cause, the cause is logged, and
+`flashjax serve` shuts down with exit status 1 so that a supervisor restarts it.
 """
 
 
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
+import logging
 import math
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["create_app", "add_serve_arguments", "serve_main", "ApiError", "chat_prompt"]
+__all__ = ["create_app", "add_serve_arguments", "serve_main", "run_server", "ApiError", "chat_prompt"]
+
+log = logging.getLogger("flashjax.serving.server")
 
 
 
@@ -51,6 +61,13 @@ def _bad(message, param=None, code=None):
     return ApiError(400, message, param=param, code=code)
 
 
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
+        return False
+
+
 def _get(body: dict, name: str, kind, default=None, *, nullable=True):
     """Typed field: kind is 'int' | 'num' | 'bool' | 'str'; bools are not ints."""
     if name not in body or (body[name] is None and nullable):
@@ -58,7 +75,7 @@ def _get(body: dict, name: str, kind, default=None, *, nullable=True):
     v = body[name]
     ok = {
         "int": isinstance(v, int) and not isinstance(v, bool),
-        "num": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "num": isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v),
         "bool": isinstance(v, bool),
         "str": isinstance(v, str),
     }[kind]
@@ -66,6 +83,13 @@ def _get(body: dict, name: str, kind, default=None, *, nullable=True):
         what = {"int": "an integer", "num": "a number", "bool": "a boolean", "str": "a string"}[kind]
         raise _bad(f"'{name}' must be {what}, got {json.dumps(v)[:80]}", param=name, code="invalid_type")
     return v
+
+
+def _param_of(err: Exception, names) -> str | None:
+    """The field a ValueError names: its messages start with the field ("top_k must be ...")."""
+    words = str(err).split(maxsplit=1)
+    first = words[0].rstrip(":,") if words else ""
+    return first if first in names else None
 
 
 def chat_prompt(tokenizer, messages) -> str:
@@ -87,6 +111,29 @@ class _Service:
         self.model_name = model_name
         self.created = int(time.time())
         self.http_counts: dict[str, int] = {}
+        self.engine_failure: str | None = None  # why the engine cannot serve, once it is known
+
+    def check_engine(self) -> str | None:
+        """The engine's failure (logged once, with its traceback), or None while it is alive."""
+        if self.engine_failure is not None:
+            return self.engine_failure
+        err = getattr(self.engine, "engine_error", None)
+        thread = getattr(self.engine, "_thread", None)
+        if err is not None:
+            cause = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else str(err)
+        elif thread is not None and not thread.is_alive():
+            cause = "the engine thread has stopped"
+        else:
+            return None
+        self.engine_failure = cause
+        exc_info = (type(err), err, err.__traceback__) if isinstance(err, BaseException) else None
+        log.error("the engine failed, the server cannot serve any more requests: %s", cause, exc_info=exc_info)
+        return cause
+
+    def require_engine(self) -> None:
+        cause = self.check_engine()
+        if cause is not None:
+            raise ApiError(503, f"engine failed: {cause}", type="server_error", code="engine_error")
 
     # -- request parsing ---------------------------------------------------------
     def params(self, body: dict, prompt_len: int):
@@ -138,8 +185,7 @@ class _Service:
         try:
             return RequestParams(**kw)
         except ValueError as e:
-            param = next((k for k in kw if str(e).startswith(k)), None)
-            raise _bad(str(e), param=param, code="invalid_value") from None
+            raise _bad(str(e), param=_param_of(e, kw), code="invalid_value") from None
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -233,8 +279,15 @@ class _Service:
         return "\n".join(lines) + "\n"
 
 
-def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_engine: bool = True):
-    """The FastAPI app. Starts `engine`'s background thread (unless start_engine=False)."""
+def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_engine: bool = True,
+               on_engine_failure=None, engine_watch_interval: float = 0.25):
+    """The FastAPI app. Starts `engine`'s background thread (unless start_engine=False).
+
+    While the app runs, a task checks the engine every `engine_watch_interval`
+    seconds; when it has failed, the cause is logged and `on_engine_failure(cause)`
+    is called once (`run_server` passes one that shuts the server down). It can
+    also be set later as `app.state.on_engine_failure`.
+    """
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -242,8 +295,25 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
 
     svc = _Service(engine, tokenizer, model_name)
     tasks: set = set()
-    app = FastAPI(title="flashjax", docs_url=None, redoc_url=None)
+
+    async def watch_engine():
+        while svc.check_engine() is None:
+            await asyncio.sleep(engine_watch_interval)
+        callback = app.state.on_engine_failure
+        if callback is not None:
+            callback(svc.engine_failure)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        watcher = asyncio.ensure_future(watch_engine())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+
+    app = FastAPI(title="flashjax", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = svc
+    app.state.on_engine_failure = on_engine_failure
     if start_engine:
         engine.start()
 
@@ -266,8 +336,7 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
 
     @app.get("/health")
     async def health():
-        if engine.engine_error is not None:
-            raise ApiError(503, f"engine failed: {engine.engine_error!r}", type="server_error", code="engine_error")
+        svc.require_engine()
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -299,8 +368,7 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         return body
 
     async def run(request: Request, chat: bool):
-        if engine.engine_error is not None:
-            raise ApiError(503, f"engine failed: {engine.engine_error!r}", type="server_error", code="engine_error")
+        svc.require_engine()
         body = await read_json(request)
         stream = _get(body, "stream", "bool", False)
         ids = svc.chat_prompt_ids(body) if chat else svc.completion_prompt(body)
@@ -310,8 +378,9 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             handle = engine.add_request(ids, params, request_id=rid)
         except QueueFullError as e:
             raise ApiError(429, str(e), type="rate_limit_exceeded", code="queue_full") from None
-        except ValueError as e:
-            raise _bad(str(e), param="prompt") from None
+        except ValueError as e:  # the engine's own checks (e.g. top_k above the vocabulary)
+            fields = [f.name for f in dataclasses.fields(params)]
+            raise _bad(str(e), param=_param_of(e, fields) or "prompt", code="invalid_value") from None
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         if stream:
@@ -440,10 +509,34 @@ def build_engine(model, tokenizer, args) -> Any:
                   prefix_caching=not args.no_prefix_caching, max_waiting=args.max_waiting)
 
 
-def serve_main(args: argparse.Namespace) -> int:
+def run_server(app, host: str, port: int) -> int:
+    """Serve `app` (from create_app) with uvicorn until it is stopped; the exit status.
+
+    0 after a normal shutdown (SIGINT/SIGTERM). If the engine fails, the server
+    shuts itself down (the cause is logged) and this returns 1, so that a
+    supervisor restarts the process.
+    """
     import sys
 
     import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+
+    def on_engine_failure(cause):
+        server.should_exit = True
+
+    app.state.on_engine_failure = on_engine_failure
+    server.run()
+    cause = app.state.service.engine_failure
+    if cause is not None:
+        print(f"flashjax serve: error: the engine failed ({cause}); shutting down with status 1",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import sys
 
     try:
         model, tok, name = load_for_serving(args.checkpoint, attention=args.attention, dtype=args.dtype)
@@ -456,7 +549,6 @@ def serve_main(args: argparse.Namespace) -> int:
     app = create_app(engine, tok, model_name=args.model_name or name)
     print(f"flashjax serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return run_server(app, args.host, args.port)
     finally:
         engine.stop()
-    return 0

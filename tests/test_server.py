@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import sys
@@ -26,7 +27,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvico
 from flashjax.models.config import config_from_preset  # noqa: E402
 from flashjax.models.gpt import build_model  # noqa: E402
 from flashjax.serving.engine import Engine  # noqa: E402
-from flashjax.serving.server import create_app  # noqa: E402
+from flashjax.serving.server import create_app, run_server  # noqa: E402
 
 CTX = 64
 
@@ -50,6 +51,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _start(app):
+    """Run `app` with uvicorn in a daemon thread on a free loopback port: (base url, server, thread)."""
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "uvicorn did not start"
+        assert th.is_alive(), "uvicorn exited at start-up"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", srv, th
+
+
 @pytest.fixture(scope="module")
 def server():
     cfg = config_from_preset("nano", n_layer=2, d_model=64, n_head=4, vocab_size=260, max_seq_len=CTX,
@@ -58,15 +73,7 @@ def server():
                     max_num_batched_tokens=32, prefill_rows=2, max_chunk=16, chunk_buckets=(16,),
                     max_waiting=64)
     app = create_app(engine, ByteTokenizer(), model_name="tiny")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
+    base, srv, th = _start(app)
     # warm up the jitted steps so timings in the tests are not compile-bound
     r = httpx.post(f"{base}/v1/completions", json={"prompt": "warm up the engine, all variants",
                                                    "max_tokens": 3, "temperature": 0}, timeout=300)
@@ -223,6 +230,133 @@ def test_bad_chat_and_overload(server):
     finally:
         engine.max_waiting = 64
     assert httpx.get(f"{base}/nope").status_code == 404
+
+
+# Values that must never reach the device: each is refused with a JSON 400 naming its field
+# (before the range checks, top_k=2**31 killed the engine thread: OverflowError for int32).
+I32 = 2**31
+EXTREMES = [
+    ("top_k", I32), ("top_k", 2**63), ("top_k", -2**63), ("top_k", 10**30), ("top_k", -2), ("top_k", 1e30),
+    ("seed", 2**32), ("seed", 2**64), ("seed", -1), ("seed", -2**63), ("seed", 1e30),
+    ("max_tokens", I32), ("max_tokens", 10**30), ("max_tokens", -2**63), ("max_tokens", 1e30),
+    ("max_completion_tokens", I32),
+    ("n", I32), ("n", 10**30), ("n", -2**63),
+    ("beam_width", I32), ("beam_width", -I32),
+    ("stop_token_ids", [I32]), ("stop_token_ids", [10**30]), ("stop_token_ids", [-1]),
+    ("stop_token_ids", [1.5]),
+    ("temperature", 1e30), ("temperature", -1e30), ("temperature", float("nan")),
+    ("temperature", float("inf")), ("temperature", float("-inf")), ("temperature", 10**400),
+    ("top_p", 1e30), ("top_p", -1e30), ("top_p", float("nan")), ("top_p", float("inf")),
+]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_extreme_values_are_400_and_the_engine_survives(server, chat):
+    base, engine = server
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    cases = list(EXTREMES)
+    if not chat:
+        cases += [("prompt", [I32]), ("prompt", [-1]), ("prompt", [10**30])]
+    with httpx.Client(base_url=base, timeout=60) as c:
+        for field, value in cases:
+            body = {**prompt, field: value} if field == "max_completion_tokens" else {**prompt, "max_tokens": 2, field: value}
+            # json.dumps writes NaN/Infinity, which Python's (and many clients') parsers accept
+            r = c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (field, value, r.status_code, r.text)
+            err = r.json()["error"]
+            want = "max_tokens" if field == "max_completion_tokens" else field
+            assert err["param"] == want and err["type"] == "invalid_request_error", (field, value, err)
+        assert c.get("/health").status_code == 200
+        r = c.post(path, json={**prompt, "max_tokens": 3, "temperature": 0.8, "top_k": 5, "seed": 2**32 - 1,
+                               "stop_token_ids": [259], "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 3
+    assert engine.engine_error is None
+
+
+class _DyingEngine:
+    """Just enough of an Engine for create_app: its thread dies (with `error`, or quietly) on `kill`."""
+
+    max_len = CTX
+
+    def __init__(self, error=None):
+        self.engine_error = None
+        self._thread = None
+        self._error = error
+        self.kill = threading.Event()
+
+    def start(self):
+        def loop():
+            self.kill.wait(120)
+            if self._error is not None:
+                self.engine_error = self._error
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout=None):
+        self.kill.set()
+
+
+def _wait_for(pred, what, timeout=30):
+    deadline = time.time() + timeout
+    while not pred():
+        assert time.time() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("error", [OverflowError("Python integer 2147483648 out of bounds for int32"), None],
+                         ids=["engine_error", "thread_gone"])
+def test_dead_engine_health_503_logged_and_reported(error, caplog):
+    engine = _DyingEngine(error)
+    failures = []
+    app = create_app(engine, ByteTokenizer(), model_name="tiny", on_engine_failure=failures.append,
+                     engine_watch_interval=0.02)
+    base, srv, th = _start(app)
+    try:
+        with caplog.at_level(logging.ERROR, logger="flashjax.serving.server"):
+            assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+            engine.kill.set()
+            _wait_for(lambda: failures, "the server did not notice the dead engine")
+            r = httpx.get(f"{base}/health")
+            r2 = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        cause = "out of bounds for int32" if error else "engine thread has stopped"
+        assert r.status_code == 503 and cause in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["code"] == "engine_error"
+        assert r2.status_code == 503 and cause in r2.json()["error"]["message"]
+        assert len(failures) == 1 and cause in failures[0]
+        logged = [rec for rec in caplog.records if rec.name == "flashjax.serving.server"]
+        assert len(logged) == 1 and logged[0].levelno == logging.ERROR and cause in logged[0].getMessage()
+        if error is not None:
+            assert logged[0].exc_info[1] is error  # the traceback is logged too
+    finally:
+        srv.should_exit = True
+        th.join(10)
+
+
+def test_run_server_exits_1_when_the_engine_dies(capfd):
+    """`flashjax serve` runs run_server: a dead engine shuts the server down with status 1."""
+    engine = _DyingEngine(RuntimeError("device step failed"))
+    app = create_app(engine, ByteTokenizer(), model_name="tiny", engine_watch_interval=0.02)
+    port = _free_port()
+    result = []
+    th = threading.Thread(target=lambda: result.append(run_server(app, "127.0.0.1", port)), daemon=True)
+    th.start()
+    _wait_for(lambda: _get_ok(f"http://127.0.0.1:{port}/health"), "run_server did not start")
+    engine.kill.set()
+    th.join(30)
+    assert not th.is_alive(), "the server kept running with a dead engine"
+    assert result == [1]
+    assert "device step failed" in capfd.readouterr().err
+    engine.stop()
+
+
+def _get_ok(url):
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _chromium():
