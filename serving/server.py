@@ -22,6 +22,12 @@ number that reaches the device must fit its int32/float32 array) and prompts
 over the context length; 429 when the engine's waiting queue is full; 503 if
 the engine failed.
 
+The event loop does no heavy work: request bodies over `max_body_bytes`
+(default 4 MiB; `flashjax serve --max-body-bytes`) get a 413 before they are
+read in full, prompt text longer than `max_prompt_chars` (default 32 characters
+per token of context) a 400 before it is tokenized, and tokenization and chat
+templating run in worker threads.
+
 If the engine dies (its thread sets `engine.engine_error`, or the thread is
 gone), `/health` answers 503 with the cause, the cause is logged, and
 `flashjax serve` shuts down with exit status 1 so that a supervisor restarts it.
@@ -40,6 +46,9 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+CHARS_PER_TOKEN_LIMIT = 32  # default max_prompt_chars = this * the context length
 
 __all__ = ["create_app", "add_serve_arguments", "serve_main", "run_server", "ApiError", "chat_prompt"]
 
@@ -105,8 +114,9 @@ def chat_prompt(tokenizer, messages) -> str:
 
 
 class _Service:
-    def __init__(self, engine, tokenizer, model_name: str, request_timeout: float | None = None):
+    def __init__(self, engine, tokenizer, model_name: str, max_prompt_chars: int | None = None):
         self.engine = engine
+        self.max_prompt_chars = max_prompt_chars or CHARS_PER_TOKEN_LIMIT * engine.max_len
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.created = int(time.time())
@@ -192,11 +202,20 @@ class _Service:
             raise _bad("this server has no tokenizer: send the prompt as a list of token ids", param="prompt")
         return list(self.tokenizer.encode(text))
 
+    def check_chars(self, n: int, param: str) -> None:
+        """Refuse text far too long for the context before spending time tokenizing it."""
+        if n > self.max_prompt_chars:
+            raise _bad(f"the prompt has {n} characters; this server takes at most {self.max_prompt_chars} "
+                       f"(the model's context is {self.engine.max_len} tokens)", param=param,
+                       code="context_length_exceeded")
+
     def completion_prompt(self, body) -> list[int]:
+        """Token ids of /v1/completions' prompt (tokenizes: call it off the event loop)."""
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]  # a batch of one
         if isinstance(p, str):
+            self.check_chars(len(p), "prompt")
             ids = self.encode(p)
             if not ids:
                 ids = [getattr(self.tokenizer, "eot_id", 0) or 0]
@@ -212,6 +231,7 @@ class _Service:
         raise _bad("'prompt' must be a string, or a non-empty list of token ids", param="prompt", code="invalid_type")
 
     def chat_prompt_ids(self, body) -> list[int]:
+        """Token ids of the rendered chat (templates and tokenizes: call it off the event loop)."""
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise _bad("'messages' must be a non-empty list of {role, content} objects", param="messages",
@@ -226,6 +246,7 @@ class _Service:
             if not isinstance(content, str):
                 raise _bad(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
             clean.append({"role": m["role"], "content": content})
+        self.check_chars(sum(len(m["content"]) + len(m["role"]) for m in clean), "messages")
         if getattr(self.tokenizer, "chat_template", None):
             # The template writes its own BOS: take its ids without adding special tokens again.
             from flashjax.models.hf import apply_chat_template
@@ -280,8 +301,12 @@ class _Service:
 
 
 def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_engine: bool = True,
-               on_engine_failure=None, engine_watch_interval: float = 0.25):
+               on_engine_failure=None, engine_watch_interval: float = 0.25,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_chars: int | None = None):
     """The FastAPI app. Starts `engine`'s background thread (unless start_engine=False).
+
+    max_body_bytes: larger request bodies get a 413. max_prompt_chars: longer
+    prompt text gets a 400 before it is tokenized (default: 32 per context token).
 
     While the app runs, a task checks the engine every `engine_watch_interval`
     seconds; when it has failed, the cause is logged and `on_engine_failure(cause)`
@@ -293,7 +318,7 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
 
     from flashjax.serving.engine import QueueFullError
 
-    svc = _Service(engine, tokenizer, model_name)
+    svc = _Service(engine, tokenizer, model_name, max_prompt_chars)
     tasks: set = set()
 
     async def watch_engine():
@@ -355,10 +380,31 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         import html
         return HTMLResponse(PAGE.replace("{{MODEL}}", html.escape(model_name)))
 
-    async def read_json(request: Request) -> dict:
-        raw = await request.body()
+    def too_large():
+        return ApiError(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes",
+                        code="request_too_large")
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it is known to be over the limit."""
         try:
-            body = json.loads(raw)
+            declared = int(request.headers.get("content-length", ""))
+        except ValueError:
+            declared = None
+        if declared is not None and declared > max_body_bytes:
+            raise too_large()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_json(request: Request) -> dict:
+        raw = await read_body(request)
+        try:
+            # a large body's parse (up to max_body_bytes) would stall every other connection
+            body = json.loads(raw) if len(raw) < 65536 else await asyncio.to_thread(json.loads, raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise _bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
@@ -371,7 +417,8 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         svc.require_engine()
         body = await read_json(request)
         stream = _get(body, "stream", "bool", False)
-        ids = svc.chat_prompt_ids(body) if chat else svc.completion_prompt(body)
+        # tokenization (and chat templating) can take seconds for a long prompt: not on the loop
+        ids = await asyncio.to_thread(svc.chat_prompt_ids if chat else svc.completion_prompt, body)
         params = svc.params(body, len(ids))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         try:
@@ -464,6 +511,16 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
 # --------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a `flashjax train` run/checkpoint dir or a Hugging Face model dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
@@ -475,6 +532,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=256, help="per-step token budget (default 256)")
     p.add_argument("--prefill-rows", type=int, default=4, help="prefill rows per step (default 4)")
     p.add_argument("--max-waiting", type=int, default=256, help="queue bound; past it requests get 429 (default 256)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help=f"larger request bodies get a 413 (default {DEFAULT_MAX_BODY_BYTES}, 4 MiB)")
     p.add_argument("--preemption", choices=["recompute", "swap"], default="recompute",
                    help="what to do with preempted sequences (default recompute)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
@@ -546,7 +605,8 @@ def serve_main(args: argparse.Namespace) -> int:
     engine = build_engine(model, tok, args)
     print("flashjax serve: compiling the engine's steps...", flush=True)
     engine.warmup()
-    app = create_app(engine, tok, model_name=args.model_name or name)
+    app = create_app(engine, tok, model_name=args.model_name or name,
+                     max_body_bytes=getattr(args, "max_body_bytes", DEFAULT_MAX_BODY_BYTES))
     print(f"flashjax serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
     try:
         return run_server(app, args.host, args.port)

@@ -359,6 +359,101 @@ def _get_ok(url):
         return False
 
 
+def test_body_size_limit_413(server):
+    base, engine = server
+    from flashjax.serving.server import DEFAULT_MAX_BODY_BYTES
+
+    big = json.dumps({"prompt": "x" * DEFAULT_MAX_BODY_BYTES, "max_tokens": 2}).encode()
+    with httpx.Client(base_url=base, timeout=60) as c:
+        r = c.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413, r.text[:300]
+        assert r.json()["error"]["code"] == "request_too_large"
+
+        def chunked():  # no Content-Length: the limit holds while the body streams in
+            for i in range(0, len(big), 1 << 16):
+                yield big[i:i + (1 << 16)]
+
+        r = c.post("/v1/chat/completions", content=chunked(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
+        assert c.get("/health").status_code == 200
+
+
+def test_serve_max_body_bytes_option():
+    import argparse
+
+    from flashjax.serving.server import DEFAULT_MAX_BODY_BYTES, add_serve_arguments
+
+    p = add_serve_arguments(argparse.ArgumentParser())
+    assert p.parse_args(["--checkpoint", "x"]).max_body_bytes == DEFAULT_MAX_BODY_BYTES == 4 << 20
+    assert p.parse_args(["--checkpoint", "x", "--max-body-bytes", "1000"]).max_body_bytes == 1000
+    with pytest.raises(SystemExit):
+        p.parse_args(["--checkpoint", "x", "--max-body-bytes", "0"])
+
+
+class GateTokenizer(ByteTokenizer):
+    """encode() of a text holding GATE blocks until `release` is set (a tokenization that takes long)."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def encode(self, text):
+        self.calls += 1
+        if "GATE" in text:
+            self.entered.set()
+            self.release.wait(60)
+        return super().encode(text)
+
+
+@pytest.fixture
+def gated(server):
+    """A second app on the same engine whose tokenizer blocks on GATE: (base url, tokenizer)."""
+    _, engine = server
+    tok = GateTokenizer()
+    app = create_app(engine, tok, model_name="tiny", max_body_bytes=1 << 20, max_prompt_chars=CTX * 4)
+    base, srv, th = _start(app)
+    yield base, tok
+    tok.release.set()
+    srv.should_exit = True
+    th.join(10)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_tokenizing_does_not_block_the_event_loop(gated, chat):
+    """/health answers while a prompt is being tokenized (the tokenizer is held until health has answered)."""
+    base, tok = gated
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = ({"messages": [{"role": "user", "content": "GATE"}]} if chat else {"prompt": "GATE"})
+    result = []
+    t = threading.Thread(target=lambda: result.append(
+        httpx.post(f"{base}{path}", json={**body, "max_tokens": 2}, timeout=120)), daemon=True)
+    t.start()
+    try:
+        assert tok.entered.wait(60), "the prompt never reached the tokenizer"
+        try:
+            health = httpx.get(f"{base}/health", timeout=5)
+        except httpx.TimeoutException:
+            pytest.fail("/health did not answer while a prompt was being tokenized")
+        assert health.status_code == 200
+    finally:
+        tok.release.set()
+    t.join(120)
+    assert result and result[0].status_code == 200, result and result[0].text
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_overlong_prompt_text_refused_before_tokenizing(gated, chat):
+    base, tok = gated
+    text = "GATE" + "y" * (CTX * 4)  # max_prompt_chars is CTX * 4 here
+    body = {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
+    r = httpx.post(f"{base}{'/v1/chat/completions' if chat else '/v1/completions'}", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == ("messages" if chat else "prompt")
+    assert tok.calls == 0 and not tok.entered.is_set()
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         path = shutil.which(name)
