@@ -82,7 +82,7 @@ SWEEP = [
     for s, p, (w, st) in itertools.product(
         (None, 16, 64, 128), (4, 8), ((4, 3), (4, 4), (8, 3), (8, 4)))
 ]
-# ... and the other way of addressing a paged tile (flashjax.decode.PAGED_GATHER).
+# ... and the other way of addressing a paged tile (flashjax.DecodeConfig.paged_gather).
 SWEEP += [dict(num_splits=None, pages_per_block=p, num_warps=w, num_stages=st, gather="pages")
           for p, (w, st) in itertools.product((4, 8), ((4, 3), (8, 4)))]
 QUICK_SWEEP = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=2)
@@ -556,20 +556,17 @@ def run_sweep(args) -> dict:
                 continue
             seen.add(key)
             name = "ours_paged" if paged else "ours_contiguous"
-            saved = fd.PAGED_GATHER
             try:
-                fd.PAGED_GATHER = gather
                 args_all = with_copies(q, kv, lengths, plan[2])
-                cell, _ = measure(make_peer(name, interpret=interpret, **kw), args_all, plan,
-                                  warmup=warmup, reps=reps)
+                peer = make_peer(name, interpret=interpret, **kw,
+                                 config=fd.DecodeConfig(paged_gather=gather))
+                cell, _ = measure(peer, args_all, plan, warmup=warmup, reps=reps)
                 del args_all
                 cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
                 if copy:
                     cell["frac_copy_bw"] = cell["tb_s"] / copy["reference_tb_s"]
             except Exception as e:  # noqa: BLE001
                 cell = {"error": common.describe_error(e)}
-            finally:
-                fd.PAGED_GATHER = saved
             if paged:
                 kw["gather"] = gather
             results.append({"peer": name, **kw, **cell})

@@ -31,8 +31,14 @@ and writes its normalised partial output and log-sum-exp (base 2) in float32;
 a second small Pallas kernel (one program per query head) merges the splits
 with the log-sum-exp weights and writes the output in q's dtype, so a decode
 call is two kernel launches. In the paged kernel, a program with few tiles
-and no other program on its SM loads all of its page ids at once (PRELOAD), so
-no K/V load inside its loop waits on a page-table read.
+and no other program on its SM loads all of its page ids at once
+(`DecodeConfig.preload`), so no K/V load inside its loop waits on a page-table
+read.
+
+Configuration. How the kernels run (tile addressing, page-id preload, split
+merge, unified-max fallback, splits, warps, stages, default tile sizes) is one
+frozen `DecodeConfig`, passed as `config=`; None means the documented defaults,
+each field says what it does and why it defaults as it does.
 
 `unified_max=phi` (FlashDecoding++): exponentials use the fixed maximum phi
 instead of a running maximum, so the inner loop never rescales the
@@ -51,6 +57,7 @@ A sequence of length 0 gives zeros (and lse = -inf).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import jax
@@ -63,6 +70,7 @@ from jax.experimental.pallas import triton as plgpu
 from flashjax import _backend
 
 __all__ = [
+    "DecodeConfig",
     "paged_decode_attention",
     "decode_attention",
     "decode_reference",
@@ -85,42 +93,172 @@ _UNIFIED_WINDOW = {
 }
 
 
-# Launch defaults (tuned with `benchmarks/decode.py --sweep` on an H100).
-DEFAULT_NUM_WARPS = 4
-DEFAULT_NUM_STAGES = 3
-DEFAULT_TILE_BYTES = 16 * 1024  # K bytes per inner-loop tile (same again for V)
-# A program that streams a long stretch of KV (>= LONG_SPLIT_TOKENS per split)
-# uses larger tiles: more bytes in flight hide the scattered page reads. On an
-# H100 (interleaved timings) paging's cost against contiguous went from +9.5%
-# to +0.5% at batch 32 x 128k and from +8.7% to +0.0% at batch 64 x 128k,
-# while 16 KiB stays faster for shorter splits (batch 8 x 128k, 26k tokens per
-# split: 2.69 vs 2.44 TB/s; batch 8 x 32k: 2.85 vs 2.55 TB/s).
-LONG_SPLIT_TILE_BYTES = 32 * 1024
-LONG_SPLIT_TOKENS = 32768
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
 
-# How the paged kernel addresses a KV tile: "rows" (a page id per token row,
-# loading a 2D tile directly) or "pages" (a page id per page, loading
-# [pages, block_size, head_dim] and reshaping). Read at trace time.
-PAGED_GATHER = "rows"
+_PAGED_GATHERS = ("rows", "pages")
+_PRELOADS = ("auto", "always", "never")
+_COMBINES = ("pallas", "xla")
 
-# Page-id preload ("rows" gather): a program loads the page ids of all of its
-# tiles at once instead of one tile's ids per loop step, so that no K/V address
-# waits on a memory read inside the loop. "auto" does it when splits span at
-# most PRELOAD_MAX_TILES tiles and the grid has at most one program per SM:
-# then nothing else hides that wait. On an H100 (cold-L2 timings, one run):
-# batch 1 x 4k, paging's cost against contiguous went from +11.8% to +3.0%, and
-# batch 1 x 1k from +30% to +20%; with 8-tile splits (batch 1 x 16k) or more
-# programs than SMs (batch 8 x 1k) it cost ~1 us instead. "always"/"never"
-# force it (tests). Read at trace time.
-PRELOAD = "auto"
-PRELOAD_MAX_TILES = 4
 
-# How split partials are merged: "pallas" (one small kernel writing the final
-# output) or "xla" (a variadic reduction). Read at trace time.
-COMBINE = "pallas"
+def _expect_int(field, value, lo, what):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"DecodeConfig.{field} must be {what}, got {value!r}")
+    return int(value)
 
-# Tests switch this off to show that their inputs really need the fallback.
-_UNIFIED_FALLBACK = True
+
+def _expect_choice(field, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        opts = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"DecodeConfig.{field} must be {opts}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How the decode kernels run: strategy switches and launch defaults.
+
+    Frozen and hashable (usable as a static `jax.jit` argument); pass it as
+    `config=` to `paged_decode_attention` / `decode_attention` (None means
+    `DecodeConfig()`, the defaults below). Every setting except
+    `unified_fallback=False` gives the exact result (up to float rounding); they
+    differ in speed. Values are checked on construction (ValueError naming the
+    field); `dataclasses.replace(cfg, field=...)` makes a variant. The fields
+    are static: kernels are traced and compiled per config, and equal configs
+    share them.
+
+    Attributes:
+      paged_gather: how the paged kernel addresses a KV tile. "rows" (default):
+        one page id per token row, so K and V load straight into a 2D
+        [tile, head_dim] tile with no reshape between the load and the dot;
+        "pages": one page id per page, loading [pages, block_size, head_dim]
+        and reshaping. "rows" is the default: in the sweep of
+        `benchmarks/decode.py --sweep` on an H100 (bf16, batch 1 x 32k,
+        `benchmarks/results/decode_sweep-H100-2026-11-25.json`) its best cell
+        read 1.87 TB/s against 1.35 TB/s for "pages"; and only "rows" has the
+        page-id preload below. Ignored by `decode_attention`.
+      preload: page-id preload of the paged kernel ("rows" gather only). A
+        program loads the page ids of all of its tiles at once instead of one
+        tile's ids per loop step, so that no K/V address waits on a memory read
+        inside the loop. "auto" (default) does it when a split spans at most
+        `preload_max_tiles` tiles and the grid has at most one program per SM:
+        then nothing else hides that wait. On an H100 (cold-L2 timings, one
+        run): batch 1 x 4k, paging's cost against contiguous went from +11.8%
+        to +3.0%, and batch 1 x 1k from +30% to +20%; with 8-tile splits
+        (batch 1 x 16k) or more programs than SMs (batch 8 x 1k) it cost ~1 us
+        instead. "always" / "never" force it (tests, experiments).
+      preload_max_tiles: the longest split, in tiles, that `preload="auto"`
+        preloads (default 4, from the measurements above; >= 0).
+      combine: how split partials are merged when num_splits > 1. "pallas"
+        (default): one small Pallas kernel (one program per query head) writes
+        the final output, so a decode call is two kernel launches; "xla": a
+        variadic XLA reduction over the log-sum-exp monoid plus its epilogue
+        fusions.
+      unified_fallback: with `unified_max` (FlashDecoding++), a split whose
+        scores leave the window where exp(s - phi) is exact in the accumulation
+        dtype is recomputed with the online softmax. True (default) keeps the
+        result exact for all inputs; False drops the check-and-recompute (then
+        results can overflow or lose precision: tests use it to show that their
+        inputs really need the fallback). No effect without `unified_max`.
+      num_splits: KV splits per sequence (Flash-Decoding). None (default) picks
+        them so that batch * kv_heads * splits fills ~2 waves of SMs with at
+        least 4 tiles per split (`choose_num_splits`). The `num_splits=`
+        keyword of the entry points overrides it.
+      num_warps: Triton warps per decode program (default 4; tuned with
+        `benchmarks/decode.py --sweep` on an H100). The `num_warps=` keyword
+        overrides it.
+      num_stages: Triton software-pipelining stages of the inner loop (default
+        3; tuned with the sweep). The `num_stages=` keyword overrides it.
+      tile_bytes: bytes of K (and the same again of V) per inner-loop tile when
+        the tile size is not given (`pages_per_block` / `block_k` = None):
+        default 16 KiB, i.e. 64 tokens at head_dim 128 in bf16 (tiles are a
+        power of two of 16..128 tokens).
+      long_split_tile_bytes: the tile size instead when each split covers at
+        least `long_split_tokens` positions (default 32 KiB). A program that
+        streams a long stretch of KV hides scattered page reads better with
+        more bytes in flight: on an H100 (interleaved timings) paging's cost
+        against contiguous went from +9.5% to +0.5% at batch 32 x 128k and from
+        +8.7% to +0.0% at batch 64 x 128k, while 16 KiB stays faster for
+        shorter splits (batch 8 x 128k, 26k tokens per split: 2.69 vs 2.44
+        TB/s; batch 8 x 32k: 2.85 vs 2.55 TB/s).
+      long_split_tokens: the split length, in positions, from which
+        `long_split_tile_bytes` applies (default 32768, see above).
+    """
+
+    paged_gather: str = "rows"
+    preload: str = "auto"
+    preload_max_tiles: int = 4
+    combine: str = "pallas"
+    unified_fallback: bool = True
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+    tile_bytes: int = 16 * 1024
+    long_split_tile_bytes: int = 32 * 1024
+    long_split_tokens: int = 32768
+
+    def __post_init__(self):
+        # Checked (and numpy scalars made plain Python values) once, here, so a
+        # config that exists is valid and hashes/compares canonically.
+        def put(field, value):
+            object.__setattr__(self, field, value)
+
+        put("paged_gather", _expect_choice("paged_gather", self.paged_gather, _PAGED_GATHERS))
+        put("preload", _expect_choice("preload", self.preload, _PRELOADS))
+        put("preload_max_tiles", _expect_int("preload_max_tiles", self.preload_max_tiles, 0,
+                                             "an int >= 0 (tiles)"))
+        put("combine", _expect_choice("combine", self.combine, _COMBINES))
+        if not isinstance(self.unified_fallback, (bool, np.bool_)):
+            raise ValueError(f"DecodeConfig.unified_fallback must be True or False, got "
+                             f"{self.unified_fallback!r}")
+        put("unified_fallback", bool(self.unified_fallback))
+        if self.num_splits is not None:
+            put("num_splits", _expect_int("num_splits", self.num_splits, 1,
+                                          "a positive int or None (automatic)"))
+        put("num_warps", _expect_int("num_warps", self.num_warps, 1, "a positive int"))
+        put("num_stages", _expect_int("num_stages", self.num_stages, 1, "a positive int"))
+        for field in ("tile_bytes", "long_split_tile_bytes"):
+            put(field, _expect_int(field, getattr(self, field), 1, "a positive int (bytes)"))
+        put("long_split_tokens", _expect_int("long_split_tokens", self.long_split_tokens, 1,
+                                             "a positive int (positions)"))
+
+
+_DEFAULT_CONFIG = DecodeConfig()
+
+# Module switches of earlier versions, now fields of DecodeConfig: reading one
+# says where it went (and makes a stale `monkeypatch.setattr` fail loudly
+# instead of silently changing nothing).
+_REMOVED_SWITCHES = {
+    "PAGED_GATHER": "paged_gather", "PRELOAD": "preload", "PRELOAD_MAX_TILES": "preload_max_tiles",
+    "COMBINE": "combine", "_UNIFIED_FALLBACK": "unified_fallback",
+    "DEFAULT_NUM_WARPS": "num_warps", "DEFAULT_NUM_STAGES": "num_stages",
+    "DEFAULT_TILE_BYTES": "tile_bytes", "LONG_SPLIT_TILE_BYTES": "long_split_tile_bytes",
+    "LONG_SPLIT_TOKENS": "long_split_tokens",
+}
+
+
+def __getattr__(name):
+    field = _REMOVED_SWITCHES.get(name)
+    if field is not None:
+        raise AttributeError(
+            f"flashjax.decode.{name} was replaced by DecodeConfig.{field} (default "
+            f"{getattr(_DEFAULT_CONFIG, field)!r}): pass config=DecodeConfig({field}=...) to "
+            f"paged_decode_attention / decode_attention")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _resolve_config(config, num_splits, num_warps, num_stages) -> DecodeConfig:
+    """The call's config: `config` (None: the defaults) with the num_splits /
+    num_warps / num_stages keywords, where given, taking precedence."""
+    if config is None:
+        config = _DEFAULT_CONFIG
+    elif not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a flashjax.decode.DecodeConfig or None, got "
+                        f"{type(config).__name__}: {config!r}")
+    over = {k: v for k, v in (("num_splits", num_splits), ("num_warps", num_warps),
+                              ("num_stages", num_stages)) if v is not None}
+    return dataclasses.replace(config, **over) if over else config
 
 
 def _is_pow2(x: int) -> bool:
@@ -338,20 +476,21 @@ def choose_num_splits(batch: int, kv_heads: int, max_len: int, tile: int,
     return int(max(1, min(want, cap)))
 
 
-def _default_tile_tokens(head_dim: int, itemsize: int, tile_bytes: int | None = None) -> int:
-    # DEFAULT_TILE_BYTES of K (and of V) per tile: 64 tokens at head_dim 128 in bf16.
-    tile_bytes = DEFAULT_TILE_BYTES if tile_bytes is None else tile_bytes
+def _default_tile_tokens(head_dim: int, itemsize: int, tile_bytes: int) -> int:
+    # tile_bytes of K (and of V) per tile: 16 KiB is 64 tokens at head_dim 128 in bf16.
     return int(max(16, min(128, _next_pow2(tile_bytes // (head_dim * itemsize)))))
 
 
-def _auto_tile_tokens(head_dim, itemsize, batch, kv_heads, max_len, num_splits) -> int:
-    """Default tile: DEFAULT_TILE_BYTES, or LONG_SPLIT_TILE_BYTES when each
-    split covers at least LONG_SPLIT_TOKENS positions."""
-    tile = _default_tile_tokens(head_dim, itemsize)
+def _auto_tile_tokens(head_dim, itemsize, batch, kv_heads, max_len, num_splits,
+                      config: DecodeConfig | None = None) -> int:
+    """Default tile: config.tile_bytes, or config.long_split_tile_bytes when each
+    split covers at least config.long_split_tokens positions."""
+    config = _DEFAULT_CONFIG if config is None else config
+    tile = _default_tile_tokens(head_dim, itemsize, config.tile_bytes)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_len, tile)
-    if max_len >= LONG_SPLIT_TOKENS * num_splits:
-        tile = _default_tile_tokens(head_dim, itemsize, LONG_SPLIT_TILE_BYTES)
+    if max_len >= config.long_split_tokens * num_splits:
+        tile = _default_tile_tokens(head_dim, itemsize, config.long_split_tile_bytes)
     return tile
 
 
@@ -493,13 +632,14 @@ def _combine(o, lse2):
 
 
 def _run(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
-         num_pages, kv_len, max_len, sm_scale, softcap, num_splits, unified_max,
-         num_warps, num_stages, interpret, return_lse, name):
+         num_pages, kv_len, max_len, sm_scale, softcap, unified_max, config, interpret,
+         return_lse, name):
     """Resolve defaults (static Python values), then call the jitted core, so
     eager calls reuse compiled kernels."""
     batch, heads, head_dim = q.shape
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
+    num_splits = config.num_splits
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_len, tile)
     return _core(
@@ -508,21 +648,22 @@ def _run(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_s
         max_len=max_len, sm_scale=float(sm_scale),
         softcap=None if softcap is None else float(softcap), num_splits=int(num_splits),
         unified_max=None if unified_max is None else float(unified_max),
-        num_warps=int(DEFAULT_NUM_WARPS if num_warps is None else num_warps),
-        num_stages=int(DEFAULT_NUM_STAGES if num_stages is None else num_stages),
+        num_warps=config.num_warps, num_stages=config.num_stages,
         interpret=_backend.resolve_interpret(interpret), return_lse=bool(return_lse), name=name,
-        gather=PAGED_GATHER, fallback=bool(_UNIFIED_FALLBACK), preload=PRELOAD, combine=COMBINE,
+        gather=config.paged_gather, fallback=config.unified_fallback, preload=config.preload,
+        preload_max_tiles=config.preload_max_tiles, combine=config.combine,
     )
 
 
 @functools.partial(jax.jit, static_argnames=(
     "layout", "kv_heads", "tile", "pages_per_tile", "page_size", "num_pages", "kv_len",
     "max_len", "sm_scale", "softcap", "num_splits", "unified_max", "num_warps", "num_stages",
-    "interpret", "return_lse", "name", "gather", "fallback", "preload", "combine"))
+    "interpret", "return_lse", "name", "gather", "fallback", "preload", "preload_max_tiles",
+    "combine"))
 def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
           num_pages, kv_len, max_len, sm_scale, softcap, num_splits, unified_max,
           num_warps, num_stages, interpret, return_lse, name, gather, fallback, preload,
-          combine):
+          preload_max_tiles, combine):
     batch, heads, head_dim = q.shape
     group = heads // kv_heads
     block_h = max(16, _next_pow2(group))
@@ -541,12 +682,9 @@ def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_
     qg = q.reshape(batch, kv_heads, group, head_dim)  # free: heads are kv-head major
     # Most tiles a split can own (its share of the longest possible sequence).
     split_tiles = pl.cdiv(pl.cdiv(max_len, tile), num_splits)
-    if combine not in ("pallas", "xla"):
-        raise ValueError(f"flashjax.decode.COMBINE must be 'pallas' or 'xla', got {combine!r}")
-    if preload not in ("auto", "always", "never"):
-        raise ValueError(f"flashjax.decode.PRELOAD must be 'auto', 'always' or 'never', got {preload!r}")
+    # gather, preload and combine come from a DecodeConfig, checked on construction.
     use = preload == "always" or (
-        preload == "auto" and split_tiles <= PRELOAD_MAX_TILES
+        preload == "auto" and split_tiles <= preload_max_tiles
         and batch * kv_heads * num_splits <= _backend.num_multiprocessors())
     preload_tiles = _next_pow2(split_tiles) if paged and gather == "rows" and use else 0
     precision = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if q.dtype == jnp.float32 else None
@@ -626,6 +764,7 @@ def paged_decode_attention(
     num_stages: int | None = None,
     interpret: bool | None = None,
     return_lse: bool = False,
+    config: DecodeConfig | None = None,
 ):
     """Decode attention of one query token per sequence against a paged KV cache.
 
@@ -640,24 +779,32 @@ def paged_decode_attention(
       lengths: int32 [batch], 0 <= lengths <= max_blocks*block_size (clipped
         into that range under jit). Length 0 gives a zero output.
       sm_scale: score scale, default 1/sqrt(head_dim).
-      num_splits: KV splits per sequence (Flash-Decoding); None picks one from
-        batch, kv_heads, max_blocks*block_size and the number of SMs.
+      num_splits: KV splits per sequence (Flash-Decoding); None: config.num_splits,
+        whose default None picks one from batch, kv_heads, max_blocks*block_size
+        and the number of SMs.
       pages_per_block: pages loaded per inner-loop iteration (power of two;
-        tile = pages_per_block*block_size tokens, >= 16); None: ~16 KiB of K (32 KiB when
-        a split spans >= 32k positions).
+        tile = pages_per_block*block_size tokens, >= 16); None: ~config.tile_bytes
+        of K (16 KiB; config.long_split_tile_bytes, 32 KiB, when a split spans
+        >= config.long_split_tokens positions).
       softcap: if set, scores become softcap*tanh(scores/softcap).
       unified_max: FlashDecoding++ fixed softmax maximum phi (in units of the
         scaled, soft-capped score); exact, with per-split fallback.
-      num_warps, num_stages: Triton compiler parameters (DEFAULT_NUM_WARPS/STAGES).
+      num_warps, num_stages: Triton compiler parameters; None: config.num_warps
+        / config.num_stages (4 / 3).
       interpret: None = compile on GPU, interpret elsewhere.
       return_lse: also return the natural log-sum-exp [batch, heads] (float32,
         -inf for empty sequences).
+      config: a `DecodeConfig` (tile addressing, page-id preload, split merge,
+        unified-max fallback and the defaults above); None = `DecodeConfig()`.
+        The num_splits, num_warps and num_stages keywords, when not None, take
+        precedence over its fields of the same names.
 
     Returns:
       [batch, heads, head_dim] in q.dtype (and the lse if requested).
     """
     _check_q(q)
     _check_common(sm_scale, softcap, unified_max, num_splits, num_warps, num_stages)
+    config = _resolve_config(config, num_splits, num_warps, num_stages)
     batch, heads, head_dim = q.shape
     for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
         if not hasattr(x, "shape") or x.ndim != 4:
@@ -691,7 +838,7 @@ def paged_decode_attention(
     _check_lengths(lengths, batch, max_len)
     if pages_per_block is None:
         tile = _auto_tile_tokens(head_dim, jnp.dtype(q.dtype).itemsize, batch, kv_heads,
-                                 max_len, num_splits)
+                                 max_len, config.num_splits, config)
         pages_per_block = max(1, tile // page_size)
         pages_per_block = min(pages_per_block, _next_pow2(max_blocks))
     if not isinstance(pages_per_block, (int, np.integer)) or not _is_pow2(int(pages_per_block)):
@@ -702,8 +849,7 @@ def paged_decode_attention(
         q, k_pages, v_pages, block_tables, lengths, layout="paged", kv_heads=kv_heads,
         tile=tile, pages_per_tile=pages_per_block, page_size=page_size, num_pages=num_pages,
         kv_len=max_len, max_len=max_len, sm_scale=sm_scale, softcap=softcap,
-        num_splits=num_splits, unified_max=unified_max, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret, return_lse=return_lse,
+        unified_max=unified_max, config=config, interpret=interpret, return_lse=return_lse,
         name=f"flashjax_paged_decode_p{pages_per_block}x{page_size}",
     )
 
@@ -724,6 +870,7 @@ def decode_attention(
     num_stages: int | None = None,
     interpret: bool | None = None,
     return_lse: bool = False,
+    config: DecodeConfig | None = None,
 ):
     """Decode attention against a dense (contiguous) KV cache; same kernel body
     as `paged_decode_attention`.
@@ -733,12 +880,15 @@ def decode_attention(
       k, v: [batch, kv_len, kv_heads, head_dim] (kv_layout="bshd", default) or
         [batch, kv_heads, kv_len, head_dim] (kv_layout="bhsd"); same dtype as q.
       lengths: int32 [batch] valid keys per sequence (default: kv_len for all).
-      block_k: tokens per inner-loop tile (power of two >= 16; default ~16 KiB of
-        K, 32 KiB when a split spans >= 32k positions).
-      Other arguments as in `paged_decode_attention`.
+      block_k: tokens per inner-loop tile (power of two >= 16); None: ~16 KiB of
+        K, 32 KiB when a split spans >= 32k positions (config.tile_bytes,
+        config.long_split_tile_bytes, config.long_split_tokens).
+      Other arguments as in `paged_decode_attention` (config.paged_gather and
+        config.preload only concern the paged kernel).
     """
     _check_q(q)
     _check_common(sm_scale, softcap, unified_max, num_splits, num_warps, num_stages)
+    config = _resolve_config(config, num_splits, num_warps, num_stages)
     batch, heads, head_dim = q.shape
     if kv_layout not in ("bshd", "bhsd"):
         raise ValueError(f"kv_layout must be 'bshd' or 'bhsd', got {kv_layout!r}")
@@ -768,7 +918,7 @@ def decode_attention(
     _check_lengths(lengths, batch, kv_len)
     if block_k is None:
         block_k = _auto_tile_tokens(head_dim, jnp.dtype(q.dtype).itemsize, batch, kv_heads,
-                                    kv_len, num_splits)
+                                    kv_len, config.num_splits, config)
         block_k = max(16, min(block_k, _next_pow2(kv_len)))
     if not isinstance(block_k, (int, np.integer)) or not _is_pow2(int(block_k)) or block_k < 16:
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k!r}")
@@ -776,9 +926,8 @@ def decode_attention(
     return _run(
         q, k, v, None, lengths, layout=kv_layout, kv_heads=kv_heads,
         tile=block_k, pages_per_tile=1, page_size=block_k, num_pages=1, kv_len=kv_len,
-        max_len=kv_len, sm_scale=sm_scale, softcap=softcap, num_splits=num_splits,
-        unified_max=unified_max, num_warps=num_warps, num_stages=num_stages,
-        interpret=interpret, return_lse=return_lse,
+        max_len=kv_len, sm_scale=sm_scale, softcap=softcap, unified_max=unified_max,
+        config=config, interpret=interpret, return_lse=return_lse,
         name=f"flashjax_decode_{kv_layout}_k{block_k}",
     )
 

@@ -4,6 +4,7 @@ once per call, so the number of calls is what the runtime depends on."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -15,7 +16,7 @@ import pytest
 
 from flashjax import decode as dec
 from flashjax import kv_cache as kc
-from flashjax.decode import decode_attention, paged_decode_attention
+from flashjax.decode import DecodeConfig, decode_attention, paged_decode_attention
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -141,44 +142,85 @@ def test_paged_matches_reference(dtype, heads, kv_heads, bs, splits, ppb):
 
 
 @pytest.mark.parametrize("combine", ["pallas", "xla"])
-def test_combine_modes_many_splits(combine, monkeypatch):
+def test_combine_modes_many_splits(combine):
     """The split merge (Pallas kernel, looping over chunks of splits when there
     are many; or the XLA reduction) against the reference, with empty splits,
     a group of 3 and head_dim 256."""
-    monkeypatch.setattr(dec, "COMBINE", combine)
     lengths = [700, 3, 0, 161]
     q, kp, vp, bt, ln = make_paged(11, batch=4, heads=6, kv_heads=2, head_dim=256, block_size=16,
                                    max_blocks=44, lengths=lengths, dtype=jnp.float32)
     out, lse = paged_decode_attention(q, kp, vp, bt, ln, num_splits=40, pages_per_block=1,
-                                      return_lse=True)
+                                      return_lse=True, config=DecodeConfig(combine=combine))
     ref, ref_lse = reference(q, dense_from_pages(kp, bt, 704), dense_from_pages(vp, bt, 704), ln)
     check(out, ref, jnp.float32)
     assert (np.asarray(out[2]) == 0).all() and np.isneginf(np.asarray(lse[2])).all()
     np.testing.assert_allclose(np.asarray(lse)[[0, 1, 3]], ref_lse[[0, 1, 3]], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name,value,msg", [
-    ("COMBINE", "bogus", "flashjax.decode.COMBINE must be 'pallas' or 'xla', got 'bogus'"),
-    ("PRELOAD", "sometimes", "flashjax.decode.PRELOAD must be 'auto', 'always' or 'never', got 'sometimes'"),
+@pytest.mark.parametrize("field,value,msg", [
+    ("combine", "bogus", "DecodeConfig.combine must be 'pallas' or 'xla', got 'bogus'"),
+    ("preload", "sometimes", "DecodeConfig.preload must be 'auto', 'always' or 'never', got 'sometimes'"),
+    ("paged_gather", "cols", "DecodeConfig.paged_gather must be 'rows' or 'pages', got 'cols'"),
+    ("paged_gather", None, "DecodeConfig.paged_gather must be 'rows' or 'pages', got None"),
+    ("preload_max_tiles", -1, "DecodeConfig.preload_max_tiles must be an int >= 0 (tiles), got -1"),
+    ("preload_max_tiles", 2.0, "DecodeConfig.preload_max_tiles must be an int >= 0 (tiles), got 2.0"),
+    ("unified_fallback", 1, "DecodeConfig.unified_fallback must be True or False, got 1"),
+    ("num_splits", 0, "DecodeConfig.num_splits must be a positive int or None (automatic), got 0"),
+    ("num_splits", True, "DecodeConfig.num_splits must be a positive int or None (automatic), got True"),
+    ("num_warps", 0, "DecodeConfig.num_warps must be a positive int, got 0"),
+    ("num_stages", "3", "DecodeConfig.num_stages must be a positive int, got '3'"),
+    ("tile_bytes", 0, "DecodeConfig.tile_bytes must be a positive int (bytes), got 0"),
+    ("long_split_tile_bytes", None, "DecodeConfig.long_split_tile_bytes must be a positive int (bytes), got None"),
+    ("long_split_tokens", -5, "DecodeConfig.long_split_tokens must be a positive int (positions), got -5"),
 ])
-def test_bad_module_switches_are_named(name, value, msg, monkeypatch):
-    monkeypatch.setattr(dec, name, value)
-    q, kp, vp, bt, ln = make_paged(3, batch=2, heads=4, kv_heads=2, head_dim=16, block_size=8,
-                                   max_blocks=4, lengths=[20, 5], dtype=jnp.float32)
+def test_bad_config_values_are_named(field, value, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
-        paged_decode_attention(q, kp, vp, bt, ln, num_splits=2)
+        DecodeConfig(**{field: value})
+
+
+def test_config_is_frozen_hashable_and_checked():
+    cfg = DecodeConfig(num_splits=np.int64(3), unified_fallback=np.bool_(False))
+    assert type(cfg.num_splits) is int and type(cfg.unified_fallback) is bool  # canonical
+    assert cfg == DecodeConfig(num_splits=3, unified_fallback=False)
+    assert hash(cfg) == hash(DecodeConfig(num_splits=3, unified_fallback=False))
+    assert DecodeConfig() == DecodeConfig() and hash(DecodeConfig()) == hash(DecodeConfig())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.combine = "xla"
+    import flashjax
+    assert flashjax.DecodeConfig is DecodeConfig
+    # usable as a static jit argument
+    f = jax.jit(lambda x, config: x + config.num_splits, static_argnames="config")
+    assert int(f(jnp.int32(1), config=cfg)) == 4
+    q, kp, vp, bt, ln = _good()
+    with pytest.raises(TypeError, match="config must be a flashjax.decode.DecodeConfig or None, got dict"):
+        paged_decode_attention(q, kp, vp, bt, ln, config={"combine": "xla"})
+    with pytest.raises(TypeError, match="config must be a flashjax.decode.DecodeConfig"):
+        decode_attention(q, jnp.zeros((2, 40, 2, 32), q.dtype), jnp.zeros((2, 40, 2, 32), q.dtype),
+                         config="xla")
+
+
+@pytest.mark.parametrize("name,field", [("PAGED_GATHER", "paged_gather"), ("PRELOAD", "preload"),
+                                        ("COMBINE", "combine"), ("_UNIFIED_FALLBACK", "unified_fallback"),
+                                        ("DEFAULT_NUM_WARPS", "num_warps")])
+def test_removed_module_switches_point_to_config(name, field):
+    """The former module switches are gone: reading one names the DecodeConfig
+    field, and a stale `monkeypatch.setattr(dec, name, ...)` fails (it checks
+    hasattr first) instead of silently changing nothing."""
+    with pytest.raises(AttributeError, match=re.escape(f"replaced by DecodeConfig.{field}")):
+        getattr(dec, name)
+    assert not hasattr(dec, name)
 
 
 @pytest.mark.parametrize("gather", ["rows", "pages"])
-def test_poisoned_pages_are_never_read(gather, monkeypatch):
+def test_poisoned_pages_are_never_read(gather):
     """NaN/Inf in unused blocks, past the end of partial blocks, and garbage
     table entries past each length must not change the result (both ways of
     addressing a paged tile)."""
-    monkeypatch.setattr(dec, "PAGED_GATHER", gather)
     kw = dict(batch=4, heads=8, kv_heads=2, head_dim=32, block_size=8, max_blocks=5,
               lengths=[17, 40, 1, 9], dtype=jnp.float32)
     q, kp, vp, bt, ln = make_paged(7, **kw, poison=True, num_blocks=20)
-    out = paged_decode_attention(q, kp, vp, bt, ln, num_splits=2, pages_per_block=4)
+    out = paged_decode_attention(q, kp, vp, bt, ln, num_splits=2, pages_per_block=4,
+                                 config=DecodeConfig(paged_gather=gather))
     q2, kp2, vp2, bt2, ln2 = make_paged(7, **kw, poison=False, num_blocks=20)
     kd = dense_from_pages(kp2, bt2, 40)
     vd = dense_from_pages(vp2, bt2, 40)
@@ -187,12 +229,11 @@ def test_poisoned_pages_are_never_read(gather, monkeypatch):
 
 
 @pytest.mark.parametrize("preload", ["always", "never"])
-def test_page_id_preload(preload, monkeypatch):
-    """Loading all of a split's page ids up front (PRELOAD) or one tile's per
-    loop step give the reference result: several splits of 1-3 tiles, partial
-    last tiles, shared and garbage table entries, poisoned unused pages, a
-    group of 3, and the unified-max path."""
-    monkeypatch.setattr(dec, "PRELOAD", preload)
+def test_page_id_preload(preload):
+    """Loading all of a split's page ids up front (DecodeConfig.preload) or one
+    tile's per loop step give the reference result: several splits of 1-3
+    tiles, partial last tiles, shared and garbage table entries, poisoned unused
+    pages, a group of 3, and the unified-max path."""
     kw = dict(batch=5, heads=6, kv_heads=2, head_dim=32, block_size=8, max_blocks=12,
               lengths=[96, 1, 33, 0, 57], dtype=jnp.float32)
     q, kp, vp, bt, ln = make_paged(23, **kw, poison=True, num_blocks=40)
@@ -200,9 +241,120 @@ def test_page_id_preload(preload, monkeypatch):
     ref, _ = reference(q2, dense_from_pages(kp2, bt2, 96), dense_from_pages(vp2, bt2, 96), ln2)
     for splits, ppb, um in ((3, 2, None), (5, 1, None), (2, 4, 2.0)):
         out = paged_decode_attention(q, kp, vp, bt, ln, num_splits=splits, pages_per_block=ppb,
-                                     unified_max=um)
+                                     unified_max=um, config=DecodeConfig(preload=preload))
         check(out, ref, jnp.float32)
         assert (np.asarray(out[3]) == 0).all()
+
+
+# Each case: (id, base config fields, field, value, inputs, call keywords). The
+# base is what the variant is compared with; inputs are chosen so the field
+# matters there (on CPU the SM count is 1, so preload="auto" preloads only a
+# grid of one program: the "one" inputs).
+_PAGED = dict(batch=3, heads=6, kv_heads=2, head_dim=32, block_size=8, max_blocks=12,
+              lengths=[96, 1, 45], dtype=jnp.float32)
+_ONE = dict(batch=1, heads=4, kv_heads=1, head_dim=32, block_size=8, max_blocks=12,
+            lengths=[90], dtype=jnp.float32)
+_CONFIG_CASES = [
+    ("paged_gather", {}, "paged_gather", "pages", "paged", dict(num_splits=3, pages_per_block=2)),
+    ("preload_always", {}, "preload", "always", "paged", dict(num_splits=3, pages_per_block=2)),
+    ("preload_never", {}, "preload", "never", "one", dict(num_splits=1, pages_per_block=4)),
+    ("preload_max_tiles", {}, "preload_max_tiles", 2, "one", dict(num_splits=1, pages_per_block=4)),
+    ("combine", {}, "combine", "xla", "paged", dict(num_splits=3, pages_per_block=1)),
+    ("unified_fallback", {}, "unified_fallback", False, "paged",
+     dict(num_splits=2, pages_per_block=2, unified_max=2.0)),
+    ("num_splits", {}, "num_splits", 3, "paged", dict(pages_per_block=1)),
+    ("num_warps", {}, "num_warps", 8, "paged", dict(num_splits=2)),
+    ("num_stages", {}, "num_stages", 2, "paged", dict(num_splits=2)),
+    ("tile_bytes", {}, "tile_bytes", 1024, "paged", dict(num_splits=2)),
+    ("long_split_tokens", dict(tile_bytes=1024), "long_split_tokens", 16, "paged", dict(num_splits=2)),
+    ("long_split_tile_bytes", dict(tile_bytes=1024, long_split_tokens=16), "long_split_tile_bytes", 2048,
+     "paged", dict(num_splits=2)),
+    ("dense_combine", {}, "combine", "xla", "dense", dict(num_splits=3, block_k=16)),
+    ("dense_unified_fallback", {}, "unified_fallback", False, "dense", dict(num_splits=2, unified_max=2.0)),
+    ("dense_num_splits", {}, "num_splits", 3, "dense", dict(block_k=16)),
+    ("dense_tile_bytes", {}, "tile_bytes", 1024, "dense", dict(num_splits=2)),
+]
+
+
+def _config_case_inputs(kind):
+    q, kp, vp, bt, ln = make_paged(41, **(_ONE if kind == "one" else _PAGED), poison=True, num_blocks=40)
+    max_len = bt.shape[1] * kp.shape[2]
+    kd, vd = dense_from_pages(kp, bt, max_len), dense_from_pages(vp, bt, max_len)
+    mask = (np.arange(max_len)[None, :] < np.asarray(ln)[:, None])[:, :, None, None]
+    kd, vd = np.where(mask, kd, 0.0), np.where(mask, vd, 0.0)  # poison past each length: zeroed
+    ref, _ = reference(q, kd, vd, ln)
+    if kind == "dense":
+        # The contiguous kernel on the same cache, NaN/Inf past each length.
+        args = (q, jnp.asarray(np.where(mask, kd, np.nan), jnp.float32),
+                jnp.asarray(np.where(mask, vd, np.inf), jnp.float32), ln)
+        return decode_attention, args, ref
+    return paged_decode_attention, (q, kp, vp, bt, ln), ref
+
+
+@pytest.mark.parametrize("case", _CONFIG_CASES, ids=[c[0] for c in _CONFIG_CASES])
+def test_each_config_field_changes_the_kernel_and_stays_exact(case):
+    """Every DecodeConfig field takes a different path (the traced program
+    differs from the base config's) and every setting agrees with the float64
+    reference (poisoned pages and cache rows included)."""
+    _, base_kw, field, value, kind, call_kw = case
+    fn, args, ref = _config_case_inputs(kind)
+    base = DecodeConfig(**base_kw)
+    variant = dataclasses.replace(base, **{field: value})
+
+    def jaxpr(cfg):
+        return str(jax.make_jaxpr(lambda *a: fn(*a, **call_kw, config=cfg))(*args))
+
+    assert jaxpr(variant) != jaxpr(base), f"DecodeConfig.{field}={value!r} changed nothing here"
+    check(fn(*args, **call_kw, config=variant), ref, jnp.float32)
+
+
+def test_default_config_is_none_and_keywords_take_precedence():
+    """config=None, DecodeConfig() and no config trace the same program; the
+    num_splits / num_warps / num_stages keywords override the config's fields
+    (and equal the config that sets them)."""
+    fn, args, _ = _config_case_inputs("paged")
+
+    def jaxpr(**kw):
+        return str(jax.make_jaxpr(lambda *a: fn(*a, pages_per_block=2, **kw))(*args))
+
+    default = jaxpr()
+    assert jaxpr(config=None) == default and jaxpr(config=DecodeConfig()) == default
+    assert jaxpr(config=DecodeConfig(combine="xla", num_splits=3)) != default
+    set_in_config = jaxpr(config=DecodeConfig(num_splits=3, num_warps=8, num_stages=2))
+    assert set_in_config != default
+    assert jaxpr(num_splits=3, num_warps=8, num_stages=2) == set_in_config
+    assert jaxpr(num_splits=3, num_warps=8, num_stages=2,
+                 config=DecodeConfig(num_splits=5, num_warps=2, num_stages=4)) == set_in_config
+
+
+def test_serving_decode_kwargs_carry_a_config():
+    """The serving engine's `decode_kwargs` dict reaches the kernel unchanged, so
+    `decode_kwargs={"config": DecodeConfig(...)}` (with or without other
+    keywords) selects the kernel's path: here the XLA merge of the splits
+    instead of the Pallas combine kernel."""
+    from flax import nnx
+
+    from flashjax.models.config import config_from_preset
+    from flashjax.models.gpt import GPT
+    from flashjax.serving import runner as R
+
+    c = config_from_preset("llama-nano", n_layer=1, d_model=64, n_head=4, n_kv_head=2, d_ff=64,
+                           vocab_size=32, max_seq_len=32, attention="xla")
+    model = GPT(c, rngs=nnx.Rngs(0))
+    pages = R.init_pages(c, 16, 4)
+    state = kc.init_state(16, 2, 8, 4)
+    tokens, seqs = jnp.zeros((2,), jnp.int32), jnp.arange(2, dtype=jnp.int32)
+
+    def pallas_calls(decode_kwargs):
+        jaxpr = jax.make_jaxpr(lambda p, s: R.decode(model, p, s, tokens, seqs,
+                                                     decode_kwargs=decode_kwargs))(pages, state)
+        return re.findall(r"name=(flashjax_\w+)", str(jaxpr))
+
+    plain = pallas_calls({"num_splits": 2})
+    assert "flashjax_decode_combine" in plain and any("paged_decode" in n for n in plain)
+    xla = pallas_calls({"num_splits": 2, "config": DecodeConfig(combine="xla")})
+    assert "flashjax_decode_combine" not in xla and any("paged_decode" in n for n in xla)
+    assert pallas_calls({"config": DecodeConfig(num_splits=2, combine="xla")}) == xla
 
 
 def test_contiguous_matches_paged_and_reference():
@@ -240,20 +392,19 @@ def test_contiguous_default_lengths_and_jit():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
-def test_unified_max_exact(dtype, monkeypatch):
+def test_unified_max_exact(dtype):
     kw = dict(batch=3, heads=8, kv_heads=2, head_dim=32, block_size=8, max_blocks=6,
               lengths=[48, 20, 3], dtype=dtype)
     q, kp, vp, bt, ln = make_paged(21, **kw)
     ref, _ = reference(q, dense_from_pages(kp, bt, 48), dense_from_pages(vp, bt, 48), ln)
     # scores ~ N(0, 1): phi = 2 keeps every split inside the unified window
     # Without the fallback too: the unified path itself is exact here.
-    monkeypatch.setattr(dec, "_UNIFIED_FALLBACK", False)
     out = paged_decode_attention(q, kp, vp, bt, ln, num_splits=2, pages_per_block=2,
-                                 unified_max=2.0)
+                                 unified_max=2.0, config=DecodeConfig(unified_fallback=False))
     check(out, ref, dtype)
 
 
-def test_unified_max_fallback(monkeypatch):
+def test_unified_max_fallback():
     """Huge scores (s - phi ~ 1e3) overflow exp without the fallback; with it
     the result is exact."""
     kw = dict(batch=2, heads=8, kv_heads=2, head_dim=32, block_size=8, max_blocks=4,
@@ -264,8 +415,8 @@ def test_unified_max_fallback(monkeypatch):
     args = dict(num_splits=2, pages_per_block=2, unified_max=0.0)
     out = paged_decode_attention(q, kp, vp, bt, ln, **args)
     check(out, ref, jnp.float32)
-    monkeypatch.setattr(dec, "_UNIFIED_FALLBACK", False)
-    bad = np.asarray(paged_decode_attention(q, kp, vp, bt, ln, **args))
+    bad = np.asarray(paged_decode_attention(q, kp, vp, bt, ln, **args,
+                                            config=DecodeConfig(unified_fallback=False)))
     assert not (np.isfinite(bad).all() and np.allclose(bad, ref, atol=1e-3)), \
         "inputs did not need the fallback"
 
