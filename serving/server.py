@@ -94,6 +94,15 @@ def _get(body: dict, name: str, kind, default=None, *, nullable=True):
     return v
 
 
+def _check_text(text: str, param: str) -> None:
+    """A 400 for text that is not valid Unicode (JSON lets a string hold a lone surrogate, "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(f"'{param}' is not valid Unicode: {e.reason} (character {e.start}, "
+                   f"{text[e.start]!r})", param=param, code="invalid_value") from None
+
+
 def _param_of(err: Exception, names) -> str | None:
     """The field a ValueError names: its messages start with the field ("top_k must be ...")."""
     words = str(err).split(maxsplit=1)
@@ -172,6 +181,8 @@ class _Service:
             stop = tuple(stop)
         else:
             raise _bad("'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+        for s in stop:
+            _check_text(s, "stop")
         stop_ids = body.get("stop_token_ids") or []
         if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
             raise _bad("'stop_token_ids' must be a list of integers", param="stop_token_ids", code="invalid_type")
@@ -216,6 +227,7 @@ class _Service:
             p = p[0]  # a batch of one
         if isinstance(p, str):
             self.check_chars(len(p), "prompt")
+            _check_text(p, "prompt")
             ids = self.encode(p)
             if not ids:
                 ids = [getattr(self.tokenizer, "eot_id", 0) or 0]
@@ -241,10 +253,25 @@ class _Service:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise _bad(f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]")
             content = m.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(c.get("text", "") for c in content if isinstance(c, dict))
+            if isinstance(content, list):  # content parts: text only
+                texts = []
+                for j, part in enumerate(content):
+                    where = f"messages[{i}].content[{j}]"
+                    if not isinstance(part, dict) or part.get("type") != "text":
+                        kind = part.get("type") if isinstance(part, dict) else None
+                        raise _bad(f"{where} must be a text part {{\"type\": \"text\", \"text\": ...}}"
+                                   + (f"; this model does not take {kind!r} parts" if isinstance(kind, str) else ""),
+                                   param=where, code="invalid_type" if kind is None else "invalid_value")
+                    if not isinstance(part.get("text"), str):
+                        raise _bad(f"{where}.text must be a string, got {json.dumps(part.get('text'))[:80]}",
+                                   param=f"{where}.text", code="invalid_type")
+                    texts.append(part["text"])
+                content = "".join(texts)
             if not isinstance(content, str):
-                raise _bad(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+                raise _bad(f"messages[{i}].content must be a string or a list of text parts",
+                           param=f"messages[{i}].content", code="invalid_type")
+            _check_text(m["role"], f"messages[{i}].role")
+            _check_text(content, f"messages[{i}].content")
             clean.append({"role": m["role"], "content": content})
         self.check_chars(sum(len(m["content"]) + len(m["role"]) for m in clean), "messages")
         if getattr(self.tokenizer, "chat_template", None):
@@ -349,6 +376,12 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):
         return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc: Exception):
+        # A bug, not the client's fault: still an OpenAI-shaped JSON answer (Starlette logs the traceback).
+        return error_response(ApiError(500, f"internal server error: {type(exc).__name__}: {exc}"[:500],
+                                       type="server_error", code="internal_error"))
 
     @app.exception_handler(404)
     async def _not_found(request, exc):
@@ -491,6 +524,11 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             finished = True
             svc.http_counts["200"] = svc.http_counts.get("200", 0) + 1
             yield "data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - a bug mid-stream: the 200 is sent, so say it in the stream
+            log.exception("request %s failed while streaming", rid)
+            err = ApiError(500, f"internal server error: {type(e).__name__}: {e}"[:500], type="server_error",
+                           code="internal_error")
+            yield f"data: {json.dumps(err.body())}\n\n"
         finally:
             if not finished:  # the client went away (the generator was cancelled/closed)
                 handle.cancel()

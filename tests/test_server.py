@@ -400,6 +400,8 @@ class GateTokenizer(ByteTokenizer):
 
     def encode(self, text):
         self.calls += 1
+        if "BOOM" in text:
+            raise RuntimeError("the tokenizer exploded")
         if "GATE" in text:
             self.entered.set()
             self.release.wait(60)
@@ -452,6 +454,59 @@ def test_overlong_prompt_text_refused_before_tokenizing(gated, chat):
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded" and err["param"] == ("messages" if chat else "prompt")
     assert tok.calls == 0 and not tok.entered.is_set()
+
+
+BAD_TEXT = [  # (body, param): invalid text and content parts are 400s naming the field, never a 500
+    ({"prompt": "a\ud800b"}, "prompt"),
+    ({"prompt": ["\udfff"]}, "prompt"),
+    ({"prompt": "hi", "stop": "\ud800"}, "stop"),
+    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user\udc00", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}]}, "messages[0].content[1]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": {"text": "an object"}}]}, "messages[0].content"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_TEXT, ids=[p for _, p in BAD_TEXT])
+def test_bad_text_is_a_json_400(server, body, param):
+    base, _ = server
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    # json.dumps escapes the lone surrogate as \ud800, as a client's JSON encoder would
+    r = httpx.post(f"{base}{path}", content=json.dumps({**body, "max_tokens": 2}),
+                   headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+
+
+def test_text_content_parts_are_joined(server):
+    base, _ = server
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
+             "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    plain = {**parts, "messages": [{"role": "user", "content": "hi"}]}
+    a = httpx.post(f"{base}/v1/chat/completions", json=parts, timeout=60)
+    b = httpx.post(f"{base}/v1/chat/completions", json=plain, timeout=60)
+    assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
+    assert a.json()["choices"][0]["message"] == b.json()["choices"][0]["message"]
+    assert a.json()["usage"]["prompt_tokens"] == b.json()["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_unexpected_exception_is_a_json_500(gated, chat):
+    base, _ = gated
+    body = {"messages": [{"role": "user", "content": "BOOM"}]} if chat else {"prompt": "BOOM"}
+    r = httpx.post(f"{base}{'/v1/chat/completions' if chat else '/v1/completions'}", json=body, timeout=60)
+    assert r.status_code == 500 and r.headers["content-type"].startswith("application/json"), r.text
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and err["code"] == "internal_error"
+    assert "the tokenizer exploded" in err["message"]
+    assert httpx.get(f"{base}/health").status_code == 200
 
 
 def _chromium():
