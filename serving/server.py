@@ -42,6 +42,7 @@ import dataclasses
 import json
 import logging
 import math
+import secrets
 import time
 import uuid
 from pathlib import Path
@@ -193,13 +194,16 @@ class _Service:
             temperature=_get(body, "temperature", "num", 1.0),
             top_p=_get(body, "top_p", "num", 1.0),
             top_k=_get(body, "top_k", "int", 0),
-            seed=_get(body, "seed", "int", 0),
+            # no seed: fresh randomness for every request (a fixed default made every answer the same)
+            seed=_get(body, "seed", "int", None),
             max_tokens=max_tokens, stop=stop, stop_token_ids=tuple(stop_ids),
             ignore_eos=_get(body, "ignore_eos", "bool", False),
             n=_get(body, "n", "int", 1), beam_width=beam,
         )
         if kw["top_k"] == -1:
             kw["top_k"] = 0
+        if kw["seed"] is None:
+            kw["seed"] = secrets.randbits(32)  # any seed in RequestParams' range [0, 2**32)
         if not kw["ignore_eos"]:  # HF tokenizers may have several end-of-turn ids (Llama 3)
             extra = [t for t in (getattr(self.tokenizer, "stop_ids", None) or ()) if t not in stop_ids]
             kw["stop_token_ids"] = tuple(stop_ids) + tuple(extra)

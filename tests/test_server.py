@@ -509,6 +509,25 @@ def test_unexpected_exception_is_a_json_500(gated, chat):
     assert httpx.get(f"{base}/health").status_code == 200
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_unseeded_sampling_is_fresh_and_seeded_is_reproducible(server, chat):
+    base, _ = server
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"max_tokens": 12, "temperature": 1.5, "ignore_eos": True,
+            **({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})}
+
+    def text(extra):
+        r = httpx.post(f"{base}{path}", json={**body, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]
+        return c["message"]["content"] if chat else tuple(c["token_ids"])
+
+    unseeded = {text({}) for _ in range(4)}
+    assert len(unseeded) > 1, "four unseeded requests drew the same tokens"
+    assert len({text({"seed": 1234}) for _ in range(3)}) == 1
+    text({"seed": None})  # null means unseeded too
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         path = shutil.which(name)
