@@ -51,6 +51,7 @@ import common  # noqa: E402
 
 PEERS = {
     "paged": "flashjax.serving.generate (paged KV, flash prefill, on-device while_loop decode)",
+    "engine": "flashjax.serving.engine.Engine (continuous batching, async multi-step decode), same prompts at t=0",
     "dense": "flashjax.models.generate.DenseCacheSampler (dense KV, jitted step, Python loop)",
     "hf": "transformers generate() (torch, same architecture and weights)",
 }
@@ -68,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 256)")
     p.add_argument("--dtype", default=None, help="parameter and compute dtype (default bfloat16)")
     p.add_argument("--block-size", type=int, default=16, help="paged KV block size (default 16)")
+    p.add_argument("--decode-steps", type=int, default=8, help="engine: most decode steps per device call")
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generate-<device>-<date>.json)")
     args = p.parse_args(argv)
@@ -126,6 +128,41 @@ def bench_paged(model, prompts, n, args, ref0=None):
     prefill = max(t_full - (n - 1) * step, 0.0)
     return _cell(len(prompts), "paged", prefill, step, t_full, n, toks[0], ref0,
                  compile_s=t_compile - t_full, method="t(N) - t(N/2+1), one compilation"), toks[0]
+
+
+def bench_engine(model, prompts, n, args, ref0=None):
+    """flashjax.serving.engine.Engine on the same prompts, all present at t=0 (run_until_done)."""
+    from flashjax.serving.engine import Engine, RequestParams
+
+    batch, plen = prompts.shape
+    bs = args.block_size
+    per_seq = -(-(plen + n) // bs) + 1
+    chunk = 1 << max(4, (plen - 1).bit_length())
+    rows = max(1, min(batch, 4096 // chunk))
+    eng = Engine(model, num_blocks=per_seq * batch + 8, max_seqs=batch, block_size=bs,
+                 max_num_batched_tokens=rows * chunk + batch, prefill_rows=rows, max_chunk=chunk,
+                 chunk_buckets=(chunk,), prefix_caching=False, decode_steps=args.decode_steps)
+    params = RequestParams(temperature=0, max_tokens=n, ignore_eos=True)
+    t0 = time.perf_counter()
+    eng.warmup()
+    eng.generate([p.tolist() for p in prompts[:2]], RequestParams(temperature=0, max_tokens=4, ignore_eos=True))
+    compile_s = time.perf_counter() - t0
+    calls0 = eng.stats_counters["device_calls"]
+    t0 = time.perf_counter()
+    m0 = time.monotonic()
+    handles = [eng.add_request(p.tolist(), params) for p in prompts]
+    eng.run_until_done()
+    total = time.perf_counter() - t0
+    outs = [h.result() for h in handles]
+    assert all(len(o.outputs[0].token_ids) == n for o in outs)
+    first = max(h.first_token_time for h in handles) - m0
+    step = (total - first) / (n - 1)
+    calls = eng.stats_counters["device_calls"] - calls0
+    row0 = outs[0].outputs[0].token_ids
+    eng.pages = None
+    return _cell(batch, "engine", first, step, total, n, row0, ref0, compile_s=compile_s, device_calls=calls,
+                 decode_steps=args.decode_steps,
+                 method="Engine.run_until_done, all requests at t=0; step = (total - last first token) / (N-1)"), row0
 
 
 def bench_dense(model, prompts, n, args, ref0=None):
@@ -258,7 +295,7 @@ def bench_hf(model, prompts, n, args, ref0=None):
 
 
 _HF_CACHE: dict = {}
-BENCH = {"paged": bench_paged, "dense": bench_dense, "hf": bench_hf}
+BENCH = {"paged": bench_paged, "engine": bench_engine, "dense": bench_dense, "hf": bench_hf}
 
 
 # ---------------------------------------------------------------------------
@@ -273,16 +310,21 @@ def table(data) -> str:
     rows = []
     for r in data["results"]:
         if "error" in r:
-            rows.append([r["batch"], r["peer"], r["error"], "", "", "", "", ""])
+            rows.append([r["batch"], r["peer"], r["error"], "", "", "", "", "", ""])
             continue
+        base = next((x for x in data["results"] if x["batch"] == r["batch"] and x["peer"] == "paged"
+                     and "error" not in x), None)
+        ratio = (r["e2e_tok_s"] / base["e2e_tok_s"]) if base else None
         rows.append([r["batch"], r["peer"], _fmt(r["decode_tok_s"], ",.0f"), _fmt(r["step_ms"], ".2f"),
                      _fmt(r["prefill_ms"], ".1f"), _fmt(r["e2e_tok_s"], ",.0f"), _fmt(r.get("compile_s"), ".1f"),
-                     "-" if r.get("agree") is None else f"{r['agree']}/{data['config']['new_tokens']}"])
+                     "-" if r.get("agree") is None else f"{r['agree']}/{data['config']['new_tokens']}",
+                     _fmt(ratio, ".2f")])
     c = data["config"]
     head = (f"{c['preset']} ({c['params'] / 1e6:.0f}M params, {c['dtype']}), prompt {c['prompt_len']}, "
             f"{c['new_tokens']} new tokens, greedy; {data['device']}")
     return head + "\n\n" + common.markdown_table(
-        ["batch", "peer", "decode tok/s", "ms/step", "prefill ms", "end-to-end tok/s", "compile s", "agree"], rows)
+        ["batch", "peer", "decode tok/s", "ms/step", "prefill ms", "end-to-end tok/s", "compile s", "agree",
+         "e2e / paged loop"], rows)
 
 
 def run(args):

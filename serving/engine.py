@@ -38,9 +38,12 @@ dispatched; the call receives block tables and lengths as inputs and returns
 only sampled ids. (The one-jit `flashjax.serving.generate` loop keeps the
 on-device functional allocator, `flashjax.kv_cache`.)
 
-Compiles are bounded: `2 * len(chunk_buckets) + 2` step variants (prefill per
-bucket with and without a decode step, one decode step, K decode steps), plus
-the swap and copy helpers; `Engine.trace_counts` counts traces.
+Compiles are bounded: `2 * len(chunk_buckets) + 2 * len(table_buckets)` step
+variants (prefill per chunk bucket with and without a decode step; one decode
+step and K decode steps per block-table width: decode-only calls pass the
+tables cut to a power-of-two bucket of the longest row, from 16 blocks up, as
+the decode kernel sizes its grid from the table width), plus the swap and copy
+helpers; `Engine.trace_counts` counts traces.
 
 Threading: `start()` runs steps in a daemon thread while requests exist;
 `add_request` / `cancel` are thread-safe (one lock around every mutation;
@@ -135,6 +138,9 @@ class Engine:
         self.decode_steps = int(decode_steps)
         self.overlap = bool(overlap)
         self.prefill_rows = int(prefill_rows)
+        # widths (in blocks) of the block tables a decode-only call is compiled for
+        self.table_buckets = tuple(sorted({min(self.max_blocks_per_seq, 16 << i)
+                                           for i in range(max(1, self.max_blocks_per_seq.bit_length()))}))
         self.logprobs_k = min(int(logprobs_k), self.config.vocab_size)
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_id", None)
         self.max_waiting = max_waiting
@@ -160,6 +166,8 @@ class Engine:
         self._stop = False
         self.engine_error: BaseException | None = None
         self.started = time.monotonic()
+        # host seconds spent planning, dispatching, waiting for the device, delivering
+        self.host_timing: collections.Counter = collections.Counter()
 
     # ------------------------------------------------------------------
     # Compatibility views
@@ -196,13 +204,16 @@ class Engine:
         with self._lock:
             self._drain()
             empty = S.SlotBatch(self.max_seqs, self.max_blocks_per_seq).arrays()
-            variants = [(None, 1), (None, self.decode_steps)]
+            variants = []
+            for w in self.table_buckets:
+                cut = dict(empty, tables=empty["tables"][:, :w])
+                variants += [(cut, None, 1), (cut, None, self.decode_steps)]
             for T in self.chunk_buckets:
                 pf = S.PrefillBatch(self.prefill_rows, T).arrays()
-                variants += [(pf, 0), (pf, 1)]
+                variants += [(empty, pf, 0), (empty, pf, 1)]
             for _ in range(2):  # twice: JAX may extend its tracing context after the first compile
-                for pf, steps in variants:
-                    jax.block_until_ready(self.runner.run(empty, pf, steps=steps))
+                for slots, pf, steps in variants:
+                    jax.block_until_ready(self.runner.run(slots, pf, steps=steps))
 
     # ------------------------------------------------------------------
     # Requests
@@ -287,6 +298,7 @@ class Engine:
             return self._step_locked()
 
     def _step_locked(self) -> int:
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule(allow_preempt=not self._inflight)
         if plan.blocked or (plan.empty and self._inflight):
             # a preemption is due, or every sequence waits for tokens in flight:
@@ -297,8 +309,11 @@ class Engine:
         if plan.empty:
             self._drain()
             return 0
+        t1 = time.perf_counter()
         d = self._dispatch(plan)
         self._inflight.append(d)
+        self.host_timing["plan_s"] += t1 - t0
+        self.host_timing["dispatch_s"] += time.perf_counter() - t1
         keep = 1 if self.overlap and not d.beams else 0
         while len(self._inflight) > keep:
             self._collect(self._inflight.popleft())
@@ -386,7 +401,14 @@ class Engine:
             dc_rows.append((r, s, k))
         sl.tables[:] = bm.tables
         n_steps = (self.decode_steps if multi else 1) if decodes else 0
-        out = self.runner.run(sl.arrays(), pf_arrays, steps=n_steps)
+        arrays = sl.arrays()
+        if not prefills:
+            # Decode-only calls see block tables cut to a bucket of the longest row: the
+            # decode kernel sizes its grid and KV splits from the table's width.
+            widest = max(-(-int(bm.lengths[r.slot]) // self.block_size) for r in decodes)
+            width = next(w for w in self.table_buckets if w >= widest)
+            arrays["tables"] = arrays["tables"][:, :width]
+        out = self.runner.run(arrays, pf_arrays, steps=n_steps)
         c = self.stats_counters
         c["steps"] += 1
         c["device_calls"] += 1
@@ -405,12 +427,21 @@ class Engine:
 
     def _collect(self, d: _Dispatched) -> None:
         """Read a dispatched step's sampled ids back and deliver them (lock released while waiting)."""
+        t0 = time.perf_counter()
         self._lock.release()
         try:
             host = jax.device_get(d.out)
         finally:
             self._lock.acquire()
         now = time.monotonic()
+        t1 = time.perf_counter()
+        self.host_timing["wait_s"] += t1 - t0
+        try:
+            self._deliver(d, host, now)
+        finally:
+            self.host_timing["deliver_s"] += time.perf_counter() - t1
+
+    def _deliver(self, d: _Dispatched, host: dict, now: float) -> None:
         bm = self.blocks
         out = self.output
         if d.prefills:
