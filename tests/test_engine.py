@@ -255,3 +255,79 @@ def test_cancel_while_a_step_runs_frees_blocks_after_it(eng):
         eng.stop()
     assert h.result().outputs[0].finish_reason == "cancelled"
     assert len(h.result().outputs[0].token_ids) < 40
+
+
+def _engine_like(engine, **kw):
+    """A second engine on the same model and geometry (its own compiles)."""
+    args = dict(num_blocks=16, max_seqs=4, block_size=4, max_num_batched_tokens=16, prefill_rows=2,
+                max_chunk=8, chunk_buckets=(8,), logprobs_k=4)
+    args.update(kw)
+    return Engine(nnx_model(engine), **args)
+
+
+def nnx_model(engine):
+    from flax import nnx
+    return nnx.merge(engine.runner.graphdef, engine.runner.params)
+
+
+@pytest.fixture(scope="module")
+def sync_engine(engine):
+    """One step per call, each read back before the next is planned: the reference."""
+    return _engine_like(engine, decode_steps=1, overlap=False)
+
+
+def test_async_multistep_equals_one_step_at_a_time(eng, sync_engine):
+    prompts = _prompts(6, seed=21, lo=3, hi=12)
+    params = [RequestParams(temperature=0, max_tokens=5 + 3 * i) for i in range(3)] + \
+             [RequestParams(temperature=0.8, top_k=30, seed=i, max_tokens=9 + i) for i in range(3)]
+    calls0 = eng.stats_counters["multi_step_calls"]
+    fast = [o.outputs[0].token_ids for o in eng.generate(prompts, params)]
+    assert eng.stats_counters["multi_step_calls"] > calls0, "the workload should use multi-step calls"
+    ref = [o.outputs[0].token_ids for o in sync_engine.generate(prompts, params)]
+    assert fast == ref
+    assert [len(t) for t in fast] == [p.max_tokens for p in params]
+
+
+def test_no_token_after_a_stop_in_multistep(eng, sync_engine):
+    """EOS, stop ids and max_tokens cut exactly where one-step-at-a-time decoding cuts,
+    though the device ran further in the same call or the step dispatched after it."""
+    prompt = _prompts(1, seed=22, lo=4, hi=6)[0]
+    full = sync_engine.generate([prompt], RequestParams(temperature=0, max_tokens=30))[0].outputs[0].token_ids
+    stop_tok = full[11]
+    first = full.index(stop_tok)
+    got = []
+    h = eng.add_request(prompt, RequestParams(temperature=0, max_tokens=30, stop_token_ids=(stop_tok,)),
+                        callback=got.append)
+    eng.run_until_done()
+    out = h.result().outputs[0]
+    assert out.token_ids == full[:first + 1] and out.finish_reason == "stop"
+    assert [t for ev in got for t in ev.token_ids] == full[:first + 1]
+    # the engine's end-of-text id stops like a stop id (and ignore_eos does not)
+    e2 = _engine_like(eng, eos_id=stop_tok)
+    assert e2.generate([prompt], RequestParams(temperature=0, max_tokens=30))[0].outputs[0].token_ids == \
+        full[:first + 1]
+    assert e2.generate([prompt], RequestParams(temperature=0, max_tokens=30, ignore_eos=True))[0] \
+        .outputs[0].token_ids == full
+    # max_tokens not a multiple of K
+    h = eng.add_request(prompt, RequestParams(temperature=0, max_tokens=13), callback=got.append)
+    got.clear()
+    eng.run_until_done()
+    assert h.result().outputs[0].token_ids == full[:13]
+    assert [t for ev in got for t in ev.token_ids] == full[:13]
+
+
+def test_cancel_in_the_middle_of_multistep_frees_every_block(eng):
+    eng.start()
+    try:
+        hs = [eng.add_request(p, RequestParams(temperature=0, max_tokens=40)) for p in _prompts(3, seed=23, lo=3, hi=8)]
+        deadline = time.time() + 60
+        while not all(h.token_ids[0] for h in hs):
+            assert time.time() < deadline
+            time.sleep(0.0005)
+        for h in hs:
+            assert eng.cancel(h.request_id)
+        assert all(h.wait(timeout=30) for h in hs)
+        assert all(len(h.result().outputs[0].token_ids) < 40 for h in hs)
+    finally:
+        eng.stop()
+    assert eng.blocks.num_used == 0 and not eng.scheduler.running
