@@ -331,3 +331,39 @@ def test_cancel_in_the_middle_of_multistep_frees_every_block(eng):
     finally:
         eng.stop()
     assert eng.blocks.num_used == 0 and not eng.scheduler.running
+
+
+class _AsciiTokenizer:
+    """ids 0..127 are ASCII bytes (the test model's whole vocabulary)."""
+
+    eot_id = None
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids):
+        return bytes(ids)
+
+
+def test_stop_strings_across_tokens_stream_exactly_the_text(eng):
+    e = _engine_like(eng, tokenizer=_AsciiTokenizer())
+    prompt = _prompts(1, seed=24, lo=4, hi=6)[0]
+    full = e.generate([prompt], RequestParams(temperature=0, max_tokens=30))[0].outputs[0]
+    text = _AsciiTokenizer().decode(full.token_ids)
+    assert full.text == text
+    stop = text[9:12]  # three characters from three tokens
+    cut = text.find(stop)
+    events = []
+    h = e.add_request(prompt, RequestParams(temperature=0, max_tokens=30, stop=(stop,)), callback=events.append)
+    e.run_until_done()
+    out = h.result().outputs[0]
+    assert out.finish_reason == "stop" and out.text == text[:cut]
+    assert "".join(ev.text for ev in events) == text[:cut]
+    # tokens end with the one that completed the stop string; none after it is streamed
+    assert out.token_ids == full.token_ids[:cut + len(stop)]
+    assert [t for ev in events for t in ev.token_ids] == out.token_ids
+    # without a stop: the stream concatenates to the whole text
+    events.clear()
+    h = e.add_request(prompt, RequestParams(temperature=0, max_tokens=30), callback=events.append)
+    e.run_until_done()
+    assert "".join(ev.text for ev in events) == text == h.result().outputs[0].text
