@@ -468,8 +468,12 @@ def looks_like_hf_dir(path: str | Path) -> bool:
     try:
         data = json.loads(cfg.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and ("architectures" in data or "model_type" in data)
+        data = None
+    if not isinstance(data, dict):
+        # A damaged config.json next to safetensors weights: still an HF directory, so that
+        # loading it says what is wrong with config.json (not "no checkpoint found").
+        return any(p.glob("*.safetensors")) or (p / INDEX_FILE).is_file()
+    return "architectures" in data or "model_type" in data
 
 
 def _weight_files(root: Path) -> tuple[dict[str, Path] | None, list[Path], Path]:
