@@ -196,7 +196,8 @@ def serve_one(model, tok, a, reqs, pl, ol, log):
     per_seq = -(-cfg.max_seq_len // a.block_size)
     engine = Engine(model, tokenizer=tok, num_blocks=a.num_blocks or per_seq * a.max_seqs, max_seqs=a.max_seqs,
                     block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
-                    max_chunk=min(a.max_num_batched_tokens, 256), max_waiting=None)
+                    max_chunk=min(a.max_num_batched_tokens, 256), max_waiting=None,
+                    decode_steps=a.decode_steps)
     t = time.perf_counter()
     engine.warmup()
     log(f"  engine compiled in {time.perf_counter() - t:.1f}s")
@@ -262,7 +263,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--rate", type=float, default=20.0, help="mean arrivals per second")
+    p.add_argument("--rate", type=float, default=20.0,
+                   help="mean arrivals per second ('inf': every request at t=0, a saturation test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lengths", choices=("lists", "sharegpt"), default="lists",
                    help="request lengths: drawn from --prompt-lens/--output-lens (default), or "
@@ -273,6 +275,7 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--decode-steps", type=int, default=8, help="engine: most decode steps per device call")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--out", default=None)

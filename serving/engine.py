@@ -579,4 +579,5 @@ class Engine:
                 "ttft_mean": float(np.mean(self.ttfts)) if self.ttfts else None,
                 "tpot_mean": float(np.mean(self.tpots)) if self.tpots else None,
                 "compiles": self.num_compiles(),
+                "host_seconds": {k: round(v, 4) for k, v in self.host_timing.items()},
             }
