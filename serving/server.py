@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+RETRY_AFTER_SECONDS = 1  # the Retry-After of a 429 (queue full): the queue drains at decode speed
 CHARS_PER_TOKEN_LIMIT = 32  # default max_prompt_chars = this * the context length
 
 __all__ = ["create_app", "add_serve_arguments", "serve_main", "run_server", "ApiError", "chat_prompt"]
@@ -59,9 +60,10 @@ log = logging.getLogger("flashjax.serving.server")
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -187,7 +189,11 @@ class _Service:
         stop_ids = body.get("stop_token_ids") or []
         if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
             raise _bad("'stop_token_ids' must be a list of integers", param="stop_token_ids", code="invalid_type")
-        beam = _get(body, "beam_width", "int", None) or _get(body, "best_of", "int", None) or 1
+        beam = _get(body, "beam_width", "int", None)
+        if beam is None:
+            beam = _get(body, "best_of", "int", None)
+        if beam is None:
+            beam = 1
         if _get(body, "use_beam_search", "bool", False) and beam == 1:
             beam = max(2, _get(body, "n", "int", 1) or 1)
         kw = dict(
@@ -208,9 +214,24 @@ class _Service:
             extra = [t for t in (getattr(self.tokenizer, "stop_ids", None) or ()) if t not in stop_ids]
             kw["stop_token_ids"] = tuple(stop_ids) + tuple(extra)
         try:
-            return RequestParams(**kw)
+            params = RequestParams(**kw)
         except ValueError as e:
-            raise _bad(str(e), param=_param_of(e, kw), code="invalid_value") from None
+            raise _bad(str(e), param=self.request_param(_param_of(e, kw), body), code="invalid_value") from None
+        slots = getattr(self.engine, "max_seqs", None)
+        if isinstance(slots, int) and params.num_seqs > slots:
+            field = self.request_param("beam_width" if params.beam_width > 1 else "n", body)
+            raise _bad(f"'{field}' asks for {params.num_seqs} sequences at once; this server runs at most {slots}",
+                       param=field, code="invalid_value")
+        return params
+
+    @staticmethod
+    def request_param(name: str | None, body: dict) -> str | None:
+        """The request's own name for RequestParams field `name` (beam_width may come as best_of or n)."""
+        if name != "beam_width" or body.get("beam_width") is not None:
+            return name
+        if body.get("best_of") is not None:
+            return "best_of"
+        return "n" if body.get("use_beam_search") else name
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -257,6 +278,8 @@ class _Service:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise _bad(f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]")
             content = m.get("content")
+            if content is None and m["role"] == "assistant":
+                content = ""  # an assistant turn that only called tools (content: null, tool_calls: [...])
             if isinstance(content, list):  # content parts: text only
                 texts = []
                 for j, part in enumerate(content):
@@ -375,7 +398,7 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
 
     def error_response(err: ApiError):
         svc.http_counts[str(err.status)] = svc.http_counts.get(str(err.status), 0) + 1
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):
@@ -461,10 +484,14 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         try:
             handle = engine.add_request(ids, params, request_id=rid)
         except QueueFullError as e:
-            raise ApiError(429, str(e), type="rate_limit_exceeded", code="queue_full") from None
+            raise ApiError(429, str(e), type="rate_limit_exceeded", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except ValueError as e:  # the engine's own checks (e.g. top_k above the vocabulary)
             fields = [f.name for f in dataclasses.fields(params)]
-            raise _bad(str(e), param=_param_of(e, fields) or "prompt", code="invalid_value") from None
+            name = _param_of(e, fields)
+            if name is None and "slots" in str(e):  # "the request needs N sequences; the engine has M slots"
+                name = "beam_width" if params.beam_width > 1 else "n"
+            raise _bad(str(e), param=svc.request_param(name, body) or "prompt", code="invalid_value") from None
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         if stream:

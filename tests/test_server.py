@@ -207,6 +207,15 @@ def test_disconnect_cancels(server):
     (json.dumps({"prompt": [1, 2, 99999]}).encode(), "prompt"),
     (json.dumps({"prompt": 5}).encode(), "prompt"),
     (json.dumps({"max_tokens": 3}).encode(), "prompt"),
+    # each error names the field the client sent (the server has 4 slots, logprobs_k 8)
+    (json.dumps({"prompt": "x", "stop_token_ids": [-1]}).encode(), "stop_token_ids"),
+    (json.dumps({"prompt": "x", "n": 5}).encode(), "n"),
+    (json.dumps({"prompt": "x", "best_of": 5}).encode(), "best_of"),
+    (json.dumps({"prompt": "x", "best_of": 9}).encode(), "best_of"),
+    (json.dumps({"prompt": "x", "best_of": 0}).encode(), "best_of"),
+    (json.dumps({"prompt": "x", "beam_width": 5}).encode(), "beam_width"),
+    (json.dumps({"prompt": "x", "n": 3, "best_of": 2}).encode(), "n"),
+    (json.dumps({"prompt": "x", "n": 5, "use_beam_search": True}).encode(), "n"),
 ])
 def test_bad_requests_are_400(server, body, param):
     base, _ = server
@@ -526,6 +535,29 @@ def test_unseeded_sampling_is_fresh_and_seeded_is_reproducible(server, chat):
     assert len(unseeded) > 1, "four unseeded requests drew the same tokens"
     assert len({text({"seed": 1234}) for _ in range(3)}) == 1
     text({"seed": None})  # null means unseeded too
+
+
+def test_queue_full_429_has_retry_after(server):
+    base, engine = server
+    engine.max_waiting = 0
+    try:
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    finally:
+        engine.max_waiting = 64
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def test_assistant_content_null_with_tool_calls(server):
+    base, _ = server
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "user", "content": "and?"}]
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": msgs, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": None}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
 
 
 def _chromium():
