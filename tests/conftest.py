@@ -6,12 +6,33 @@
 * `@pytest.mark.gpu`: skipped, with the reason, unless jax's backend is a GPU.
 * Hypothesis: a small "cpu" profile by default (HYPOTHESIS_PROFILE picks another).
 * Tolerances: `from helpers import tol, assert_close` (tests/helpers.py).
+* GPU memory: no preallocation, and under pytest-xdist each worker may use at most
+  0.9 / (number of workers) of the GPU, so `bash run.sh test -n 8` fits one GPU
+  (set before jax starts a backend; values already in the environment win).
 """
 
 from __future__ import annotations
 
 import os
 import random
+
+
+def gpu_memory_env(environ) -> None:
+    """Per-process GPU memory settings for the test processes (setdefault: the caller's win).
+
+    By default every jax process preallocates 75% of the GPU, so a second pytest-xdist
+    worker failed with CUDA_ERROR_OUT_OF_MEMORY while creating its client.
+    """
+    environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if environ.get("PYTEST_XDIST_WORKER"):
+        try:
+            workers = max(1, int(environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+        except ValueError:
+            workers = 1
+        environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / workers:.4g}")
+
+
+gpu_memory_env(os.environ)  # before anything imports jax (the backend reads these when it starts)
 
 # No --xla_gpu_deterministic_ops here: on jax 0.11.2 it rewrites scatters in a way that
 # corrupts the paged-KV updates (XLA's ScatterDeterminismExpander; cf. jax-ml/jax#27796).
