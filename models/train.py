@@ -4,6 +4,10 @@ validation, progress bar, loss-curve PNG, atomic checkpoints and exact resume.
 `train(args)` takes an argparse.Namespace (or a dict, or keyword arguments) with
 the fields of `TrainArgs`; None means "the default" (or, with `resume`, the
 value stored in the checkpoint).
+
+The step itself: `make_train_step` (one device) and `make_sharded_train_step`
+(over a `flashjax.mesh.make_mesh` mesh: data parallel, FSDP and tensor-parallel
+attention; parameter layouts from `flashjax.models.sharding`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from flashjax.mesh import batch_sharding, use_mesh
 from flashjax.models import checkpoint as ckpt
 from flashjax.models.attention_ops import resolve_attention
 from flashjax.models.config import (
@@ -34,6 +40,7 @@ from flashjax.models.config import (
 )
 from flashjax.models.data import DEFAULT_MAX_BYTES, get_batch, load_corpus, split_tokens, val_batches
 from flashjax.models.gpt import GPT, abstract_model
+from flashjax.models.sharding import fsdp_spec, param_shardings, shard_like
 from flashjax.models.tokenizer import Tokenizer, encode_documents
 
 METRICS_FILE = "metrics.jsonl"
@@ -130,7 +137,7 @@ def make_train_step(graphdef, tx, *, donate: bool = True):
 
 
 def train_step_fn(graphdef, tx):
-    """The un-jitted train step (models.parallel jits it with shardings)."""
+    """The un-jitted train step (`make_sharded_train_step` jits it with shardings)."""
     grad_fn = jax.value_and_grad(lambda p, x, y: loss_fn(graphdef, p, x, y))
 
     def step(params, opt_state, x, y):
@@ -153,6 +160,33 @@ def train_step_fn(graphdef, tx):
         return params, opt_state, {"loss": loss, "grad_norm": gnorm}
 
     return step
+
+
+def make_sharded_train_step(graphdef, tx, mesh: Mesh, params, *, donate: bool = True):
+    """(step, params, opt_state) for training over `mesh` (`flashjax.mesh.make_mesh`).
+
+    `step(params, opt_state, x, y)` takes x, y int32 [grad_accum, micro_batch,
+    seq] with micro_batch divisible by data*fsdp; parameters and optimizer state
+    stay sharded (FSDP over the "fsdp" axis, `flashjax.models.sharding`); the
+    flash kernels run per device (`flashjax.tensor_parallel.head_sharded`).
+    """
+    ps = param_shardings(params, mesh)
+    params = shard_like(params, ps)
+    # Optimizer moments follow the same shape rule as the parameters; scalars replicate.
+    fsdp = mesh.shape["fsdp"]
+    os_ = jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)),
+                       jax.eval_shape(tx.init, params))
+    opt_state = jax.jit(tx.init, out_shardings=os_)(params)
+    raw = train_step_fn(graphdef, tx)
+    data = batch_sharding(mesh, 3, 1)
+
+    def step(params, opt_state, x, y):
+        with use_mesh(mesh):
+            return raw(params, opt_state, x, y)
+
+    jitted = jax.jit(step, in_shardings=(ps, os_, data, data), out_shardings=(ps, os_, None),
+                     donate_argnums=(0, 1) if donate else ())
+    return jitted, params, opt_state
 
 
 def make_eval_step(graphdef):
