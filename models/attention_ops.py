@@ -18,7 +18,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+import flashjax
 from flashjax import _backend
+from flashjax.tensor_parallel import head_sharded
 
 log = logging.getLogger("flashjax.models")
 
@@ -77,8 +79,6 @@ def xla_attention(q, k, v, *, causal: bool = True, kv_lengths=None, q_offset=Non
 
 
 def flash_causal(q, k, v):
-    import flashjax
-
     return flashjax.flash_attention(q, k, v, causal=True)
 
 
@@ -96,11 +96,9 @@ _IMPLS = {"flash": flash_causal, "xla": _xla_causal, "cudnn": cudnn_causal}
 def causal_attention(q, k, v, impl: str):
     """Causal self-attention with the (already resolved) implementation `impl`.
 
-    Under `flashjax.models.parallel.use_mesh`, the kernel runs per device inside
-    shard_map (batch over data/fsdp, heads over model).
+    Under `flashjax.mesh.use_mesh`, the kernel runs per device inside shard_map
+    (batch over data/fsdp, heads over model; `flashjax.tensor_parallel.head_sharded`).
     """
-    from flashjax.models.parallel import head_sharded
-
     if impl not in _IMPLS:
         raise ValueError(f"unknown attention {impl!r}; valid choices: flash, xla, cudnn")
     return head_sharded(_IMPLS[impl])(q, k, v)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import flashjax
 from flashjax.models.attention_ops import causal_attention, resolve_attention
 from flashjax.models.config import ModelConfig
 
@@ -125,8 +126,6 @@ def sliding_window_attention(q, k, v, impl: str, window: int):
     q [b, s, h, hd], k/v [b, s, kvh, hd] of the same length (Mistral's sliding window).
     """
     if impl == "flash":
-        import flashjax
-
         return flashjax.flash_attention(q, k, v, causal=True, window=window - 1)
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, local_window_size=(window - 1, 0),
