@@ -38,9 +38,11 @@ import numpy as np
 from flax import nnx
 
 from flashjax import kv_cache
-from flashjax.models import parallel
+from flashjax.mesh import replicated, use_mesh
+from flashjax.models.sharding import param_shardings, shard_like
 from flashjax.serving import runner as R
 from flashjax.serving.sampling import SamplingArrays, SamplingParams, row_keys, sample, stack_params
+from flashjax.tensor_parallel import page_sharding
 
 __all__ = ["generate", "generate_stream", "stream_text", "GenerationPlan", "plan_generation",
            "trace_count"]
@@ -220,7 +222,7 @@ _STATIC = ("graphdef", "out_len", "num_blocks", "max_seqs", "max_blocks_per_seq"
 def _generate_jit(params, tokens, lengths, sp, max_new, eos_id, pad_id, *, graphdef, out_len,
                   num_blocks, max_seqs, max_blocks_per_seq, block_size, mesh=None):
     _TRACES["generate"] += 1
-    with parallel.use_mesh(mesh):  # tensor parallel: kernels run per device on its heads
+    with use_mesh(mesh):  # tensor parallel: kernels run per device on its heads
         model = nnx.merge(graphdef, params)
         carry = _start(model, tokens, lengths, sp, max_new, eos_id, pad_id, out_len=out_len,
                        num_blocks=num_blocks, max_seqs=max_seqs, max_blocks_per_seq=max_blocks_per_seq,
@@ -228,9 +230,9 @@ def _generate_jit(params, tokens, lengths, sp, max_new, eos_id, pad_id, *, graph
         if mesh is not None:  # the KV pool is split by KV head; allocator state stays replicated
             carry = carry._replace(
                 pages=jax.lax.with_sharding_constraint(
-                    carry.pages, jax.tree.map(lambda _: parallel.page_sharding(mesh), carry.pages)),
+                    carry.pages, jax.tree.map(lambda _: page_sharding(mesh), carry.pages)),
                 state=jax.lax.with_sharding_constraint(
-                    carry.state, jax.tree.map(lambda _: parallel.replicated(mesh), carry.state)))
+                    carry.state, jax.tree.map(lambda _: replicated(mesh), carry.state)))
         carry = _loop(model, carry, sp, max_new, max_new, eos_id, pad_id)
     return carry.out, carry.count, carry.status
 
@@ -302,7 +304,7 @@ def generate(model, prompts, max_new_tokens: int, sampling: SamplingParams | Seq
                            block_size=block_size, num_blocks=num_blocks, max_seqs=max_seqs)
     graphdef, params = _split(model)
     if mesh is not None:  # tensor parallel over mesh's "model" axis (flashjax.models.parallel)
-        params = parallel.shard_like(params, parallel.param_shardings(params, mesh, tensor_parallel=True))
+        params = shard_like(params, param_shardings(params, mesh, tensor_parallel=True))
     out, count, status = _generate_jit(params, *_device_args(plan), **_static(graphdef, plan), mesh=mesh)
     _check_status(status)
     return np.asarray(out)[:, : plan.max_new_tokens], np.asarray(count)

@@ -62,10 +62,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flashjax.models import parallel
 from flashjax import kv_cache
 from flashjax.decode import SUPPORTED_HEAD_DIMS
 from flashjax.kv_cache import KVCacheState
+from flashjax.tensor_parallel import tp_flash_attention, tp_paged_decode_attention
 
 __all__ = [
     "Pages", "page_head_dim", "init_pages", "init_cache", "prefill", "decode", "gather_layer",
@@ -280,10 +280,10 @@ def prefill(model, pages: Pages, state: KVCacheState, tokens, seq_ids, lengths, 
                                        _pad_last(k, phd), _pad_last(v, phd))
             new_pages[_i] = (kp, vp)
             if not continuation:
-                return parallel.tp_flash_attention(q, k, v, causal=True, **fk)
+                return tp_flash_attention(q, k, v, causal=True, **fk)
             kk, vv = gather_layer(kp, vp, state, seq_ids, kpos)
             kk, vv = kk[..., :hd].astype(q.dtype), vv[..., :hd].astype(q.dtype)
-            return parallel.tp_flash_attention(q, kk, vv, causal=True, segment_ids=(q_seg, kv_seg), **fk)
+            return tp_flash_attention(q, kk, vv, causal=True, segment_ids=(q_seg, kv_seg), **fk)
 
         x = block(x, mpos, attend)
     if all_logits:
@@ -337,7 +337,7 @@ def decode(model, pages: Pages, state: KVCacheState, tokens, seq_ids, *,
             new_pages[_i] = (kp, vp)
             qp = _pad_last(q[:, 0], phd).astype(kp.dtype)
             if window is None:
-                o = parallel.tp_paged_decode_attention(qp, kp, vp, tables, kv_lengths, sm_scale=sm_scale, **dk)
+                o = tp_paged_decode_attention(qp, kp, vp, tables, kv_lengths, sm_scale=sm_scale, **dk)
             else:
                 o = _window_decode(qp, kp, vp, state, jnp.where(live, seq_ids, -1), kv_lengths, window,
                                    sm_scale)
