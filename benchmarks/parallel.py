@@ -31,8 +31,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from flashjax.models import config_from_preset, parallel  # noqa: E402
+from flashjax.mesh import describe, make_mesh  # noqa: E402
+from flashjax.models import config_from_preset  # noqa: E402
 from flashjax.models.gpt import GPT  # noqa: E402
+from flashjax.models.train import make_sharded_train_step  # noqa: E402
 
 
 def time_steps(step, params, opt, x, y, reps):
@@ -52,13 +54,13 @@ def time_steps(step, params, opt, x, y, reps):
 def train_row(cfg, devices, layout, micro, seq, reps):
     n = len(devices)
     if layout == "fsdp":
-        mesh = parallel.make_mesh(data=1, fsdp=n, devices=devices)
+        mesh = make_mesh(data=1, fsdp=n, devices=devices)
     else:
-        mesh = parallel.make_mesh(data=n, devices=devices)
+        mesh = make_mesh(data=n, devices=devices)
     model = GPT(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     tx = optax.adamw(1e-4)
-    step, params, opt = parallel.make_sharded_train_step(graphdef, tx, mesh, params)
+    step, params, opt = make_sharded_train_step(graphdef, tx, mesh, params)
     batch = micro * n
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, batch, seq)), jnp.int32)
@@ -68,7 +70,7 @@ def train_row(cfg, devices, layout, micro, seq, reps):
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     if stats:
         mem = stats.get("peak_bytes_in_use")
-    return {"devices": n, "layout": layout, "mesh": parallel.describe(mesh), "global_batch": batch,
+    return {"devices": n, "layout": layout, "mesh": describe(mesh), "global_batch": batch,
             "seq": seq, "step_ms": dt * 1e3, "tokens_per_s": batch * seq / dt, "loss": loss,
             "peak_bytes_device0": mem}
 
@@ -78,7 +80,7 @@ def generate_row(cfg, devices, batch, prompt_len, new_tokens, reps):
     from flashjax.serving.generate import generate
 
     n = len(devices)
-    mesh = parallel.make_mesh(data=1, model=n, devices=devices) if n > 1 else None
+    mesh = make_mesh(data=1, model=n, devices=devices) if n > 1 else None
     model = GPT(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     prompts = rng.integers(1, cfg.vocab_size, (batch, prompt_len)).tolist()
