@@ -19,9 +19,9 @@ SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from flashjax.models import config_from_preset
+    from flashjax.mesh import make_mesh
     from flashjax.models.gpt import GPT
-    from flashjax.models import parallel
-    from flashjax.models.train import make_train_step
+    from flashjax.models.train import make_sharded_train_step, make_train_step
     import optax
 
     n = len(jax.devices())
@@ -44,10 +44,10 @@ SCRIPT = textwrap.dedent(r"""
 
     single, p1 = run(make_train_step(graphdef, tx, donate=False), params, tx.init(params))
     out = {"single": single}
-    for name, mesh in [("dp", parallel.make_mesh(data=n)),
-                       ("dp_fsdp", parallel.make_mesh(data=n // 2, fsdp=2)),
-                       ("fsdp_tp", parallel.make_mesh(data=1, fsdp=n // 2, model=2))]:
-        step, p, o = parallel.make_sharded_train_step(graphdef, tx, mesh, params, donate=False)
+    for name, mesh in [("dp", make_mesh(data=n)),
+                       ("dp_fsdp", make_mesh(data=n // 2, fsdp=2)),
+                       ("fsdp_tp", make_mesh(data=1, fsdp=n // 2, model=2))]:
+        step, p, o = make_sharded_train_step(graphdef, tx, mesh, params, donate=False)
         losses, p = run(step, p, o)
         sharded = [str(a.sharding.spec) for a in jax.tree.leaves(p) if "fsdp" in str(a.sharding.spec)]
         diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p1)))
@@ -107,7 +107,8 @@ GEN_SCRIPT = textwrap.dedent(r"""
     import json, sys
     import jax, numpy as np
     from flax import nnx
-    from flashjax.models import config_from_preset, parallel
+    from flashjax.mesh import make_mesh
+    from flashjax.models import config_from_preset
     from flashjax.models.gpt import GPT
     from flashjax.serving.generate import generate
 
@@ -116,7 +117,7 @@ GEN_SCRIPT = textwrap.dedent(r"""
     model = GPT(cfg, rngs=nnx.Rngs(1))
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
     one, n1 = generate(model, prompts, 6, block_size=4)
-    mesh = parallel.make_mesh(data=1, model=2, devices=jax.devices()[:2])
+    mesh = make_mesh(data=1, model=2, devices=jax.devices()[:2])
     two, n2 = generate(model, prompts, 6, block_size=4, mesh=mesh)
     print("RESULT" + json.dumps({"one": one.tolist(), "two": two.tolist(), "n1": n1.tolist(), "n2": n2.tolist()}))
 """)
@@ -136,17 +137,17 @@ def test_tensor_parallel_generation_matches_one_device(platform):
 def test_make_mesh_rejects_bad_sizes(kw, msg):
     import jax
 
-    from flashjax.models import parallel
+    from flashjax.mesh import make_mesh
 
     with pytest.raises(ValueError, match=msg):
-        parallel.make_mesh(devices=jax.devices()[:1], **kw)
+        make_mesh(devices=jax.devices()[:1], **kw)
 
 
 def test_make_mesh_axis_not_dividing_devices():
     import jax
 
-    from flashjax.models import parallel
+    from flashjax.mesh import make_mesh
 
     devs = jax.devices()[:1] * 3  # three entries: fsdp=2 cannot divide them
     with pytest.raises(ValueError, match="fsdp\\*model = 2 does not divide the 3 devices"):
-        parallel.make_mesh(fsdp=2, devices=devs)
+        make_mesh(fsdp=2, devices=devs)
