@@ -160,6 +160,7 @@ class Engine:
         self.trace_counts = self.runner.trace_counts
         self._slots = S.SlotBatch(self.max_seqs, self.max_blocks_per_seq)
         self._inflight: collections.deque[_Dispatched] = collections.deque()
+        self._bias_rows: dict[int, tuple] = {}  # slot -> logit_bias its device row holds (absent: none)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -348,6 +349,7 @@ class Engine:
         prefills, decodes = plan.prefills, plan.decodes
         beams = any(r.params.beam_width > 1 for r in decodes)
         multi = (not prefills and not beams and self.decode_steps > 1
+                 and not any(r.params.logprobs is not None for r in decodes)
                  and not (self.scheduler.waiting and bm.free_slots))
         room = {id(r): r.decode_room(self.max_len) for r in decodes}
         steps = {id(r): 1 for r in decodes}
@@ -368,6 +370,7 @@ class Engine:
         ints[:, S.ACTIVE] = bm.active
         ints[:, S.N_STEPS] = 0
         ints[:, S.USE_HOST] = 0
+        ints[:, S.RESET] = 0
         pf_arrays = None
         pf_rows = []
         if prefills:
@@ -378,7 +381,7 @@ class Engine:
                 self._set_consts(r)
                 pf.tokens[i, :c] = r.context[r.num_cached: r.num_cached + c]
                 samples = r.num_cached + c == r.context_len
-                pf.meta[i] = (r.slot, c, samples, len(r.output))
+                pf.meta[i] = (r.slot, c, samples, len(r.output), len(r.prompt))
                 bm.grow(r.slot, c)
                 r.num_cached += c
                 bm.register(r)
@@ -422,8 +425,16 @@ class Engine:
     def _set_consts(self, r: Request) -> None:
         if r.consts is None:
             r.consts = S.sequence_constants(r.params, r.index, self.eos_id)
-        self._slots.ints[r.slot, S.CONST_COLS] = r.consts[0]
-        self._slots.floats[r.slot] = r.consts[1]
+        s = r.slot
+        self._slots.ints[s, S.CONST_COLS] = r.consts[0]
+        self._slots.floats[s] = r.consts[1]
+        if r.counts_slot != s:  # the slot's token counts (penalties) start over with this sequence
+            self._slots.ints[s, S.RESET] = 1
+            r.counts_slot = s
+        bias = r.params.logit_bias
+        if self._bias_rows.get(s, ()) != bias:  # rare: only when logit_bias is used
+            self.runner.set_bias(s, bias)
+            self._bias_rows[s] = bias
 
     def _collect(self, d: _Dispatched) -> None:
         """Read a dispatched step's sampled ids back and deliver them (lock released while waiting)."""
@@ -451,7 +462,8 @@ class Engine:
                     continue
                 if samples:
                     r.inflight -= 1
-                    out.deliver(r, [int(tok[i])], now)
+                    lp = self._logprobs(r, host, "pf_", i)
+                    out.deliver(r, [int(tok[i])], now, lp)
         groups: dict[int, list] = {}
         if d.decodes:
             toks = host["decode"]
@@ -460,17 +472,27 @@ class Engine:
                     continue
                 r.inflight -= k
                 if r.params.beam_width > 1:
-                    groups.setdefault(id(r.group), []).append((r, host["top_lp"][s], host["top_id"][s]))
+                    W = r.params.beam_width
+                    groups.setdefault(id(r.group), []).append((r, host["top_lp"][s][:W], host["top_id"][s][:W]))
                     continue
                 col = toks[:k, s]
                 n = int(np.argmax(col < 0)) if (col < 0).any() else k
-                out.deliver(r, col[:n].tolist(), now)
+                out.deliver(r, col[:n].tolist(), now, self._logprobs(r, host, "", s))
                 if not r.finished:
                     bm.register(r)
         for items in groups.values():
             for r, _, _ in items:
                 bm.register(r)
             beam_step(items, now, scheduler=self.scheduler, runner=self.runner, output=out, max_len=self.max_len)
+
+    @staticmethod
+    def _logprobs(r: Request, host: dict, prefix: str, row: int) -> list | None:
+        n = r.params.logprobs
+        if n is None:
+            return None
+        ids = host[prefix + "top_id"][row][:n].tolist()
+        lps = host[prefix + "top_lp"][row][:n].tolist()
+        return [(float(host[prefix + "tok_lp"][row]), list(zip(ids, lps)))]
 
     # ------------------------------------------------------------------
     # Driving

@@ -29,6 +29,8 @@ class StreamEvent:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    # per token, when the request asked for logprobs: (logprob, [(alternative id, logprob), ...])
+    logprobs: list | None = None
 
 
 @dataclasses.dataclass
@@ -38,6 +40,7 @@ class SequenceOutput:
     text: str
     finish_reason: str | None
     score: float | None = None  # beam search: sum of log-probabilities
+    logprobs: list | None = None  # per token (logprob, [(id, logprob), ...]) when asked for
 
 
 @dataclasses.dataclass
@@ -68,6 +71,7 @@ class RequestHandle:
         self.texts = ["" for _ in range(n)]
         self.finish_reasons: list[str | None] = [None] * n
         self.scores: list[float | None] = [None] * n
+        self.logprobs: list[list] = [[] for _ in range(n)]
         self.events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self.arrival = time.monotonic()
@@ -136,7 +140,9 @@ class RequestHandle:
             raise TimeoutError(f"request {self.request_id} not finished after {timeout}s")
         if self.error is not None:
             raise self.error
-        outs = [SequenceOutput(i, list(self.token_ids[i]), self.texts[i], self.finish_reasons[i], self.scores[i])
+        lp = self.params.logprobs is not None
+        outs = [SequenceOutput(i, list(self.token_ids[i]), self.texts[i], self.finish_reasons[i], self.scores[i],
+                               list(self.logprobs[i]) if lp else None)
                 for i in range(self.params.n)]
         ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
         return CompletionOutput(self.request_id, list(self.prompt), outs, ttft, self.cached_prompt_tokens)

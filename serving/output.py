@@ -49,8 +49,9 @@ class OutputProcessor:
             handle.first_token_time = now
             self.ttfts.append(now - handle.arrival)
 
-    def deliver(self, r: Request, tokens: Sequence[int], now: float) -> None:
-        """Append a sequence's new tokens (in order), stop where it must, stream the rest."""
+    def deliver(self, r: Request, tokens: Sequence[int], now: float, logprobs: list | None = None) -> None:
+        """Append a sequence's new tokens (in order), stop where it must, stream the rest.
+        logprobs: one (logprob, [(id, logprob), ...]) per token, when the request asked."""
         handle = r.group
         self.first_token(handle, now)
         if r.first_token_time is None:
@@ -83,9 +84,13 @@ class OutputProcessor:
         r.output.extend(accepted)
         handle.token_ids[r.index].extend(accepted)
         handle.texts[r.index] += delta
+        lps = None
+        if logprobs is not None:
+            lps = list(logprobs[: len(accepted)])
+            handle.logprobs[r.index].extend(lps)
         if reason is not None:
             handle.finish_reasons[r.index] = reason
-        handle._emit(StreamEvent(r.index, accepted, delta, reason))
+        handle._emit(StreamEvent(r.index, accepted, delta, reason, lps))
         if reason is not None:
             self.finish_seq(r, reason)
             self.maybe_finish_handle(handle)

@@ -41,6 +41,7 @@ import collections
 import dataclasses
 import enum
 import itertools
+import math
 import numbers
 import time
 from typing import Any
@@ -76,6 +77,13 @@ class RequestParams:
        sample i uses seed + i.
     beam_width: > 1 runs beam search of that width instead of sampling (greedy
        scores: sum of log-probabilities); returns `n` best beams (n <= beam_width).
+    logprobs: None, or return each token's log-probability and the `logprobs` most
+       likely alternatives (0..MAX_LOGPROBS). Log-probabilities are of the model's
+       distribution after penalties and logit_bias, before temperature / top-k / top-p.
+       Rows that ask for them decode one step per device call.
+    presence_penalty / frequency_penalty: in [-2, 2], OpenAI's meaning: the logit of a
+       token already generated drops by presence + frequency * (times generated).
+    logit_bias: {token id: bias in [-100, 100]} (at most MAX_LOGIT_BIAS), added to the logits.
     """
 
     temperature: float = 1.0
@@ -88,6 +96,10 @@ class RequestParams:
     ignore_eos: bool = False
     n: int = 1
     beam_width: int = 1
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Any = ()
 
     def __post_init__(self):
         # Every int here ends up in an int32 (seed: uint32) device array: each must fit, or a
@@ -115,6 +127,33 @@ class RequestParams:
             raise ValueError(f"beam_width must be an integer in [1, 2**31), got {self.beam_width!r}")
         if self.beam_width > 1 and self.n > self.beam_width:
             raise ValueError(f"n ({self.n}) must be <= beam_width ({self.beam_width}) for beam search")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        bias = self.logit_bias
+        items = list(bias.items()) if isinstance(bias, dict) else list(bias)
+        if len(items) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(items)}")
+        clean = []
+        for item in items:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+            t, b = item
+            if isinstance(t, str) and t.strip().lstrip("-").isdigit():
+                t = int(t)  # JSON object keys are strings
+            if not _is_int(t) or not 0 <= t <= INT32_MAX:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+            if not isinstance(b, numbers.Real) or isinstance(b, bool) or not math.isfinite(b) or not -100 <= b <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
+            clean.append((int(t), float(b)))
+        object.__setattr__(self, "logit_bias", tuple(sorted(dict(clean).items())))
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def sampling(self, index: int = 0) -> SamplingParams:
         return SamplingParams(temperature=float(self.temperature), top_k=int(self.top_k),
@@ -132,6 +171,9 @@ class RequestStatus(enum.Enum):
     SWAPPED = "swapped"
     FINISHED = "finished"
 
+
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+MAX_LOGIT_BIAS = 300
 
 _SEQ_COUNTER = itertools.count()
 
@@ -164,6 +206,8 @@ class Request:
     beam_score: float = 0.0
     detok: Any = None  # the output processor's incremental detokenizer
     consts: Any = None  # the device step's per-sequence constants (sampling settings, stop ids)
+    counts_slot: int = -1  # the slot whose device token counts (penalties) belong to this sequence
+    logprobs: list = dataclasses.field(default_factory=list)  # per output token, when asked for
 
     @property
     def context(self) -> list[int]:
@@ -317,7 +361,8 @@ class Scheduler:
             self.requeue_front(leader)
             return
         self.remove(req)
-        if self.preemption_mode == "swap" and req.num_cached > 0:
+        # penalties count a sequence's tokens on the device, per slot: those resume by recompute
+        if self.preemption_mode == "swap" and req.num_cached > 0 and not req.params.uses_penalties:
             nblk = -(-req.num_cached // self.blocks.block_size)
             plan.swap_out.append((req, self.blocks.tables[req.slot, :nblk].copy()))
             num_cached = req.num_cached

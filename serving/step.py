@@ -38,19 +38,23 @@ from flax import nnx
 from flashjax import kv_cache
 from flashjax.serving import runner as R
 from flashjax.serving.sampling import SamplingArrays, sample
+from flashjax.serving.scheduler import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 __all__ = ["StepRunner", "SlotBatch", "PrefillBatch", "MAX_STOP_IDS"]
 
 MAX_STOP_IDS = 4  # stop token ids per row checked on the device (eos not counted)
+MAX_BIAS_PER_CALL = MAX_LOGIT_BIAS
 
 # Columns of SlotBatch.ints.
-LENGTH, ACTIVE, N_STEPS, HOST_TOK, USE_HOST, STEP0, TOP_K, SEED, EOS = range(9)
-STOP0 = 9
+LENGTH, ACTIVE, N_STEPS, HOST_TOK, USE_HOST, STEP0, RESET, TOP_K, SEED, EOS = range(10)
+STOP0 = 10
 NUM_INT_COLS = STOP0 + MAX_STOP_IDS
 CONST_COLS = slice(TOP_K, NUM_INT_COLS)  # per-sequence constants (set when a sequence takes the slot)
-TEMPERATURE, TOP_P = range(2)
+# Columns of SlotBatch.floats (all per-sequence constants).
+TEMPERATURE, TOP_P, PRESENCE, FREQUENCY = range(4)
+NUM_FLOAT_COLS = 4
 # Columns of PrefillBatch.meta.
-PF_SLOT, PF_LEN, PF_SAMPLE, PF_STEP0 = range(4)
+PF_SLOT, PF_LEN, PF_SAMPLE, PF_STEP0, PF_OUT0 = range(5)
 
 
 class SlotBatch:
@@ -59,15 +63,16 @@ class SlotBatch:
     ints [S, NUM_INT_COLS] int32: length before the call, active, decode steps for
       this call (0 = not decoding), host token and whether to use it (else the
       device's last sampled token), output index of the first token sampled,
-      top_k, seed (uint32 bits), eos id (-1 none), stop ids (-1 padded).
-    floats [S, 2] float32: temperature, top_p.
+      reset (a new sequence took the slot: zero its token counts), top_k, seed
+      (uint32 bits), eos id (-1 none), stop ids (-1 padded).
+    floats [S, 4] float32: temperature, top_p, presence and frequency penalties.
     tables [S, max_blocks_per_seq] int32: block tables from the host pool.
     """
 
     def __init__(self, max_seqs: int, max_blocks_per_seq: int):
         self.ints = np.zeros((max_seqs, NUM_INT_COLS), np.int32)
         self.ints[:, EOS:] = -1
-        self.floats = np.zeros((max_seqs, 2), np.float32)
+        self.floats = np.zeros((max_seqs, NUM_FLOAT_COLS), np.float32)
         self.floats[:, TOP_P] = 1.0
         self.tables = np.full((max_seqs, max_blocks_per_seq), -1, np.int32)
 
@@ -79,11 +84,11 @@ def sequence_constants(params, index: int, eos_id: int | None) -> tuple[np.ndarr
     """(ints[CONST_COLS], floats) of a sequence: sampling settings, eos and stop ids."""
     sp = params.sampling(index) if params.beam_width == 1 else None
     ints = np.full((NUM_INT_COLS - TOP_K,), -1, np.int32)
-    floats = np.array([0.0, 1.0], np.float32)
+    floats = np.array([0.0, 1.0, params.presence_penalty, params.frequency_penalty], np.float32)
     ints[TOP_K - TOP_K] = 0 if sp is None else sp.top_k
     ints[SEED - TOP_K] = np.uint32(0 if sp is None else sp.seed).view(np.int32)
     if sp is not None:
-        floats[:] = (sp.temperature, sp.top_p)
+        floats[:2] = (sp.temperature, sp.top_p)
     eos = None if params.ignore_eos else eos_id
     ints[EOS - TOP_K] = -1 if eos is None else int(eos)
     stops = list(params.stop_token_ids)[:MAX_STOP_IDS]
@@ -92,11 +97,12 @@ def sequence_constants(params, index: int, eos_id: int | None) -> tuple[np.ndarr
 
 
 class PrefillBatch:
-    """tokens [P, T] int32 and meta [P, 4] int32 (slot or -1, chunk length, samples, step0)."""
+    """tokens [P, T] int32 and meta [P, 5] int32 (slot or -1, chunk length, samples, step0,
+    prompt length: chunk tokens at positions >= it are earlier outputs, counted for penalties)."""
 
     def __init__(self, rows: int, chunk: int):
         self.tokens = np.zeros((rows, chunk), np.int32)
-        self.meta = np.zeros((rows, 4), np.int32)
+        self.meta = np.zeros((rows, 5), np.int32)
         self.meta[:, PF_SLOT] = -1
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -118,8 +124,13 @@ class StepRunner:
         self.graphdef, self.params = nnx.split(model)
         self.pages = R.init_pages(self.config, self.num_blocks, self.block_size)
         self.last_tok = jnp.zeros((self.max_seqs,), jnp.int32)
+        vocab = self.config.vocab_size
+        self.top_k = min(vocab, max(self.logprobs_k, MAX_LOGPROBS))
+        self.counts = jnp.zeros((self.max_seqs, vocab), jnp.int32)  # tokens generated per slot (penalties)
+        self.bias = jnp.zeros((self.max_seqs, vocab), jnp.float32)  # logit bias per slot
         self.trace_counts: collections.Counter = collections.Counter()
-        self._step = jax.jit(self._step_impl, donate_argnums=(1, 2), static_argnames=("steps",))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("steps",))
+        self._set_bias = jax.jit(self._set_bias_impl, donate_argnums=(0,))
         self._gather = jax.jit(self._gather_impl)
         self._scatter = jax.jit(self._scatter_impl, donate_argnums=(0,))
         self._copy = jax.jit(self._copy_impl, donate_argnums=(0,))
@@ -128,12 +139,22 @@ class StepRunner:
     def run(self, slots: dict, prefill: dict | None, *, steps: int) -> dict[str, Any]:
         """Dispatch one call; returns its outputs as device arrays (not waited for).
 
-        out["prefill"] = sampled ids [P]; out["decode"] = ids [steps, S] (-1: none);
-        single-step calls add out["top_lp"], out["top_id"] [S, logprobs_k].
+        out["prefill"] = sampled ids [P]; out["decode"] = ids [steps, S] (-1: none).
+        Single-step calls add, per decode row, out["tok_lp"] [S] (the sampled token's
+        log-probability), out["top_lp"] / out["top_id"] [S, top_k]; prefill calls add
+        the same for prefill rows under "pf_tok_lp", "pf_top_lp", "pf_top_id".
         """
-        self.pages, self.last_tok, out = self._step(self.params, self.pages, self.last_tok, slots, prefill,
-                                                    steps=int(steps))
+        self.pages, self.last_tok, self.counts, out = self._step(
+            self.params, self.pages, self.last_tok, self.counts, self.bias, slots, prefill, steps=int(steps))
         return out
+
+    def set_bias(self, slot: int, items) -> None:
+        """Make `slot`'s logit-bias row hold `items` ((token, bias) pairs; empty clears it)."""
+        ids = np.full((MAX_BIAS_PER_CALL,), -1, np.int32)
+        vals = np.zeros((MAX_BIAS_PER_CALL,), np.float32)
+        for i, (t, b) in enumerate(items):
+            ids[i], vals[i] = t, b
+        self.bias = self._set_bias(self.bias, np.int32(slot), ids, vals)
 
     def swap_out(self, blocks: np.ndarray):
         """Host copies of these blocks' pages (every layer)."""
@@ -147,13 +168,13 @@ class StepRunner:
         self.pages = self._scatter(self.pages, idx, data)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if not copies:
-            return
-        src = np.full((max(self.max_seqs, len(copies)),), -1, np.int32)
-        dst = src.copy()
-        for i, (s, d) in enumerate(copies):
-            src[i], dst[i] = s, d
-        self.pages = self._copy(self.pages, src, dst)
+        for i in range(0, len(copies), self.max_seqs):
+            part = copies[i: i + self.max_seqs]
+            src = np.full((self.max_seqs,), -1, np.int32)
+            dst = src.copy()
+            for j, (s_, d) in enumerate(part):
+                src[j], dst[j] = s_, d
+            self.pages = self._copy(self.pages, src, dst)
 
     # -- jitted ------------------------------------------------------------------
     def _state(self, tables, lengths, active) -> kv_cache.KVCacheState:
@@ -169,11 +190,25 @@ class StepRunner:
         keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t.astype(jnp.uint32)))(sp.seed, steps)
         return sample(logits, sp, keys)
 
-    def _step_impl(self, params, pages, last_tok, slots, prefill, *, steps):
+    @staticmethod
+    def _adjust(logits, counts, presence, frequency, bias):
+        """OpenAI presence / frequency penalties and logit bias (zeros leave logits as they are)."""
+        c = counts.astype(jnp.float32)
+        return (logits.astype(jnp.float32) - presence[:, None] * (c > 0) - frequency[:, None] * c + bias)
+
+    def _logprobs(self, logits, tok):
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        top_lp, top_id = jax.lax.top_k(lp, self.top_k)
+        return jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0], top_lp, top_id.astype(jnp.int32)
+
+    def _step_impl(self, params, pages, last_tok, counts, bias, slots, prefill, *, steps):
         self.trace_counts["step"] += 1
         model = nnx.merge(self.graphdef, params)
         S = self.max_seqs
+        V = counts.shape[1]
         ints, floats = slots["ints"], slots["floats"]
+        counts = jnp.where(ints[:, RESET, None] > 0, 0, counts)
+        presence, frequency = floats[:, PRESENCE], floats[:, FREQUENCY]
         state = self._state(slots["tables"], ints[:, LENGTH], ints[:, ACTIVE] > 0)
         sp = SamplingArrays(temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
                             seed=jax.lax.bitcast_convert_type(ints[:, SEED], jnp.uint32))
@@ -181,53 +216,72 @@ class StepRunner:
         if prefill is not None:
             meta = prefill["meta"]
             seq = meta[:, PF_SLOT]
+            live = seq >= 0
+            s = jnp.clip(seq, 0, S - 1)
+            starts = jnp.where(live, ints[s, LENGTH], 0)
             logits, pages, state = R.prefill(model, pages, state, prefill["tokens"], seq, meta[:, PF_LEN],
                                              continuation=True, allocate=False)
-            rows = jax.tree.map(lambda a: a[jnp.clip(seq, 0, S - 1)], sp)
+            # earlier outputs re-prefilled after a preemption count for the penalties again
+            T = prefill["tokens"].shape[1]
+            pos = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+            is_out = live[:, None] & (jnp.arange(T)[None, :] < meta[:, PF_LEN, None]) & (pos >= meta[:, PF_OUT0, None])
+            counts = counts.at[jnp.where(is_out, s[:, None], S), prefill["tokens"]].add(1, mode="drop")
+            rows = jax.tree.map(lambda a: a[s], sp)
+            logits = self._adjust(logits, counts[s], presence[s], frequency[s], bias[s])
             tok = self._pick(logits, rows, meta[:, PF_STEP0])
             out["prefill"] = tok
-            write = (meta[:, PF_SAMPLE] > 0) & (seq >= 0)
+            out["pf_tok_lp"], out["pf_top_lp"], out["pf_top_id"] = self._logprobs(logits, tok)
+            write = (meta[:, PF_SAMPLE] > 0) & live
             last_tok = last_tok.at[jnp.where(write, seq, S)].set(tok, mode="drop")
+            counts = counts.at[jnp.where(write, seq, S), tok].add(1, mode="drop")
         if steps:
             n_steps = ints[:, N_STEPS]
             step0 = ints[:, STEP0]
             eos = ints[:, EOS]
             stop_ids = ints[:, STOP0:]
             tok = jnp.where(ints[:, USE_HOST] > 0, ints[:, HOST_TOK], last_tok)
+            rows_all = jnp.arange(S, dtype=jnp.int32)
 
-            def one(j, pages, lengths, tok, alive):
+            def one(j, pages, lengths, tok, alive, counts):
                 live = alive & (j < n_steps)
-                seq = jnp.where(live, jnp.arange(S, dtype=jnp.int32), -1)
+                seq = jnp.where(live, rows_all, -1)
                 logits, pages, st = R.decode(model, pages, state.replace(lengths=lengths), tok, seq,
                                              decode_kwargs=self.decode_kwargs or None, allocate=False)
+                logits = self._adjust(logits, counts, presence, frequency, bias)
                 new = self._pick(logits, sp, step0 + j)
+                counts = counts.at[jnp.where(live, rows_all, S), new].add(1, mode="drop")
                 stop = (new == eos) | jnp.any(new[:, None] == stop_ids, axis=1)
-                return logits, pages, st.lengths, jnp.where(live, new, tok), alive & ~(live & stop), \
-                    jnp.where(live, new, -1)
+                return logits, new, pages, st.lengths, jnp.where(live, new, tok), alive & ~(live & stop), \
+                    jnp.where(live, new, -1), counts
 
             alive = n_steps > 0
             if steps == 1:
-                logits, pages, _, tok, _, new = one(0, pages, state.lengths, tok, alive)
-                out["decode"] = new[None]
-                lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-                out["top_lp"], top_id = jax.lax.top_k(lp, self.logprobs_k)
-                out["top_id"] = top_id.astype(jnp.int32)
+                logits, new, pages, _, tok, _, out_tok, counts = one(0, pages, state.lengths, tok, alive, counts)
+                out["decode"] = out_tok[None]
+                out["tok_lp"], out["top_lp"], out["top_id"] = self._logprobs(logits, new)
             else:
                 def cond(c):
-                    j, _, _, _, alive, _ = c
+                    j, _, _, _, alive, _, _ = c
                     return (j < steps) & jnp.any(alive & (j < n_steps))
 
                 def body(c):
-                    j, pages, lengths, tok, alive, toks = c
-                    _, pages, lengths, tok, alive, new = one(j, pages, lengths, tok, alive)
-                    return j + 1, pages, lengths, tok, alive, toks.at[j].set(new)
+                    j, pages, lengths, tok, alive, toks, counts = c
+                    _, _, pages, lengths, tok, alive, new, counts = one(j, pages, lengths, tok, alive, counts)
+                    return j + 1, pages, lengths, tok, alive, toks.at[j].set(new), counts
 
                 toks = jnp.full((steps, S), -1, jnp.int32)
-                _, pages, _, tok, _, toks = jax.lax.while_loop(
-                    cond, body, (jnp.int32(0), pages, state.lengths, tok, alive, toks))
+                _, pages, _, tok, _, toks, counts = jax.lax.while_loop(
+                    cond, body, (jnp.int32(0), pages, state.lengths, tok, alive, toks, counts))
                 out["decode"] = toks
             last_tok = tok
-        return pages, last_tok, out
+        del V
+        return pages, last_tok, counts, out
+
+    def _set_bias_impl(self, bias, slot, ids, vals):
+        self.trace_counts["bias"] += 1
+        row = jnp.zeros((bias.shape[1],), jnp.float32).at[jnp.where(ids >= 0, ids, bias.shape[1])].set(
+            vals, mode="drop")
+        return bias.at[slot].set(row)
 
     def _gather_impl(self, pages, idx):
         self.trace_counts["swap_out"] += 1

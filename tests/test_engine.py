@@ -213,7 +213,7 @@ def test_background_thread_and_bounded_compiles(eng):
     # one decode step, K decode steps (+1: JAX registers a tracing-context config value
     # lazily on first use, which retraces once); swap out/in, block copy
     assert eng.trace_counts["step"] <= 5
-    assert eng.num_compiles() <= 5 + 3
+    assert eng.num_compiles() <= 5 + 3, dict(eng.trace_counts)
     s = eng.stats()
     assert s["requests_finished"] >= 10 and s["ttft_p50"] is not None and s["tpot_p50"] is not None
 
