@@ -367,3 +367,49 @@ def test_stop_strings_across_tokens_stream_exactly_the_text(eng):
     h = e.add_request(prompt, RequestParams(temperature=0, max_tokens=30), callback=events.append)
     e.run_until_done()
     assert "".join(ev.text for ev in events) == text == h.result().outputs[0].text
+
+
+def _reference_penalized(model, prompt, n, presence=0.0, frequency=0.0, bias=None):
+    """Greedy with OpenAI penalties on generated tokens and a logit bias, no cache."""
+    f = _forward_fn(model)
+    toks, out = list(prompt), []
+    for _ in range(n):
+        lg = np.asarray(f(jnp.asarray([toks])), np.float64)
+        counts = np.bincount(out, minlength=lg.shape[0]).astype(np.float64)
+        lg = lg - presence * (counts > 0) - frequency * counts
+        for t, b in (bias or {}).items():
+            lg[t] += b
+        out.append(int(np.argmax(lg)))
+        toks.append(out[-1])
+    return out
+
+
+def test_logprobs_penalties_and_logit_bias(eng, model):
+    prompt = _prompts(1, seed=25, lo=4, hi=6)[0]
+    out = eng.generate([prompt], RequestParams(temperature=0, max_tokens=6, logprobs=3))[0].outputs[0]
+    assert out.token_ids == reference_greedy(model, prompt, 6) and len(out.logprobs) == 6
+    f = _forward_fn(model)
+    toks = list(prompt)
+    for t, (lp, top) in zip(out.token_ids, out.logprobs):
+        ref = np.asarray(jax.nn.log_softmax(f(jnp.asarray([toks]))))
+        assert len(top) == 3 and top[0][0] == t
+        np.testing.assert_allclose(lp, ref[t], atol=1e-4)
+        np.testing.assert_allclose([x for _, x in top], np.sort(ref)[::-1][:3], atol=1e-4)
+        toks.append(t)
+    # without logprobs nothing is returned
+    assert eng.generate([prompt], GREEDY8)[0].outputs[0].logprobs is None
+    # penalties on the device equal the reference, also across multi-step calls
+    p = RequestParams(temperature=0, max_tokens=14, presence_penalty=0.5, frequency_penalty=1.5)
+    got = eng.generate([prompt], p)[0].outputs[0].token_ids
+    assert got == _reference_penalized(model, prompt, 14, 0.5, 1.5)
+    assert got != reference_greedy(model, prompt, 14), "the penalties should change this greedy run"
+    # logit bias: +100 forces a token, and the slot forgets it for the next request
+    forced = eng.generate([prompt], RequestParams(temperature=0, max_tokens=5, logit_bias={"17": 100}))[0]
+    assert forced.outputs[0].token_ids == [17] * 5
+    assert eng.generate([prompt], GREEDY8)[0].outputs[0].token_ids == reference_greedy(model, prompt, 8)
+    with pytest.raises(ValueError, match="logit_bias"):
+        RequestParams(logit_bias={5: 101})
+    with pytest.raises(ValueError, match="presence_penalty"):
+        RequestParams(presence_penalty=3)
+    with pytest.raises(ValueError, match="logprobs"):
+        RequestParams(logprobs=21)
