@@ -156,8 +156,9 @@ SUBCOMMANDS: list[Subcommand] = [
         "flashjax.serving.cli:generate_main",
         description=(
             "Streams a sampled continuation of --prompt: paged KV cache, flash prefill and a "
-            "jitted on-device decode loop (flashjax.serving.generate); --engine dense runs the "
-            "plain JAX loop with a dense cache instead."
+            "jitted on-device decode loop (flashjax.serving.generate), sampled by "
+            "flashjax.serving.sampling (defaults: temperature 0.8, top-k 50, top-p off, seed 0). "
+            "`flashjax train-and-sample` samples through this same path."
         ),
     ),
     Subcommand(
@@ -179,7 +180,8 @@ SUBCOMMANDS: list[Subcommand] = [
         "flashjax.models.cli:main_job",
         description=(
             "Trains the nano preset on the running Python's standard library sources for a few "
-            "minutes (all `flashjax train` options apply), then prints a sampled completion of --prompt."
+            "minutes (all `flashjax train` options apply), then prints a sampled completion of --prompt "
+            "through the same path and defaults as `flashjax generate` (--sample-seed is its --seed)."
         ),
     ),
 ]

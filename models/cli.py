@@ -4,6 +4,10 @@ Each takes the parsed argparse.Namespace and returns an exit status; user
 errors (bad preset, missing corpus, mismatched checkpoint, ...) print one line
 `flashjax <cmd>: error: ...` and return 2. `python -m flashjax.models` runs
 them without the main `flashjax` command.
+
+Generation has one path: `generate` and the sampling step of `train-and-sample`
+both run `flashjax.serving.cli.run_generate` (paged KV cache, on-device decode
+loop, `flashjax.serving.sampling`, the shared detokenizer).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flashjax.models.cli_args import add_generate_arguments, add_main_job_arguments, add_train_arguments
+from flashjax.models.cli_args import add_main_job_arguments, add_train_arguments
+from flashjax.serving.cli import add_generate_arguments  # argparse only, like cli_args
 
 
 def _fail(cmd: str, err: Exception) -> int:
@@ -32,20 +37,14 @@ def train_main(args: argparse.Namespace) -> int:
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    from flashjax.models.generate import generate
+    """`flashjax generate` (the same function the main `flashjax` command runs)."""
+    from flashjax.serving.cli import generate_main as serving_generate_main
 
-    try:
-        generate(args)
-    except (ValueError, FileNotFoundError) as e:
-        return _fail("generate", e)
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return serving_generate_main(args)
 
 
 def main_job(args: argparse.Namespace) -> int:
     """Train the nano GPT on the standard library's sources, then sample a completion."""
-    from flashjax.models.generate import generate
     from flashjax.models.train import train
 
     d = dict(vars(args))
@@ -61,17 +60,23 @@ def main_job(args: argparse.Namespace) -> int:
             extra = f", validation {vl[max(vl)]:.3f}" if vl else ""
             print(f"loss fell from {first:.3f} (step {min(losses)}) to {last:.3f} (step {max(losses)}){extra}")
         print(f"\n--- sample (prompt {sampling['prompt']!r}, temperature {sampling['temperature']}) ---")
-        generate(
-            checkpoint=result["out"], prompt=sampling["prompt"], max_new_tokens=sampling["max_new_tokens"],
-            temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"],
-            seed=sampling["sample_seed"],
-        )
+        sample_checkpoint(result["out"], sampling, stream=sys.stdout)
         print("---")
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         return _fail("train-and-sample", e)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def sample_checkpoint(checkpoint, sampling: dict, stream=None) -> str:
+    """The main job's sample: `flashjax generate --checkpoint CHECKPOINT` with the main
+    job's prompt, max_new_tokens, temperature, top_k, top_p and sample_seed (as --seed)."""
+    from flashjax.serving.cli import run_generate
+
+    d = {k: sampling[k] for k in ("prompt", "max_new_tokens", "temperature", "top_k", "top_p") if k in sampling}
+    d.update(checkpoint=str(checkpoint), seed=sampling.get("sample_seed"))
+    return run_generate(d, stream=stream)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,12 @@ import argparse
 
 DEFAULT_MAX_BYTES = 3_000_000  # default corpus cap (flashjax.models.data uses this)
 
+# Sampling defaults of `flashjax generate` and `flashjax train-and-sample` (one generation
+# path: flashjax.serving.cli.run_generate, which also falls back to these).
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 50  # 0: no limit
+DEFAULT_MAX_NEW_TOKENS = 100
+
 # The main job: nano GPT on the standard library, sized for ~2-4 minutes on 2 CPU cores.
 MAIN_JOB_DEFAULTS = dict(
     preset="nano", steps=300, batch_size=16, seq_len=128, out="runs/nano-stdlib",
@@ -45,11 +51,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int = 100) -> argparse.ArgumentParser:
+def add_sampling_arguments(p: argparse.ArgumentParser, *,
+                           max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> argparse.ArgumentParser:
+    """Sampling options shared by `generate` and `train-and-sample` (flashjax.serving.sampling semantics)."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"tokens to sample (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 for greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, 0 for all (default 50)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default off)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"sampling temperature, 0 for greedy (default {DEFAULT_TEMPERATURE})")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help=f"sample among the k likeliest tokens, 0 for all (default {DEFAULT_TOP_K})")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default off)")
     return p
 
 

@@ -1,9 +1,16 @@
-"""`flashjax generate` on the paged-KV engine (flashjax.serving.generate).
+"""`flashjax generate`, and the sampling step of `flashjax train-and-sample`.
+
+Both run `run_generate`: the checkpoint loaded by `flashjax.models.generate.load_model`,
+then `flashjax.serving.generate.stream_text` (paged KV cache, jitted on-device
+decode loop), the shared sampler `flashjax.serving.sampling` and the shared
+detokenizer (`tokenizer.stream_decoder()`, a `flashjax.serving.detokenizer.Detokenizer`).
+There is no other generation path behind a command: the dense-cache loop
+(`flashjax.models.generate.DenseCacheSampler`) is only a benchmark peer
+(`python benchmarks/generate.py --peers dense`), and `--engine dense` says so.
 
 The arguments are those of `flashjax.models.cli_args.add_generate_arguments`
-plus `--engine` (paged: this engine, the default; dense: the plain JAX loop
-of `flashjax.models.generate`, kept as a peer) and `--block-size`. Importing
-this module stays cheap (argparse only); jax loads when the command runs.
+plus `--block-size` and `--stream-every`. Importing this module stays cheap
+(argparse only); jax loads when the command runs.
 """
 
 from __future__ import annotations
@@ -11,28 +18,31 @@ from __future__ import annotations
 import argparse
 import sys
 
+ENGINE_DENSE_REMOVED = (
+    "--engine dense was removed: `flashjax generate` has one generation path (the paged KV "
+    "cache, flashjax.serving.generate). The dense-cache loop is a benchmark peer: "
+    "python benchmarks/generate.py --peers paged dense")
+
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from flashjax.models.cli_args import add_generate_arguments as add_model_args
 
     add_model_args(p)
-    p.add_argument("--engine", choices=["paged", "dense"], default="paged",
-                   help="paged: paged KV cache, jitted on-device decode loop (default); "
-                        "dense: the plain JAX loop with a dense cache")
     p.add_argument("--block-size", type=int, default=16, help="paged KV cache block size (default 16)")
     p.add_argument("--stream-every", type=int, default=8, metavar="N",
                    help="decode N tokens on the device between text updates (default 8)")
+    # Removed option: `paged` (the only path) is accepted for old scripts, `dense` is an error.
+    p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     return p
 
 
 def generate_main(args: argparse.Namespace) -> int:
     d = dict(vars(args))
-    if d.get("engine") == "dense":
-        from flashjax.models.cli import generate_main as dense_main
-
-        for key in ("engine", "block_size", "stream_every"):
-            d.pop(key, None)
-        return dense_main(argparse.Namespace(**d))
+    engine = d.pop("engine", None)
+    if engine not in (None, "paged"):
+        msg = ENGINE_DENSE_REMOVED if engine == "dense" else f"unknown --engine {engine!r}; the option was removed"
+        print(f"flashjax generate: error: {msg}", file=sys.stderr)
+        return 2
     try:
         run_generate(d, stream=sys.stdout)
     except (ValueError, FileNotFoundError) as e:
@@ -43,22 +53,39 @@ def generate_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_generate(d: dict, stream=None) -> str:
-    """Load the checkpoint, print the prompt and stream the continuation; returns it."""
-    from flashjax.models.generate import load_model
-    from flashjax.serving.generate import stream_text
+def sampling_params(d: dict):
+    """The SamplingParams of a command's options. A missing option takes the commands'
+    default (flashjax.models.cli_args: temperature 0.8, top-k 50, top-p off, seed 0);
+    top_k / top_p given as None mean no limit, temperature None the default."""
+    from flashjax.models.cli_args import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
     from flashjax.serving.sampling import SamplingParams
 
-    temperature = 0.8 if d.get("temperature") is None else float(d["temperature"])
-    top_k = d.get("top_k")
+    temperature = d.get("temperature")
+    top_k = d.get("top_k", DEFAULT_TOP_K)
     top_p = d.get("top_p")
-    sampling = SamplingParams(
-        temperature=temperature,
+    seed = d.get("seed")
+    return SamplingParams(
+        temperature=DEFAULT_TEMPERATURE if temperature is None else float(temperature),
         top_k=0 if top_k is None else int(top_k),
         top_p=1.0 if top_p is None else float(top_p),
-        seed=int(d.get("seed") or 0),
+        seed=0 if seed is None else int(seed),
     )
-    max_new = int(d.get("max_new_tokens") or 100)
+
+
+def run_generate(d: dict, stream=None) -> str:
+    """Load the checkpoint, print the prompt and stream the continuation; returns it.
+
+    `d`: checkpoint, and optionally prompt, max_new_tokens, temperature, top_k,
+    top_p, seed, attention, dtype, block_size, stream_every (the options of
+    `flashjax generate`). Raises ValueError / FileNotFoundError on bad input.
+    """
+    from flashjax.models.cli_args import DEFAULT_MAX_NEW_TOKENS
+    from flashjax.models.generate import load_model
+    from flashjax.serving.generate import stream_text
+
+    sampling = sampling_params(d)
+    max_new = d.get("max_new_tokens")
+    max_new = DEFAULT_MAX_NEW_TOKENS if max_new is None else max_new
     model, tok, _ = load_model(d["checkpoint"], attention=d.get("attention"), dtype=d.get("dtype"))
     prompt = d.get("prompt") or ""
     if stream is not None and prompt:

@@ -87,3 +87,23 @@ def test_demo_smoke(capsys):
 def test_demo_rejects_bad_kv_heads(capsys):
     status, _, err = _run(["demo", "--heads", "4", "--kv-heads", "3"], capsys)
     assert status == 2 and "--kv-heads" in err
+
+
+def test_generate_and_train_and_sample_share_sampling_defaults():
+    """One set of sampling defaults (temperature 0.8, top-k 50, top-p off, seed 0) for
+    `flashjax generate`, `flashjax train-and-sample` and run_generate's missing options."""
+    import argparse
+
+    from flashjax.models.cli_args import add_main_job_arguments
+    from flashjax.serving.cli import add_generate_arguments, sampling_params
+    from flashjax.serving.sampling import SamplingParams
+
+    gen = vars(add_generate_arguments(argparse.ArgumentParser()).parse_args(["--checkpoint", "x"]))
+    job = vars(add_main_job_arguments(argparse.ArgumentParser()).parse_args([]))
+    keys = ("temperature", "top_k", "top_p")
+    assert {k: gen[k] for k in keys} == {k: job[k] for k in keys} == dict(temperature=0.8, top_k=50, top_p=None)
+    assert gen["seed"] == job["sample_seed"] == 0
+    want = SamplingParams(temperature=0.8, top_k=50, top_p=1.0, seed=0)
+    assert sampling_params(gen) == sampling_params({}) == want
+    assert sampling_params(dict(top_k=None, top_p=None, temperature=0)) == SamplingParams(0.0, 0, 1.0, 0)
+    assert "--engine" not in add_generate_arguments(argparse.ArgumentParser()).format_help()

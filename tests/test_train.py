@@ -179,6 +179,45 @@ def test_cli_train_then_generate(corpus, tmp_path, capsys):
     assert status == 2 and "no checkpoint found" in err
 
 
+
+def test_train_and_sample_samples_like_generate(corpus, tmp_path, capsys):
+    """`flashjax train-and-sample` samples through `flashjax generate`'s path: the same
+    checkpoint, prompt and seed give the same text (temperature > 0, default top-k)."""
+    out = tmp_path / "job"
+    sets = [a for s in TINY_SET for a in ("--set", s)]
+    sampling = ["--prompt", "def ", "--max-new-tokens", "12", "--temperature", "1.0"]
+    status, stdout, err = _cli(capsys, "train-and-sample", *sets, "--steps", "3", "--out", str(out),
+                               "--data", str(corpus), "--batch-size", "4", "--seq-len", "32", "--no-progress",
+                               *sampling, "--sample-seed", "3")
+    assert status == 0, err
+    head = "\n--- sample (prompt 'def ', temperature 1.0) ---\n"
+    assert head in stdout and stdout.endswith("\n---\n"), stdout
+    sample = stdout[stdout.index(head) + len(head): -len("---\n")]
+    assert sample.startswith("def ") and len(sample) > len("def \n")
+    status, generated, err = _cli(capsys, "generate", "--checkpoint", str(out), *sampling, "--seed", "3")
+    assert status == 0, err
+    assert generated == sample
+    # `python -m flashjax.models generate` is the same command
+    status, again, err = _cli(capsys, "generate", "--checkpoint", str(out), *sampling, "--seed", "3",
+                              "--engine", "paged")  # the removed option's only path: accepted
+    assert status == 0 and again == sample, err
+    from flashjax.models.cli import main as models_main
+
+    capsys.readouterr()
+    assert models_main(["generate", "--checkpoint", str(out), *sampling, "--seed", "3"]) == 0
+    assert capsys.readouterr().out == sample
+    # another seed, another sample (the seed reaches the sampler)
+    status, other, err = _cli(capsys, "generate", "--checkpoint", str(out), *sampling, "--seed", "4")
+    assert status == 0 and other != sample, err
+
+
+def test_generate_engine_dense_is_an_error(tmp_path, capsys):
+    """--engine dense was removed: one line naming the benchmark peer, before loading anything."""
+    status, stdout, err = _cli(capsys, "generate", "--checkpoint", str(tmp_path / "nothing"), "--engine", "dense")
+    assert status == 2 and stdout == ""
+    assert err.startswith("flashjax generate: error: --engine dense was removed") and "benchmarks/generate.py" in err
+    assert len(err.strip().splitlines()) == 1, err
+
 def test_cli_entry_point_runs_as_a_process():
     """`python -m flashjax.models --help` works in a fresh interpreter (cheap)."""
     r = subprocess.run([sys.executable, "-m", "flashjax.models", "train", "--help"],
