@@ -15,7 +15,8 @@ Peers (same process, same prompts):
           decode loop in one jitted lax.while_loop (flashjax.paged_decode_attention)
   dense   flashjax.models.generate.DenseCacheSampler: jitted prefill and jitted
           one-token step (dense [L, B, len, kv_heads, d] cache, XLA attention)
-          called from a Python loop, one host round trip per token
+          called from a Python loop, one host round trip per token; it samples
+          with the paged loop's sampler (flashjax.serving.sampling)
   hf      transformers generate(): LlamaForCausalLM / GPT2LMHeadModel built
           from a config matching ours, our weights copied in, torch bf16 on the
           same GPU, do_sample=False, KV cache on; skipped (error string) if
@@ -170,7 +171,7 @@ def bench_dense(model, prompts, n, args, ref0=None):
 
     from flashjax.models.generate import DenseCacheSampler
 
-    sampler = DenseCacheSampler(model, temperature=0.0)
+    sampler = DenseCacheSampler(model)  # greedy, the shared sampler (flashjax.serving.sampling)
     ids = np.asarray(prompts, np.int32)
 
     def run():

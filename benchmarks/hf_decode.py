@@ -203,7 +203,7 @@ def ours_phase(path: str, prompt, n_new: int, reps: int, engines: list[str]) -> 
             res["ours_paged"] = common.describe_error(e)
     if "ours_dense" in engines:
         try:
-            sampler = DenseCacheSampler(model, temperature=0.0)
+            sampler = DenseCacheSampler(model)  # greedy, the shared sampler (flashjax.serving.sampling)
 
             def run_dense(n):
                 return [int(t[0]) for t in sampler.generate(np.asarray(prompt)[None], n)]

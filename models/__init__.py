@@ -23,11 +23,10 @@ _EXPORTS = {
     "resolve_attention": "attention_ops", "causal_attention": "attention_ops", "xla_attention": "attention_ops",
     # tokenizer and data
     "Tokenizer": "tokenizer", "load_corpus": "data", "get_batch": "data",
-    # training, checkpoints, sampling
+    # training, checkpoints, loading for generation (text generation: flashjax.serving.generate)
     "train": "train", "TrainArgs": "train", "make_train_step": "train", "make_optimizer": "train",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "read_config": "checkpoint",
-    "check_config": "checkpoint", "generate": "generate", "generate_text": "generate",
-    "load_model": "generate", "sample_logits": "generate", "DenseCacheSampler": "generate",
+    "check_config": "checkpoint", "load_model": "generate", "DenseCacheSampler": "generate",
     # Hugging Face checkpoints
     "from_pretrained": "hf", "save_pretrained": "hf", "PretrainedTokenizer": "hf",
     "apply_chat_template": "hf",

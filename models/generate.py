@@ -1,15 +1,25 @@
-"""Sampling from a trained checkpoint with a dense KV cache.
+"""Loading a model for generation, and the dense-KV-cache loop kept as a benchmark peer.
 
-A plain engine: one jitted prefill over the prompt (the model's own causal
-attention, writing K/V into a [layers, batch, max_len, kv_heads, head_dim]
+`load_model(path)` gives (model, tokenizer, config) from a `flashjax train` run
+or a Hugging Face model directory. Text generation itself has one path, the
+paged KV cache with its on-device decode loop: `flashjax.serving.generate`
+(`generate`, `generate_stream`, `stream_text`), which `flashjax generate` and
+`flashjax train-and-sample` both run through `flashjax.serving.cli.run_generate`.
+
+`DenseCacheSampler` is not behind any command: it is the plain peer that
+`benchmarks/generate.py` ("dense") and `benchmarks/hf_decode.py` ("ours_dense")
+time against the paged loop. One jitted prefill over the prompt (the model's own
+causal attention, writing K/V into a [layers, batch, max_len, kv_heads, head_dim]
 cache) and one jitted single-token step (attention over the cache prefix), run
-from Python so text streams as it is produced. It drives the model through
-`GPT.forward(attend=...)`, the same hook a paged-KV engine uses.
+from Python. It drives the model through `GPT.forward(attend=...)`, the same hook
+the paged runner uses, and samples with the shared sampler
+(`flashjax.serving.sampling.sample`, keys `row_keys(seed, i)` for the i-th new
+token), so for the same logits and seed it draws the tokens the paged loop draws.
 """
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 from typing import Iterator
 
 import jax
@@ -22,6 +32,7 @@ from flashjax.models.attention_ops import xla_attention
 from flashjax.models.config import ModelConfig
 from flashjax.models.gpt import GPT, abstract_model
 from flashjax.models.tokenizer import Tokenizer
+from flashjax.serving.sampling import GREEDY, SamplingParams, row_keys, sample, stack_params
 
 
 def load_model(path, *, attention: str | None = None, dtype: str | None = None) -> tuple[GPT, Tokenizer, ModelConfig]:
@@ -52,32 +63,25 @@ def load_model(path, *, attention: str | None = None, dtype: str | None = None) 
     return model, ckpt.load_tokenizer(ck), config
 
 
-def sample_logits(logits, key, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
-    """Sample ids [batch] from float logits [batch, vocab]; temperature 0 is greedy."""
-    if temperature is None or temperature <= 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        cum = jnp.cumsum(probs, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (always the top token)
-        keep = (cum - probs) < top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
 class DenseCacheSampler:
-    """Jitted prefill and decode steps for one model with a dense KV cache."""
+    """Jitted prefill and decode steps for one model with a dense KV cache (a benchmark peer).
 
-    def __init__(self, model: GPT, *, temperature=0.8, top_k=None, top_p=None):
+    `sampling`: a `flashjax.serving.sampling.SamplingParams` for every row (None:
+    greedy), or its fields as keywords (`DenseCacheSampler(model, temperature=0)`).
+    """
+
+    def __init__(self, model: GPT, sampling: SamplingParams | None = None, **fields):
+        if fields:
+            if sampling is not None:
+                raise ValueError("pass either sampling=SamplingParams(...) or its fields as keywords, not both")
+            sampling = SamplingParams(**fields)
+        if sampling is None:
+            sampling = GREEDY
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         self.config = model.config
         self.graphdef, self.params = nnx.split(model)
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.sampling = sampling
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("max_len",))
         self._step = jax.jit(self._step_impl, donate_argnums=(1,))
 
@@ -87,7 +91,8 @@ class DenseCacheSampler:
         dt = jnp.dtype(c.dtype)
         return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
 
-    def _prefill_impl(self, params, tokens, key, *, max_len: int):
+    def _prefill_impl(self, params, tokens, sp, *, max_len: int):
+        """The prompt's K/V into a fresh cache; samples new token 0 (keys row_keys(seed, 0))."""
         model = nnx.merge(self.graphdef, params)
         b, s = tokens.shape
         cache = self.init_cache(b, max_len)
@@ -99,10 +104,10 @@ class DenseCacheSampler:
             return model.blocks[i].attn.attend(q, k, v), (kc, vc)
 
         logits, cache = model.forward(tokens, attend=attend, state=cache, last_only=True)
-        return sample_logits(logits[:, -1], key, **self.sampling), cache
+        return sample(logits[:, -1], sp, row_keys(sp.seed, 0)), cache
 
-    def _step_impl(self, params, cache, token, pos, key):
-        """token [b] at position pos (scalar) -> (next token [b], cache)."""
+    def _step_impl(self, params, cache, token, pos, sp, step):
+        """token [b] at position pos (scalar) -> (new token number `step` [b], cache)."""
         model = nnx.merge(self.graphdef, params)
         b = token.shape[0]
         positions = jnp.full((b, 1), pos, jnp.int32)
@@ -123,10 +128,15 @@ class DenseCacheSampler:
             return o, (kc, vc)
 
         logits, cache = model.forward(token[:, None], positions, attend=attend, state=cache)
-        return sample_logits(logits[:, -1], key, **self.sampling), cache
+        return sample(logits[:, -1], sp, row_keys(sp.seed, step)), cache
 
-    def generate(self, prompt_ids, max_new_tokens: int, *, seed: int = 0, stop_id: int | None = None) -> Iterator[np.ndarray]:
-        """Yield sampled ids, [batch] per step. `prompt_ids`: [seq] or [batch, seq] ints."""
+    def generate(self, prompt_ids, max_new_tokens: int, *, seed: int | None = None,
+                 stop_id: int | None = None) -> Iterator[np.ndarray]:
+        """Yield sampled ids, [batch] per step. `prompt_ids`: [seq] or [batch, seq] ints.
+
+        `seed` replaces the sampling seed for this call (every row uses it, as
+        `flashjax.serving.generate` does with one SamplingParams for the batch).
+        """
         tokens = np.asarray(prompt_ids, np.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -140,8 +150,9 @@ class DenseCacheSampler:
             tokens = tokens[:, s + max_new_tokens - max_len :]  # keep the end of the prompt
             s = tokens.shape[1]
         cache_len = s + max_new_tokens
-        key = jax.random.key(seed)
-        tok, cache = self._prefill(self.params, jnp.asarray(tokens), jax.random.fold_in(key, 0), max_len=cache_len)
+        params = self.sampling if seed is None else dataclasses.replace(self.sampling, seed=seed)
+        sp = stack_params(params, b)
+        tok, cache = self._prefill(self.params, jnp.asarray(tokens), sp, max_len=cache_len)
         for i in range(max_new_tokens):
             out = np.asarray(tok)
             yield out
@@ -149,67 +160,4 @@ class DenseCacheSampler:
                 return
             if i + 1 == max_new_tokens:
                 return
-            tok, cache = self._step(self.params, cache, tok, jnp.int32(s + i), jax.random.fold_in(key, i + 1))
-
-
-def generate_text(
-    model: GPT,
-    tokenizer: Tokenizer,
-    prompt: str,
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float | None = None,
-    seed: int = 0,
-    stream=None,
-    stop_at_eot: bool = True,
-) -> str:
-    """Sample a continuation of `prompt`; writes it to `stream` as it comes; returns it."""
-    ids = tokenizer.encode(prompt) if prompt else []
-    if not ids:
-        ids = [tokenizer.eot_id]
-    sampler = DenseCacheSampler(model, temperature=temperature, top_k=top_k, top_p=top_p)
-    # The prompt's ids give the first new word its context (a SentencePiece leading space).
-    dec = tokenizer.stream_decoder(prompt_ids=ids if prompt else ())
-    pieces = []
-    stop = tokenizer.eot_id if stop_at_eot else None
-    for tok in sampler.generate(ids, max_new_tokens, seed=seed, stop_id=stop):
-        t = int(tok[0])
-        if stop is not None and t == stop:
-            break
-        piece, _ = dec.push([t])
-        pieces.append(piece)
-        if stream is not None and piece:
-            stream.write(piece)
-            stream.flush()
-    tail = dec.flush()
-    pieces.append(tail)
-    if stream is not None and tail:
-        stream.write(tail)
-        stream.flush()
-    return "".join(pieces)
-
-
-def generate(args=None, **kwargs) -> str:
-    """`flashjax generate`: print the prompt and stream a sampled continuation."""
-    d = {} if args is None else (dict(args) if isinstance(args, dict) else dict(vars(args)))
-    d.update(kwargs)
-    model, tok, config = load_model(d["checkpoint"], attention=d.get("attention"), dtype=d.get("dtype"))
-    prompt = d.get("prompt") or ""
-    stream = d.get("stream", sys.stdout)
-    if stream is not None and prompt:
-        stream.write(prompt)
-        stream.flush()
-    text = generate_text(
-        model, tok, prompt, int(d.get("max_new_tokens") or 100),
-        temperature=0.8 if d.get("temperature") is None else float(d["temperature"]),
-        top_k=d.get("top_k", 50),
-        top_p=d.get("top_p"),
-        seed=int(d.get("seed") or 0),
-        stream=stream,
-    )
-    if stream is not None:
-        stream.write("\n")
-        stream.flush()
-    return text
+            tok, cache = self._step(self.params, cache, tok, jnp.int32(s + i), sp, jnp.int32(i + 1))

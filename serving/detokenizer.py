@@ -10,8 +10,9 @@
         send(detok.flush())                 # EOS / length: the text still held back
     detok.text                              # everything, cut before the stop string
 
-This is the one detokenizer of the project: the serving engine, `stream_text`,
-`generate_text` and both tokenizers' `stream_decoder()` use it. Each push costs
+This is the one detokenizer of the project: the serving engine, `stream_text`
+(`flashjax generate`, `flashjax train-and-sample`) and both tokenizers'
+`stream_decoder()` use it. Each push costs
 O(new ids) whatever the length of the sequence so far.
 
 Text comes from one of two sources, picked by the tokenizer:

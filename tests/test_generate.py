@@ -1,6 +1,8 @@
 """Paged-KV generation (flashjax.serving): greedy decoding equals recomputing the
 full forward, chunked prefill equals one-piece prefill, seeded sampling, EOS,
-bad input, and the decode loop being one compiled while_loop.
+bad input, and the decode loop being one compiled while_loop. The dense-cache
+benchmark peer (flashjax.models.generate.DenseCacheSampler) samples with the same
+sampler: its greedy and seeded tokens equal the paged loop's.
 
 Tiny float32 models on CPU (Pallas kernels in interpret mode). Seeds are fixed
 (not the session rng): exact token equality is checked, and a fixed model and
@@ -186,6 +188,48 @@ def test_sample_filters():
     assert set(rows[:, 0]) == {0} and set(rows[:, 1]) == {0, 1} and set(rows[:, 2]) == {0}
     assert set(rows[:, 3]) == {0, 1, 2, 3}
 
+
+
+# The dense-cache loop (flashjax.models.generate.DenseCacheSampler) is only a benchmark
+# peer now, but it samples with the same sampler as the paged loop: same tokens.
+HOT = dict(temperature=1.5, top_k=40, top_p=0.95)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dense_peer_greedy_equals_the_paged_loop(family, llama):
+    from flashjax.models.generate import DenseCacheSampler
+
+    model = llama if family == "llama" else make_model(family)
+    paged, _ = G.generate(model, PROMPTS[:2], MAX_NEW, block_size=BS)
+    sampler = DenseCacheSampler(model)  # no sampling: greedy, like the paged loop
+    for b, prompt in enumerate(PROMPTS[:2]):
+        dense = [int(t[0]) for t in sampler.generate(prompt, MAX_NEW)]
+        assert dense == paged[b].tolist()
+
+
+def test_dense_peer_seeded_draws_use_the_shared_sampler(llama):
+    """A seeded temperature > 0 draw of the dense loop is `sample(logits, SamplingParams,
+    row_keys(seed, i))` of the model's logits, and so equals the paged loop's draw."""
+    from flashjax.models.generate import DenseCacheSampler
+    from flashjax.serving.sampling import row_keys
+
+    prompt = PROMPTS[1]
+    sp = SamplingParams(**HOT, seed=5)
+    got = [int(t[0]) for t in DenseCacheSampler(llama, sp).generate(prompt, MAX_NEW)]
+    # the same settings as keywords, and a per-call seed, reach the same sampler
+    assert [int(t[0]) for t in DenseCacheSampler(llama, **HOT).generate(prompt, MAX_NEW, seed=5)] == got
+    # the logits before each new token, from a full forward over prompt + draws
+    logits = full_logits(llama, [prompt + got])[0][len(prompt) - 1: -1]
+    arrays = stack_params(sp, 1)
+    expect = [int(sample(jnp.asarray(logits[i][None]), arrays, row_keys(arrays.seed, i))[0])
+              for i in range(MAX_NEW)]
+    assert got == expect
+    paged, _ = G.generate(llama, [prompt], MAX_NEW, sp, block_size=BS)
+    assert paged[0].tolist() == got
+    other = [int(t[0]) for t in DenseCacheSampler(llama, sp).generate(prompt, MAX_NEW, seed=6)]
+    assert other != got  # the seed matters
+    with pytest.raises(ValueError, match="top_p"):
+        DenseCacheSampler(llama, top_p=0.0)  # validated like every SamplingParams
 
 def test_eos_stops_a_sequence(llama):
     greedy, _ = G.generate(llama, PROMPTS, MAX_NEW, block_size=BS)

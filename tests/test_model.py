@@ -257,18 +257,3 @@ def test_dense_cache_greedy_decode_matches_full_recompute(family, rng):
     full = model(jnp.asarray([prompt + got]))[0]
     expect = [int(t) for t in jnp.argmax(full[len(prompt) - 1 : -1], axis=-1)]
     assert got == expect
-
-
-def test_sampling_filters():
-    from flashjax.models.generate import sample_logits
-
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    keys = jax.random.split(jax.random.key(0), 200)
-    def draw(**kw):
-        return set(np.asarray(jax.vmap(lambda k: sample_logits(logits, k, **kw)[0])(keys)).tolist())
-
-    assert int(sample_logits(logits, keys[0], temperature=0)[0]) == 0
-    assert draw(temperature=1.0) == {0, 1, 2, 3}
-    assert draw(temperature=1.0, top_k=2) == {0, 1}
-    assert draw(temperature=1.0, top_p=0.7) == {0, 1}
-    assert draw(temperature=1.0, top_p=0.1) == {0}
