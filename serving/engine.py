@@ -97,7 +97,7 @@ class _Dispatched:
     out: dict
     prefills: list[tuple[Request, int, bool]]  # (sequence, row, samples)
     decodes: list[tuple[Request, int, int]]  # (sequence, slot, steps)
-    beams: bool
+    sync: bool  # read back at once (beam search, grammar masks need this step's tokens)
 
 
 class Engine:
@@ -160,6 +160,7 @@ class Engine:
         self.trace_counts = self.runner.trace_counts
         self._slots = S.SlotBatch(self.max_seqs, self.max_blocks_per_seq)
         self._inflight: collections.deque[_Dispatched] = collections.deque()
+        self._grammar = None  # flashjax.serving.guided.GrammarBackend, built for the first grammar
         self._bias_rows: dict[int, tuple] = {}  # slot -> logit_bias its device row holds (absent: none)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -249,6 +250,8 @@ class Engine:
         need = -(-min(len(prompt) + params.max_tokens, self.max_len) // self.block_size) + 1
         if need * params.num_seqs > self.num_blocks and need > self.num_blocks:
             raise ValueError(f"the request needs {need} KV blocks; the pool has {self.num_blocks}")
+        if params.grammar is not None:
+            self._grammar_backend().check(params.grammar)
         request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
         with self._lock:
             if request_id in self.handles:
@@ -264,12 +267,24 @@ class Engine:
                 handle.beam = BeamState(params.beam_width)
             else:
                 req.detok = self.output.detokenizer(req)
+            if params.grammar is not None:
+                req.matcher = self._grammar.matcher(params.grammar)
             handle.seqs.append(req)
             self.handles[request_id] = handle
             self.scheduler.add(req)
             self.stats_counters["requests"] += 1
             self._wake.notify_all()
         return handle
+
+    def _grammar_backend(self):
+        """The structured-output backend for this engine's tokenizer (built on first use)."""
+        if self._grammar is None:
+            if self.tokenizer is None:
+                raise ValueError("grammar (structured output) needs an engine with a tokenizer")
+            from flashjax.serving.guided import GrammarBackend
+
+            self._grammar = GrammarBackend(self.tokenizer, vocab_size=self.config.vocab_size, eos_id=self.eos_id)
+        return self._grammar
 
     def cancel(self, request_id: str) -> bool:
         """Abort a request: its slots and blocks are freed now. False if unknown or finished."""
@@ -300,6 +315,8 @@ class Engine:
 
     def _step_locked(self) -> int:
         t0 = time.perf_counter()
+        if self._inflight and any(r.matcher is not None for r in self.scheduler.running):
+            self._drain()  # a grammar's next mask needs the tokens in flight
         plan = self.scheduler.schedule(allow_preempt=not self._inflight)
         if plan.blocked or (plan.empty and self._inflight):
             # a preemption is due, or every sequence waits for tokens in flight:
@@ -315,7 +332,7 @@ class Engine:
         self._inflight.append(d)
         self.host_timing["plan_s"] += t1 - t0
         self.host_timing["dispatch_s"] += time.perf_counter() - t1
-        keep = 1 if self.overlap and not d.beams else 0
+        keep = 1 if self.overlap and not d.sync else 0
         while len(self._inflight) > keep:
             self._collect(self._inflight.popleft())
         return len(plan.decodes) + len(plan.prefills)
@@ -339,6 +356,8 @@ class Engine:
         for leader, children in plan.forked:
             for c in children:
                 c.detok = self.output.detokenizer(c)
+                if c.params.grammar is not None:
+                    c.matcher = self._grammar.matcher(c.params.grammar)
             leader.group.seqs.extend(children)
         for r in plan.admitted:
             if r.num_preemptions == 0 and not r.output:
@@ -348,7 +367,9 @@ class Engine:
         bm = self.blocks
         prefills, decodes = plan.prefills, plan.decodes
         beams = any(r.params.beam_width > 1 for r in decodes)
-        multi = (not prefills and not beams and self.decode_steps > 1
+        guided = [r for r in decodes if r.matcher is not None] + \
+            [r for r, c in prefills if r.matcher is not None and r.num_cached + c == r.context_len]
+        multi = (not prefills and not beams and not guided and self.decode_steps > 1
                  and not any(r.params.logprobs is not None for r in decodes)
                  and not (self.scheduler.waiting and bm.free_slots))
         room = {id(r): r.decode_room(self.max_len) for r in decodes}
@@ -411,6 +432,11 @@ class Engine:
             widest = max(-(-int(bm.lengths[r.slot]) // self.block_size) for r in decodes)
             width = next(w for w in self.table_buckets if w >= widest)
             arrays["tables"] = arrays["tables"][:, :width]
+        if guided:
+            mask = np.full((self.max_seqs, self._grammar.words), -1, np.int32)
+            for r in guided:
+                self._grammar.fill(r.matcher, mask[r.slot])
+            arrays["mask"] = mask
         out = self.runner.run(arrays, pf_arrays, steps=n_steps)
         c = self.stats_counters
         c["steps"] += 1
@@ -420,7 +446,7 @@ class Engine:
         c["max_decode_batch"] = max(c["max_decode_batch"], len(decodes))
         if multi:
             c["multi_step_calls"] += 1
-        return _Dispatched(out, pf_rows, dc_rows, beams)
+        return _Dispatched(out, pf_rows, dc_rows, beams or bool(guided))
 
     def _set_consts(self, r: Request) -> None:
         if r.consts is None:

@@ -62,10 +62,14 @@ class OutputProcessor:
         base = len(r.output)
         accepted: list[int] = []
         reason = None
+        m = r.matcher
         for t in tokens:
             t = int(t)
             accepted.append(t)
             n = base + len(accepted)
+            if m is not None and (not m.consume_token(t) or m.is_stopped()):
+                reason = "stop"  # the grammar is complete (or, never expected, refused the token)
+                break
             if t == eos or t in p.stop_token_ids:
                 reason = "stop"
                 break
@@ -74,7 +78,9 @@ class OutputProcessor:
                 break
         delta = ""
         if r.detok is not None:
-            delta, stopped = r.detok.push(accepted)
+            # the end-of-text token ends the text; it is not part of it
+            shown = accepted[:-1] if accepted and eos is not None and accepted[-1] == eos else accepted
+            delta, stopped = r.detok.push(shown)
             if stopped:
                 # tokens after the one that completed the stop string are not the user's
                 del accepted[max(0, r.detok.num_tokens - base):]

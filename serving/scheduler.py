@@ -84,6 +84,9 @@ class RequestParams:
     presence_penalty / frequency_penalty: in [-2, 2], OpenAI's meaning: the logit of a
        token already generated drops by presence + frequency * (times generated).
     logit_bias: {token id: bias in [-100, 100]} (at most MAX_LOGIT_BIAS), added to the logits.
+    grammar: None, or an llguidance grammar the output must follow (structured output;
+       `flashjax.serving.guided.grammar_for_response_format` builds one from an OpenAI
+       `response_format`). Needs an engine with a tokenizer and llguidance installed.
     """
 
     temperature: float = 1.0
@@ -100,6 +103,7 @@ class RequestParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Any = ()
+    grammar: str | None = None
 
     def __post_init__(self):
         # Every int here ends up in an int32 (seed: uint32) device array: each must fit, or a
@@ -150,6 +154,10 @@ class RequestParams:
                 raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
             clean.append((int(t), float(b)))
         object.__setattr__(self, "logit_bias", tuple(sorted(dict(clean).items())))
+        if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar):
+            raise ValueError(f"grammar must be a non-empty llguidance grammar string or None, got {self.grammar!r}")
+        if self.grammar is not None and self.beam_width > 1:
+            raise ValueError("grammar cannot be combined with beam search (beam_width > 1)")
 
     @property
     def uses_penalties(self) -> bool:
@@ -208,6 +216,7 @@ class Request:
     consts: Any = None  # the device step's per-sequence constants (sampling settings, stop ids)
     counts_slot: int = -1  # the slot whose device token counts (penalties) belong to this sequence
     logprobs: list = dataclasses.field(default_factory=list)  # per output token, when asked for
+    matcher: Any = None  # structured output: the grammar matcher (flashjax.serving.guided)
 
     @property
     def context(self) -> list[int]:

@@ -20,9 +20,17 @@ stops early on the device after sampling its end-of-text token or one of its
 stop ids (up to `MAX_STOP_IDS`; more are checked on the host only). Tokens
 after a stop are -1. The loop exits as soon as no row is live.
 
+Sampling: per-row temperature / top-k / top-p / seed, after OpenAI presence and
+frequency penalties (per-slot counts of generated tokens, `counts`, kept on the
+device and zeroed when a new sequence takes the slot; a re-prefill after a
+preemption counts the earlier outputs again) and a per-slot logit bias row. With
+`slots["mask"]` (structured output, `flashjax.serving.guided`) tokens outside
+each row's bitmask are excluded first.
+
 Compiles: one variant per (prefill chunk bucket or none) x (decode steps 0, 1
-or K); the engine keeps to `2 * buckets + 2`. Single-step calls also return
-the top `logprobs_k` log-probabilities per decode row (beam search).
+or K) x table width; a mask adds variants, compiled when first used.
+Single-step and prefill calls also return log-probabilities: the sampled
+token's and the top `top_k` (beam search, OpenAI logprobs).
 """
 
 from __future__ import annotations
@@ -201,6 +209,13 @@ class StepRunner:
         top_lp, top_id = jax.lax.top_k(lp, self.top_k)
         return jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0], top_lp, top_id.astype(jnp.int32)
 
+    @staticmethod
+    def _mask(logits, words):
+        """Keep the logits whose bit is set in `words` (int32 [rows, ceil(V / 32)]); -inf elsewhere."""
+        v = jnp.arange(logits.shape[1], dtype=jnp.int32)
+        bits = jnp.right_shift(words[:, v // 32], v % 32) & 1
+        return jnp.where(bits != 0, logits, -jnp.inf)
+
     def _step_impl(self, params, pages, last_tok, counts, bias, slots, prefill, *, steps):
         self.trace_counts["step"] += 1
         model = nnx.merge(self.graphdef, params)
@@ -228,6 +243,8 @@ class StepRunner:
             counts = counts.at[jnp.where(is_out, s[:, None], S), prefill["tokens"]].add(1, mode="drop")
             rows = jax.tree.map(lambda a: a[s], sp)
             logits = self._adjust(logits, counts[s], presence[s], frequency[s], bias[s])
+            if "mask" in slots:
+                logits = self._mask(logits, slots["mask"][s])
             tok = self._pick(logits, rows, meta[:, PF_STEP0])
             out["prefill"] = tok
             out["pf_tok_lp"], out["pf_top_lp"], out["pf_top_id"] = self._logprobs(logits, tok)
@@ -248,6 +265,8 @@ class StepRunner:
                 logits, pages, st = R.decode(model, pages, state.replace(lengths=lengths), tok, seq,
                                              decode_kwargs=self.decode_kwargs or None, allocate=False)
                 logits = self._adjust(logits, counts, presence, frequency, bias)
+                if "mask" in slots:
+                    logits = self._mask(logits, slots["mask"])
                 new = self._pick(logits, sp, step0 + j)
                 counts = counts.at[jnp.where(live, rows_all, S), new].add(1, mode="drop")
                 stop = (new == eos) | jnp.any(new[:, None] == stop_ids, axis=1)

@@ -1,0 +1,106 @@
+"""Grammar-constrained decoding (structured output) with llguidance.
+
+    backend = GrammarBackend(tokenizer, vocab_size=config.vocab_size, eos_id=tok.eot_id)
+    grammar = grammar_for_response_format({"type": "json_schema", "json_schema": {"schema": {...}}})
+    backend.check(grammar)                      # ValueError naming what is wrong
+    m = backend.matcher(grammar)                # one per sequence
+    backend.fill(m, mask_row)                   # int32 [ceil(vocab / 32)] bitmask of allowed ids
+    m.consume_token(t)                          # after each sampled token
+
+A request's grammar (`RequestParams.grammar`, an llguidance grammar string) gets a
+matcher per sequence. Before each step the host writes the allowed-token bitmask of
+every constrained row; the device sets the logits of the other tokens to -inf
+before sampling, so every sampled token keeps the output inside the grammar. The
+mask depends on the token sampled just before, so steps with constrained rows run
+one decode step per call and are read back before the next is planned (no
+overlap for them; other rows in the same call are unaffected).
+
+llguidance (Microsoft's Rust grammar engine, used by vLLM and SGLang) computes
+masks incrementally from a token trie in tens of microseconds per token. It is an
+optional dependency (`pip install llguidance`, in the `serve` extra).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GrammarBackend", "grammar_for_response_format", "mask_words"]
+
+
+def mask_words(vocab_size: int) -> int:
+    return (int(vocab_size) + 31) // 32
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:
+        raise ImportError("structured output needs llguidance: pip install llguidance "
+                          "(or flashjax[serve])") from None
+    return llguidance
+
+
+def grammar_for_response_format(response_format: dict) -> str | None:
+    """The llguidance grammar of an OpenAI `response_format` (None for plain text).
+
+    {"type": "text"} -> None; {"type": "json_object"} -> any JSON object;
+    {"type": "json_schema", "json_schema": {"schema": {...}, ...}} -> that schema.
+    Raises ValueError naming what is malformed.
+    """
+    if not isinstance(response_format, dict):
+        raise ValueError("response_format must be an object like {\"type\": \"json_object\"}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    ll = _llguidance()
+    # fixed separators, no free whitespace: a weak model cannot pad the output with
+    # whitespace until max_tokens, and the text is the usual compact-ish JSON
+    style = {"whitespace_flexible": False}
+    if kind == "json_object":
+        return ll.grammar_from("json_schema", json.dumps({"type": "object", "x-guidance": style}))
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ValueError("response_format.json_schema must be an object with a 'schema' object")
+        schema = dict(spec.get("schema", {"type": "object"}))
+        schema.setdefault("x-guidance", style)
+        try:
+            return ll.grammar_from("json_schema", json.dumps(schema))
+        except Exception as e:  # noqa: BLE001 - llguidance's own message says what is wrong
+            raise ValueError(f"response_format.json_schema.schema is not supported: {e}") from None
+    raise ValueError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+
+class GrammarBackend:
+    """llguidance's view of one tokenizer, and matchers for grammars over it."""
+
+    def __init__(self, tokenizer: Any, *, vocab_size: int, eos_id: int | None):
+        ll = _llguidance()
+        hf = getattr(tokenizer, "hf", None) or getattr(tokenizer, "hf_tokenizer", None)
+        if hf is None or not hasattr(hf, "to_str"):
+            raise ValueError("structured output needs a tokenizer backed by the `tokenizers` library "
+                             f"(got {type(tokenizer).__name__})")
+        self.vocab_size = int(vocab_size)
+        self.words = mask_words(vocab_size)
+        kw = {} if eos_id is None else {"eos_token": int(eos_id)}
+        self.tokenizer = ll.LLTokenizer(hf.to_str(), n_vocab=self.vocab_size, **kw)
+        self._ll = ll
+
+    def check(self, grammar: str) -> None:
+        message = self._ll.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if message and not message.startswith("WARNING"):
+            raise ValueError(f"the grammar is invalid: {message}")
+
+    def matcher(self, grammar: str):
+        m = self._ll.LLMatcher(self.tokenizer, grammar)
+        if m.is_error():
+            raise ValueError(f"the grammar is invalid: {m.get_error()}")
+        return m
+
+    def fill(self, matcher, row: np.ndarray) -> None:
+        """Write the allowed-token bitmask for the matcher's next token into `row`."""
+        assert row.dtype == np.int32 and row.flags["C_CONTIGUOUS"] and row.size == self.words
+        matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.size * row.itemsize)
