@@ -118,7 +118,8 @@ class RequestHandle:
         with self.engine._lock:
             for i in range(self.params.n):
                 if self.token_ids[i] or self.finish_reasons[i]:
-                    q.put_nowait(StreamEvent(i, list(self.token_ids[i]), self.texts[i], self.finish_reasons[i]))
+                    lps = list(self.logprobs[i]) if self.params.logprobs is not None else None
+                    q.put_nowait(StreamEvent(i, list(self.token_ids[i]), self.texts[i], self.finish_reasons[i], lps))
             if self._done.is_set():
                 q.put_nowait(None)
             else:
