@@ -51,6 +51,10 @@ from typing import Any
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 RETRY_AFTER_SECONDS = 1  # the Retry-After of a 429 (queue full): the queue drains at decode speed
 CHARS_PER_TOKEN_LIMIT = 32  # default max_prompt_chars = this * the context length
+COMPLETION_MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
+CHAT_MAX_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs (the engine's MAX_LOGPROBS)
+MAX_BATCH_PROMPTS = 64  # prompts in one /v1/completions request
+INT32_MAX = 2**31 - 1
 
 __all__ = ["create_app", "add_serve_arguments", "serve_main", "run_server", "ApiError", "chat_prompt"]
 
@@ -80,8 +84,8 @@ def _finite(v) -> bool:
         return False
 
 
-def _get(body: dict, name: str, kind, default=None, *, nullable=True):
-    """Typed field: kind is 'int' | 'num' | 'bool' | 'str'; bools are not ints."""
+def _get(body: dict, name: str, kind, default=None, *, nullable=True, param: str | None = None):
+    """Typed field: kind is 'int' | 'num' | 'bool' | 'str'; bools are not ints. param: its name in errors."""
     if name not in body or (body[name] is None and nullable):
         return default
     v = body[name]
@@ -93,8 +97,62 @@ def _get(body: dict, name: str, kind, default=None, *, nullable=True):
     }[kind]
     if not ok:
         what = {"int": "an integer", "num": "a number", "bool": "a boolean", "str": "a string"}[kind]
-        raise _bad(f"'{name}' must be {what}, got {json.dumps(v)[:80]}", param=name, code="invalid_type")
+        param = param or name
+        raise _bad(f"'{param}' must be {what}, got {json.dumps(v)[:80]}", param=param, code="invalid_type")
     return v
+
+
+def _is_token(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def _lp(x: float) -> float:
+    """A log-probability for JSON (no -Infinity: OpenAI writes -9999.0 for impossible tokens)."""
+    return float(x) if math.isfinite(x) else -9999.0
+
+
+def _none_or_empty(v) -> bool:
+    return v in ([], {}, "")
+
+
+# OpenAI parameters this server cannot honour: (name, allowed value test, why). A value that
+# passes the test (besides null) asks for nothing the server does not do. Unknown fields
+# (not OpenAI's, not this server's extensions) are ignored, as before.
+_TOOLS = [
+    ("tools", _none_or_empty, "no tool calling: the model answers in text"),
+    ("tool_choice", lambda v: v == "none", "no tool calling: the model answers in text"),
+    ("parallel_tool_calls", lambda v: False, "no tool calling: the model answers in text"),
+    ("functions", _none_or_empty, "no function calling: the model answers in text"),
+    ("function_call", lambda v: v == "none", "no function calling: the model answers in text"),
+]
+_UNSUPPORTED_COMPLETIONS = _TOOLS + [
+    ("suffix", lambda v: v == "", "no insertion / fill-in-the-middle"),
+]
+_UNSUPPORTED_CHAT = _TOOLS + [
+    ("audio", lambda v: False, "text output only"),
+    ("modalities", lambda v: v == ["text"], "text output only: modalities [\"text\"]"),
+    ("prediction", lambda v: False, "no predicted outputs"),
+    ("web_search_options", lambda v: False, "no web search"),
+    ("reasoning_effort", lambda v: False, "not a reasoning model"),
+    ("verbosity", lambda v: False, "no verbosity control"),
+    ("store", lambda v: v is False, "completions are not stored"),
+    ("service_tier", lambda v: v in ("auto", "default"), "one service tier: \"auto\" / \"default\""),
+]
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A request's options beyond the engine's RequestParams (from `_Service.plan`)."""
+
+    chat: bool
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    n: int  # choices per prompt
+    best_of: int | None  # OpenAI best_of > n: sample this many candidates, return the n most likely
+    beam_width: int  # > 1: beam search (extension)
+    logprobs: int | None  # alternatives per token to return (None: no logprobs)
+    echo: bool  # completions: the prompt text before each choice's text
+    names: dict  # RequestParams field -> the request field errors name
 
 
 def _check_text(text: str, param: str) -> None:
@@ -131,6 +189,8 @@ class _Service:
         self.max_prompt_chars = max_prompt_chars or CHARS_PER_TOKEN_LIMIT * engine.max_len
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.model_names = (model_name,)  # the ids GET /v1/models lists; `model` must be one of them
+        self._token_texts: dict[int, str] = {}
         self.created = int(time.time())
         self.http_counts: dict[str, int] = {}
         self.engine_failure: str | None = None  # why the engine cannot serve, once it is known
@@ -158,20 +218,162 @@ class _Service:
             raise ApiError(503, f"engine failed: {cause}", type="server_error", code="engine_error")
 
     # -- request parsing ---------------------------------------------------------
-    def params(self, body: dict, prompt_len: int):
+    def check_model(self, body: dict) -> None:
+        """404 model_not_found for a `model` this server does not serve (absent/null: the served one)."""
+        name = body.get("model")
+        if name is not None and name not in self.model_names:
+            raise ApiError(404, f"The model `{name}` does not exist; this server serves "
+                           f"{', '.join(repr(m) for m in self.model_names)} (GET /v1/models).",
+                           param="model", code="model_not_found")
+
+    @staticmethod
+    def check_response_format(body: dict) -> None:
+        """The one place `response_format` is decided: {"type": "text"} (or null) only, for now."""
+        rf = body.get("response_format")
+        if rf is None:
+            return
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind == "text":
+            return
+        if kind in ("json_object", "json_schema"):
+            raise _bad(f"response_format {{\"type\": \"{kind}\"}}: structured output is not supported yet "
+                       "by this server; only {\"type\": \"text\"}", param="response_format",
+                       code="unsupported_value")
+        raise _bad("'response_format' must be an object {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
+                   param="response_format", code="invalid_value")
+
+    @staticmethod
+    def check_unsupported(body: dict, chat: bool) -> None:
+        """400 naming an OpenAI parameter this server cannot honour (None / its no-op value are fine)."""
+        for name, allowed, why in _UNSUPPORTED_CHAT if chat else _UNSUPPORTED_COMPLETIONS:
+            v = body.get(name)
+            if v is not None and not allowed(v):
+                raise _bad(f"'{name}' is not supported by this server ({why})", param=name,
+                           code="unsupported_parameter")
+        for name in ("user", "safety_identifier", "prompt_cache_key"):  # identifiers: accepted, no effect
+            _get(body, name, "str", None)
+        if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
+            raise _bad("'metadata' must be an object", param="metadata", code="invalid_type")
+
+    def plan(self, body: dict, chat: bool) -> _Plan:
+        """What the client asked for beyond the engine's RequestParams (validated; 400 names the field)."""
+        self.check_unsupported(body, chat)
+        self.check_response_format(body)
+        stream = _get(body, "stream", "bool", False)
+        so = body.get("stream_options")
+        include_usage = False
+        if so is not None:
+            if not isinstance(so, dict):
+                raise _bad("'stream_options' must be an object", param="stream_options", code="invalid_type")
+            if not stream:
+                raise _bad("'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                           code="invalid_value")
+            include_usage = bool(_get(so, "include_usage", "bool", False, param="stream_options.include_usage"))
+            _get(so, "include_obfuscation", "bool", None, param="stream_options.include_obfuscation")
+        n = _get(body, "n", "int", 1)
+        if not 1 <= n <= INT32_MAX:
+            raise _bad(f"'n' must be an integer in [1, 2**31), got {n}", param="n", code="invalid_value")
+        names = {"logprobs": "top_logprobs" if chat else "logprobs"}
+        # logprobs: completions take an int (0..5 alternatives); chat takes logprobs: bool + top_logprobs
+        if chat:
+            want = _get(body, "logprobs", "bool", False)
+            top = _get(body, "top_logprobs", "int", None)
+            if top is not None and not 0 <= top <= CHAT_MAX_LOGPROBS:
+                raise _bad(f"'top_logprobs' must be an integer in [0, {CHAT_MAX_LOGPROBS}], got {top}",
+                           param="top_logprobs", code="invalid_value")
+            if top is not None and not want:
+                raise _bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+            logprobs = (top or 0) if want else None
+            echo = False
+        else:
+            logprobs = _get(body, "logprobs", "int", None)
+            if logprobs is not None and not 0 <= logprobs <= COMPLETION_MAX_LOGPROBS:
+                raise _bad(f"'logprobs' must be an integer in [0, {COMPLETION_MAX_LOGPROBS}], got {logprobs}",
+                           param="logprobs", code="invalid_value")
+            echo = _get(body, "echo", "bool", False)
+            if echo and logprobs is not None:
+                raise _bad("'echo' with 'logprobs' would need the prompt's log-probabilities, which this "
+                           "server does not compute; send one or the other", param="echo",
+                           code="unsupported_value")
+        # Beam search (extension): beam_width, or vLLM's use_beam_search (width: beam_width,
+        # best_of or max(2, n)). Otherwise best_of is OpenAI's: sample best_of candidates, return
+        # the n with the highest summed token log-probability.
+        beam_width = _get(body, "beam_width", "int", None)
+        best_of = _get(body, "best_of", "int", None)
+        beam_source = "beam_width"
+        if _get(body, "use_beam_search", "bool", False):
+            if beam_width is None:
+                beam_width, beam_source = (best_of, "best_of") if best_of is not None else (max(2, n), "n")
+            best_of = None
+        beam = beam_width is not None and beam_width > 1
+        if best_of is not None:
+            if beam:
+                raise _bad("'best_of' (sampled candidates ranked by log-probability) cannot be combined with "
+                           "beam search ('beam_width')", param="best_of", code="invalid_value")
+            if not 1 <= best_of <= INT32_MAX:
+                raise _bad(f"'best_of' must be an integer >= 1, got {best_of}", param="best_of", code="invalid_value")
+            if n > best_of:
+                raise _bad(f"'n' ({n}) must be <= 'best_of' ({best_of})", param="n", code="invalid_value")
+            if stream:
+                raise _bad("'best_of' cannot be used with 'stream' (the candidates are ranked once they are "
+                           "complete)", param="best_of", code="invalid_value")
+            if best_of == n:
+                best_of = None  # every candidate is returned: nothing to rank
+        names["n"] = "best_of" if best_of is not None else "n"
+        names["beam_width"] = beam_source if beam else "beam_width"
+        if beam:
+            for name in ("presence_penalty", "frequency_penalty"):
+                if _get(body, name, "num", 0) != 0:
+                    raise _bad(f"'{name}' is not applied by beam search; leave it out or use sampling",
+                               param=name, code="unsupported_value")
+            if logprobs is not None:
+                raise _bad("beam search does not return per-token logprobs", param="logprobs",
+                           code="unsupported_value")
+        return _Plan(chat=chat, stream=stream, include_usage=include_usage, n=n, best_of=best_of,
+                     beam_width=beam_width if beam_width is not None else 1, logprobs=logprobs, echo=echo,
+                     names=names)
+
+    def logit_bias(self, body: dict) -> tuple:
+        bias = body.get("logit_bias")
+        if bias is None:
+            return ()
+        if not isinstance(bias, dict):
+            raise _bad("'logit_bias' must be an object mapping token ids (as strings) to numbers in [-100, 100]",
+                       param="logit_bias", code="invalid_type")
+        vocab = self.engine.config.vocab_size
+        out = []
+        for k, v in bias.items():
+            key = k.strip() if isinstance(k, str) else ""
+            if not key.isdigit() or not key.isascii():
+                raise _bad(f"'logit_bias' keys must be token ids (non-negative integers as strings), got {k!r}",
+                           param="logit_bias", code="invalid_value")
+            t = int(key)
+            if t >= vocab:
+                raise _bad(f"'logit_bias': token id {t} is outside the vocabulary [0, {vocab})",
+                           param="logit_bias", code="invalid_value")
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) and -100 <= v <= 100):
+                raise _bad(f"'logit_bias' values must be numbers in [-100, 100], got {json.dumps(v)[:40]} "
+                           f"for token {t}", param="logit_bias", code="invalid_value")
+            out.append((t, float(v)))
+        return tuple(out)
+
+    def params(self, body: dict, prompt_len: int, plan: _Plan | None = None, prompt_param: str | None = None):
         from flashjax.serving.engine import RequestParams
 
+        if plan is None:
+            plan = self.plan(body, "messages" in body)
         ctx = self.engine.max_len
         max_tokens = _get(body, "max_tokens", "int", None)
         if max_tokens is None:
             max_tokens = _get(body, "max_completion_tokens", "int", None)
         if max_tokens is None:
-            max_tokens = max(1, min(16 if "messages" not in body else ctx - prompt_len, ctx - prompt_len))
+            max_tokens = max(1, min(16 if not plan.chat else ctx - prompt_len, ctx - prompt_len))
         if max_tokens < 1:
             raise _bad(f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
         if prompt_len >= ctx:
             raise _bad(f"This model's maximum context length is {ctx} tokens; the prompt has {prompt_len}.",
-                       param="prompt" if "messages" not in body else "messages", code="context_length_exceeded")
+                       param=prompt_param or ("messages" if plan.chat else "prompt"),
+                       code="context_length_exceeded")
         if prompt_len + max_tokens > ctx:
             raise _bad(f"This model's maximum context length is {ctx} tokens; the prompt ({prompt_len}) plus "
                        f"max_tokens ({max_tokens}) exceed it.", param="max_tokens", code="context_length_exceeded")
@@ -189,13 +391,10 @@ class _Service:
         stop_ids = body.get("stop_token_ids") or []
         if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
             raise _bad("'stop_token_ids' must be a list of integers", param="stop_token_ids", code="invalid_type")
-        beam = _get(body, "beam_width", "int", None)
-        if beam is None:
-            beam = _get(body, "best_of", "int", None)
-        if beam is None:
-            beam = 1
-        if _get(body, "use_beam_search", "bool", False) and beam == 1:
-            beam = max(2, _get(body, "n", "int", 1) or 1)
+        sampling_n = plan.best_of if plan.best_of is not None else plan.n
+        logprobs = plan.logprobs
+        if plan.best_of is not None and logprobs is None:
+            logprobs = 0  # the candidates are ranked by their tokens' log-probabilities
         kw = dict(
             temperature=_get(body, "temperature", "num", 1.0),
             top_p=_get(body, "top_p", "num", 1.0),
@@ -204,7 +403,10 @@ class _Service:
             seed=_get(body, "seed", "int", None),
             max_tokens=max_tokens, stop=stop, stop_token_ids=tuple(stop_ids),
             ignore_eos=_get(body, "ignore_eos", "bool", False),
-            n=_get(body, "n", "int", 1), beam_width=beam,
+            n=sampling_n, beam_width=plan.beam_width, logprobs=logprobs,
+            presence_penalty=_get(body, "presence_penalty", "num", 0.0),
+            frequency_penalty=_get(body, "frequency_penalty", "num", 0.0),
+            logit_bias=self.logit_bias(body),
         )
         if kw["top_k"] == -1:
             kw["top_k"] = 0
@@ -216,22 +418,65 @@ class _Service:
         try:
             params = RequestParams(**kw)
         except ValueError as e:
-            raise _bad(str(e), param=self.request_param(_param_of(e, kw), body), code="invalid_value") from None
+            raise _bad(str(e), param=plan.names.get(_param_of(e, kw), _param_of(e, kw)),
+                       code="invalid_value") from None
         slots = getattr(self.engine, "max_seqs", None)
         if isinstance(slots, int) and params.num_seqs > slots:
-            field = self.request_param("beam_width" if params.beam_width > 1 else "n", body)
+            field = plan.names["beam_width" if params.beam_width > 1 else "n"]
             raise _bad(f"'{field}' asks for {params.num_seqs} sequences at once; this server runs at most {slots}",
                        param=field, code="invalid_value")
         return params
 
-    @staticmethod
-    def request_param(name: str | None, body: dict) -> str | None:
-        """The request's own name for RequestParams field `name` (beam_width may come as best_of or n)."""
-        if name != "beam_width" or body.get("beam_width") is not None:
-            return name
-        if body.get("best_of") is not None:
-            return "best_of"
-        return "n" if body.get("use_beam_search") else name
+    # -- responses ----------------------------------------------------------------
+    def token_text(self, t: int) -> str:
+        """A token's text, decoded on its own (cached)."""
+        s = self._token_texts.get(t)
+        if s is None:
+            s = self.tokenizer.decode([t]) if self.tokenizer is not None else ""
+            if len(self._token_texts) < 1 << 20:
+                self._token_texts[t] = s
+        return s
+
+    def token_bytes(self, t: int) -> list[int]:
+        raw = getattr(self.tokenizer, "decode_bytes", None)  # byte-level tokenizers know a token's bytes
+        b = raw([t]) if raw is not None else self.token_text(t).encode("utf-8", "replace")
+        return list(b)
+
+    def completion_logprobs(self, ids, lps, offset: int) -> tuple[dict, int]:
+        """The legacy /v1/completions logprobs object for these tokens; text offsets start at `offset`."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, (lp, alts) in zip(ids, lps or ()):
+            s = self.token_text(t)
+            top = {}
+            for a, alp in alts:
+                top.setdefault(self.token_text(a), _lp(alp))
+            top.setdefault(s, _lp(lp))  # OpenAI: the sampled token is always there (up to logprobs + 1)
+            out["tokens"].append(s)
+            out["token_logprobs"].append(_lp(lp))
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(s)
+        return out, offset
+
+    def chat_logprobs(self, ids, lps) -> dict:
+        """The chat `logprobs` object ({"content": [...], "refusal": None}) for these tokens."""
+        content = [{"token": self.token_text(t), "logprob": _lp(lp), "bytes": self.token_bytes(t),
+                    "top_logprobs": [{"token": self.token_text(a), "logprob": _lp(alp),
+                                      "bytes": self.token_bytes(a)} for a, alp in alts]}
+                   for t, (lp, alts) in zip(ids, lps or ())]
+        return {"content": content, "refusal": None}
+
+    def cut_at_stop(self, params, prompt, ids: list[int], text: str, reason):
+        """Beam search outputs whole beams: cut one at its first stop string, as sampling does."""
+        if not params.stop or self.tokenizer is None:
+            return ids, text, reason
+        from flashjax.serving.detokenizer import Detokenizer
+
+        d = Detokenizer(self.tokenizer, stop=params.stop, prompt_ids=prompt)
+        _, stopped = d.push(ids)
+        if not stopped:
+            return ids, text, reason
+        return list(ids[: d.num_tokens]), d.text, "stop"
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -245,27 +490,49 @@ class _Service:
                        f"(the model's context is {self.engine.max_len} tokens)", param=param,
                        code="context_length_exceeded")
 
-    def completion_prompt(self, body) -> list[int]:
-        """Token ids of /v1/completions' prompt (tokenizes: call it off the event loop)."""
+    def completion_prompts(self, body) -> list[tuple[list[int], str | None, str]]:
+        """/v1/completions' prompts as (token ids, text for echo, param for errors), one per prompt.
+
+        `prompt` is a string, a list of token ids, or a batch: a list of strings or of token-id
+        lists. Tokenizes (and decodes token-id prompts for echo): call it off the event loop.
+        """
         p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]  # a batch of one
-        if isinstance(p, str):
-            self.check_chars(len(p), "prompt")
-            _check_text(p, "prompt")
-            ids = self.encode(p)
-            if not ids:
-                ids = [getattr(self.tokenizer, "eot_id", 0) or 0]
-            return ids
-        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            vocab = self.engine.config.vocab_size
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise _bad(f"token id {bad[0]} in 'prompt' is outside the vocabulary [0, {vocab})", param="prompt")
-            return list(p)
-        if "prompt" not in body:
+        if "prompt" not in body or p is None:
             raise _bad("'prompt' is required", param="prompt", code="missing_field")
-        raise _bad("'prompt' must be a string, or a non-empty list of token ids", param="prompt", code="invalid_type")
+        if isinstance(p, str) or (isinstance(p, list) and p and all(_is_token(t) for t in p)):
+            items = [p]
+        elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+            items = list(p)
+        elif isinstance(p, list) and p and all(isinstance(x, list) and x and all(_is_token(t) for t in x)
+                                               for x in p):
+            items = list(p)
+        else:
+            raise _bad("'prompt' must be a string, a non-empty list of token ids, or a non-empty list of "
+                       "either (a batch)", param="prompt", code="invalid_type")
+        if len(items) > MAX_BATCH_PROMPTS:
+            raise _bad(f"'prompt' holds {len(items)} prompts; this server takes at most {MAX_BATCH_PROMPTS} "
+                       "in one request", param="prompt", code="invalid_value")
+        echo = bool(body.get("echo"))
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                self.check_chars(len(item), "prompt")
+                _check_text(item, "prompt")
+        for item in items:
+            if isinstance(item, str):
+                ids = self.encode(item)
+                if not ids:
+                    ids = [getattr(self.tokenizer, "eot_id", 0) or 0]
+                out.append((ids, item, "prompt"))
+            else:
+                vocab = self.engine.config.vocab_size
+                bad = [t for t in item if not 0 <= t < vocab]
+                if bad:
+                    raise _bad(f"token id {bad[0]} in 'prompt' is outside the vocabulary [0, {vocab})",
+                               param="prompt")
+                text = self.tokenizer.decode(list(item)) if echo and self.tokenizer is not None else None
+                out.append((list(item), text, "prompt"))
+        return out
 
     def chat_prompt_ids(self, body) -> list[int]:
         """Token ids of the rendered chat (templates and tokenizes: call it off the event loop)."""
@@ -476,82 +743,168 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
     async def run(request: Request, chat: bool):
         svc.require_engine()
         body = await read_json(request)
-        stream = _get(body, "stream", "bool", False)
+        svc.check_model(body)
+        plan = svc.plan(body, chat)
         # tokenization (and chat templating) can take seconds for a long prompt: not on the loop
-        ids = await asyncio.to_thread(svc.chat_prompt_ids if chat else svc.completion_prompt, body)
-        params = svc.params(body, len(ids))
+        if chat:
+            ids = await asyncio.to_thread(svc.chat_prompt_ids, body)
+            prompts = [(ids, None, "messages")]
+        else:
+            prompts = await asyncio.to_thread(svc.completion_prompts, body)
+        params = [svc.params(body, len(ids), plan, prompt_param=where) for ids, _, where in prompts]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        handles = []
         try:
-            handle = engine.add_request(ids, params, request_id=rid)
+            for k, ((ids, _, _), p) in enumerate(zip(prompts, params)):
+                handles.append(engine.add_request(ids, p, request_id=rid if len(prompts) == 1 else f"{rid}-{k}"))
         except QueueFullError as e:
+            for h in handles:
+                h.cancel()
             raise ApiError(429, str(e), type="rate_limit_exceeded", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except ValueError as e:  # the engine's own checks (e.g. top_k above the vocabulary)
-            fields = [f.name for f in dataclasses.fields(params)]
+            for h in handles:
+                h.cancel()
+            fields = [f.name for f in dataclasses.fields(params[0])]
             name = _param_of(e, fields)
             if name is None and "slots" in str(e):  # "the request needs N sequences; the engine has M slots"
-                name = "beam_width" if params.beam_width > 1 else "n"
-            raise _bad(str(e), param=svc.request_param(name, body) or "prompt", code="invalid_value") from None
+                name = "beam_width" if params[0].beam_width > 1 else "n"
+            raise _bad(str(e), param=plan.names.get(name, name) or prompts[0][2], code="invalid_value") from None
         created = int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
-        if stream:
+        if plan.stream:
             async def watch():  # cancel as soon as the client hangs up, whatever the ASGI server does
-                while not handle.finished:
+                while not all(h.finished for h in handles):
                     if await request.is_disconnected():
-                        handle.cancel()
+                        for h in handles:
+                            h.cancel()
                         return
                     await asyncio.sleep(0.05)
             task = asyncio.ensure_future(watch())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            return StreamingResponse(sse(request, handle, rid, created, chat, len(ids)),
+            return StreamingResponse(sse(handles, prompts, plan, rid, created),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         # non-streaming: wait, cancelling if the client goes away
-        while not handle.finished:
+        while not all(h.finished for h in handles):
             if await request.is_disconnected():
-                handle.cancel()
+                for h in handles:
+                    h.cancel()
                 raise ApiError(499, "client disconnected", code="client_closed")
             await asyncio.sleep(0.02)
-        if handle.error is not None:
-            raise ApiError(503, str(handle.error), type="server_error", code="engine_error")
-        res = handle.result()
+        for h in handles:
+            if h.error is not None:
+                raise ApiError(503, str(h.error), type="server_error", code="engine_error")
         choices = []
-        for o in res.outputs:
-            if chat:
-                choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
-                                "finish_reason": o.finish_reason, "logprobs": None})
-            else:
-                choices.append({"index": o.index, "text": o.text, "token_ids": o.token_ids,
-                                "finish_reason": o.finish_reason, "logprobs": None})
-        ntok = sum(len(o.token_ids) for o in res.outputs)
-        svc.http_counts["200"] = svc.http_counts.get("200", 0) + 1
-        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": ntok, "total_tokens": len(ids) + ntok,
-                          "prompt_tokens_details": {"cached_tokens": res.num_cached_prompt_tokens}}}
-
-    async def sse(request: Request, handle, rid, created, chat, prompt_len):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        finished = False
-        try:
-            if chat:
-                for i in range(handle.params.n):
-                    first = {"id": rid, "object": obj, "created": created, "model": model_name,
-                             "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "finish_reason": None}]}
-                    yield f"data: {json.dumps(first)}\n\n"
-            async for ev in handle.aiter():
+        ntok = cached = 0
+        for k, h in enumerate(handles):
+            res = h.result()
+            cached += res.num_cached_prompt_tokens
+            outs = []
+            for o in res.outputs:
+                ids, text, reason = o.token_ids, o.text, o.finish_reason
+                if plan.beam_width > 1:
+                    ids, text, reason = svc.cut_at_stop(h.params, h.prompt, ids, text, reason)
+                ntok += len(ids)
+                outs.append((ids, text, reason, o.logprobs))
+            if plan.best_of is not None:  # OpenAI's best_of: the n candidates with the highest log-probability
+                order = sorted(range(len(outs)), key=lambda j: -sum(lp for lp, _ in outs[j][3] or ()))
+                outs = [outs[j] for j in order[: plan.n]]
+            for j, (ids, text, reason, lps) in enumerate(outs):
+                index = k * plan.n + j
                 if chat:
-                    delta = {"content": ev.text} if ev.text else {}
-                    choice = {"index": ev.index, "delta": delta, "finish_reason": ev.finish_reason}
+                    choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": reason,
+                                    "logprobs": None if plan.logprobs is None else svc.chat_logprobs(ids, lps)})
                 else:
-                    choice = {"index": ev.index, "text": ev.text, "token_ids": ev.token_ids,
-                              "finish_reason": ev.finish_reason, "logprobs": None}
-                chunk = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            if handle.error is not None:
-                err = ApiError(503, str(handle.error), type="server_error", code="engine_error")
+                    echo = prompts[k][1] if plan.echo else None
+                    lp = None if plan.logprobs is None else svc.completion_logprobs(ids, lps, 0)[0]
+                    choices.append({"index": index, "text": (echo or "") + text, "token_ids": ids,
+                                    "finish_reason": reason, "logprobs": lp})
+        nprompt = sum(len(ids) for ids, _, _ in prompts)
+        svc.http_counts["200"] = svc.http_counts.get("200", 0) + 1
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": model_name, "choices": choices,
+                "usage": {"prompt_tokens": nprompt, "completion_tokens": ntok, "total_tokens": nprompt + ntok,
+                          "prompt_tokens_details": {"cached_tokens": cached}}}
+
+    async def events(handles):
+        """(handle number, event) from every handle, as they come."""
+        if len(handles) == 1:
+            async for ev in handles[0].aiter():
+                yield 0, ev
+            return
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k, h):
+            try:
+                async for ev in h.aiter():
+                    q.put_nowait((k, ev))
+            finally:
+                q.put_nowait((k, None))
+
+        pumps = [asyncio.ensure_future(pump(k, h)) for k, h in enumerate(handles)]
+        try:
+            left = len(pumps)
+            while left:
+                k, ev = await q.get()
+                if ev is None:
+                    left -= 1
+                else:
+                    yield k, ev
+        finally:
+            for t in pumps:
+                t.cancel()
+
+    async def sse(handles, prompts, plan: _Plan, rid, created):
+        chat = plan.chat
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if plan.include_usage else {}
+        finished = False
+
+        def chunk(choice):
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model_name,
+                                          "choices": [choice], **extra}) + "\n\n"
+        try:
+            ntok = 0
+            offsets: dict[int, int] = {}  # choice index -> text offset of its next token (logprobs)
+            for k, (_, echo, _) in enumerate(prompts):
+                for j in range(plan.n):
+                    if chat:
+                        yield chunk({"index": j, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None})
+                    elif plan.echo and echo:
+                        yield chunk({"index": k * plan.n + j, "text": echo, "token_ids": [],
+                                     "finish_reason": None, "logprobs": None})
+            async for k, ev in events(handles):
+                ids, text, reason = ev.token_ids, ev.text, ev.finish_reason
+                h = handles[k]
+                if plan.beam_width > 1:  # a beam arrives whole, once the search is done
+                    ids, text, reason = svc.cut_at_stop(h.params, h.prompt, ids, text, reason)
+                ntok += len(ids)
+                index = k * plan.n + ev.index
+                if chat:
+                    lp = None if plan.logprobs is None else svc.chat_logprobs(ids, ev.logprobs)
+                    choice = {"index": index, "delta": {"content": text} if text else {}, "logprobs": lp,
+                              "finish_reason": reason}
+                else:
+                    lp = None
+                    if plan.logprobs is not None:
+                        lp, offsets[index] = svc.completion_logprobs(ids, ev.logprobs, offsets.get(index, 0))
+                    choice = {"index": index, "text": text, "token_ids": ids, "finish_reason": reason,
+                              "logprobs": lp}
+                yield chunk(choice)
+            errors = [h.error for h in handles if h.error is not None]
+            if errors:
+                err = ApiError(503, str(errors[0]), type="server_error", code="engine_error")
                 yield f"data: {json.dumps(err.body())}\n\n"
+            elif plan.include_usage:
+                nprompt = sum(len(ids) for ids, _, _ in prompts)
+                cached = sum(h.cached_prompt_tokens for h in handles)
+                usage = {"prompt_tokens": nprompt, "completion_tokens": ntok, "total_tokens": nprompt + ntok,
+                         "prompt_tokens_details": {"cached_tokens": cached}}
+                yield "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model_name,
+                                             "choices": [], "usage": usage}) + "\n\n"
             finished = True
             svc.http_counts["200"] = svc.http_counts.get("200", 0) + 1
             yield "data: [DONE]\n\n"
@@ -562,7 +915,8 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             yield f"data: {json.dumps(err.body())}\n\n"
         finally:
             if not finished:  # the client went away (the generator was cancelled/closed)
-                handle.cancel()
+                for h in handles:
+                    h.cancel()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
