@@ -5,14 +5,29 @@
 Endpoints (FastAPI + uvicorn; the engine steps in a background thread so the
 event loop stays responsive):
 
-    POST /v1/completions        prompt: string or list of token ids
+    POST /v1/completions        prompt: a string or a list of token ids, or a batch (a list
+                                of strings or of token-id lists; choice index = prompt * n + j)
     POST /v1/chat/completions   messages: [{"role", "content"}] (the tokenizer's chat
                                 template if it has one, else a plain "role: content" form)
     GET  /v1/models, GET /health, GET /metrics (Prometheus text), GET / (a chat page)
 
-Both POSTs take max_tokens, temperature, top_p, top_k, seed, stop (string or
-list), stop_token_ids, ignore_eos, n, beam_width (extension; best_of is an
-alias) and stream. `stream: true` answers with server-sent events, one JSON
+OpenAI parameters honoured (both POSTs unless marked): model (the served name, else 404
+model_not_found), max_tokens / max_completion_tokens, temperature, top_p, seed (none: fresh
+randomness), stop, n, stream, stream_options.include_usage (a last chunk with the usage and no
+choices), presence_penalty, frequency_penalty, logit_bias (token-id strings -> [-100, 100]),
+logprobs (completions: 0..5 alternatives, the legacy object; chat: logprobs: true +
+top_logprobs 0..20), echo (completions; not with logprobs), best_of (sample best_of
+candidates, return the n with the highest summed log-probability; not with stream),
+response_format (text; json_object / json_schema by grammar-constrained decoding, llguidance:
+`_Service.response_format_grammar` is the one place it is decided); user, metadata,
+safety_identifier, prompt_cache_key are accepted and have no effect. Refused with a 400
+naming the field: tools, tool_choice, parallel_tool_calls, functions, function_call, suffix,
+audio, modalities other than ["text"], prediction, web_search_options, reasoning_effort,
+verbosity, store: true, service_tier other than auto/default. Extensions: top_k, ignore_eos,
+stop_token_ids, beam_width (beam search: deterministic, ignores temperature/top_p/top_k/seed,
+refuses penalties, logprobs and JSON output; stop strings cut the finished beams), use_beam_search (vLLM:
+beam width = beam_width, best_of or max(2, n)). Other fields are ignored.
+`stream: true` answers with server-sent events, one JSON
 chunk per `data:` line, ending with `data: [DONE]`. A client that disconnects
 cancels its request (its KV blocks are freed at once).
 
@@ -152,6 +167,7 @@ class _Plan:
     beam_width: int  # > 1: beam search (extension)
     logprobs: int | None  # alternatives per token to return (None: no logprobs)
     echo: bool  # completions: the prompt text before each choice's text
+    grammar: str | None  # response_format json_object / json_schema: the grammar the output follows
     names: dict  # RequestParams field -> the request field errors name
 
 
@@ -227,20 +243,27 @@ class _Service:
                            param="model", code="model_not_found")
 
     @staticmethod
-    def check_response_format(body: dict) -> None:
-        """The one place `response_format` is decided: {"type": "text"} (or null) only, for now."""
+    def response_format_grammar(body: dict) -> str | None:
+        """The one place `response_format` is decided: None for text, else the grammar the
+        output must follow (json_object / json_schema: structured output, llguidance)."""
         rf = body.get("response_format")
         if rf is None:
-            return
+            return None
         kind = rf.get("type") if isinstance(rf, dict) else None
         if kind == "text":
-            return
-        if kind in ("json_object", "json_schema"):
-            raise _bad(f"response_format {{\"type\": \"{kind}\"}}: structured output is not supported yet "
-                       "by this server; only {\"type\": \"text\"}", param="response_format",
-                       code="unsupported_value")
-        raise _bad("'response_format' must be an object {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
-                   param="response_format", code="invalid_value")
+            return None
+        if kind not in ("json_object", "json_schema"):
+            raise _bad("'response_format' must be an object {\"type\": \"text\" | \"json_object\" | "
+                       "\"json_schema\"}", param="response_format", code="invalid_value")
+        from flashjax.serving.guided import grammar_for_response_format
+
+        try:
+            return grammar_for_response_format(rf)
+        except ImportError as e:
+            raise _bad(f"response_format {{\"type\": \"{kind}\"}}: structured output is not available on this "
+                       f"server ({e})", param="response_format", code="unsupported_value") from None
+        except ValueError as e:
+            raise _bad(str(e), param="response_format", code="invalid_value") from None
 
     @staticmethod
     def check_unsupported(body: dict, chat: bool) -> None:
@@ -258,7 +281,6 @@ class _Service:
     def plan(self, body: dict, chat: bool) -> _Plan:
         """What the client asked for beyond the engine's RequestParams (validated; 400 names the field)."""
         self.check_unsupported(body, chat)
-        self.check_response_format(body)
         stream = _get(body, "stream", "bool", False)
         so = body.get("stream_options")
         include_usage = False
@@ -273,7 +295,7 @@ class _Service:
         n = _get(body, "n", "int", 1)
         if not 1 <= n <= INT32_MAX:
             raise _bad(f"'n' must be an integer in [1, 2**31), got {n}", param="n", code="invalid_value")
-        names = {"logprobs": "top_logprobs" if chat else "logprobs"}
+        names = {"logprobs": "top_logprobs" if chat else "logprobs", "grammar": "response_format"}
         # logprobs: completions take an int (0..5 alternatives); chat takes logprobs: bool + top_logprobs
         if chat:
             want = _get(body, "logprobs", "bool", False)
@@ -327,11 +349,17 @@ class _Service:
                     raise _bad(f"'{name}' is not applied by beam search; leave it out or use sampling",
                                param=name, code="unsupported_value")
             if logprobs is not None:
-                raise _bad("beam search does not return per-token logprobs", param="logprobs",
+                raise _bad("beam search does not return per-token logprobs", param=names["logprobs"],
                            code="unsupported_value")
+            if body.get("response_format") is not None and body["response_format"] != {"type": "text"}:
+                raise _bad("structured output (response_format) cannot be combined with beam search",
+                           param="response_format", code="unsupported_value")
+        rf = body.get("response_format")
+        if rf is not None and not (isinstance(rf, dict) and rf.get("type") in ("text", "json_object", "json_schema")):
+            self.response_format_grammar(body)  # the 400 (the grammar itself is built off the loop: run)
         return _Plan(chat=chat, stream=stream, include_usage=include_usage, n=n, best_of=best_of,
                      beam_width=beam_width if beam_width is not None else 1, logprobs=logprobs, echo=echo,
-                     names=names)
+                     grammar=None, names=names)
 
     def logit_bias(self, body: dict) -> tuple:
         bias = body.get("logit_bias")
@@ -406,7 +434,7 @@ class _Service:
             n=sampling_n, beam_width=plan.beam_width, logprobs=logprobs,
             presence_penalty=_get(body, "presence_penalty", "num", 0.0),
             frequency_penalty=_get(body, "frequency_penalty", "num", 0.0),
-            logit_bias=self.logit_bias(body),
+            logit_bias=self.logit_bias(body), grammar=plan.grammar,
         )
         if kw["top_k"] == -1:
             kw["top_k"] = 0
@@ -745,6 +773,8 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         body = await read_json(request)
         svc.check_model(body)
         plan = svc.plan(body, chat)
+        if body.get("response_format") is not None:  # a JSON schema's grammar can take a while: off the loop
+            plan.grammar = await asyncio.to_thread(svc.response_format_grammar, body)
         # tokenization (and chat templating) can take seconds for a long prompt: not on the loop
         if chat:
             ids = await asyncio.to_thread(svc.chat_prompt_ids, body)
@@ -754,9 +784,15 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         params = [svc.params(body, len(ids), plan, prompt_param=where) for ids, _, where in prompts]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         handles = []
-        try:
+
+        def add_all():
             for k, ((ids, _, _), p) in enumerate(zip(prompts, params)):
                 handles.append(engine.add_request(ids, p, request_id=rid if len(prompts) == 1 else f"{rid}-{k}"))
+        try:
+            if plan.grammar is None:
+                add_all()
+            else:  # the engine checks (compiles) the grammar: not on the loop
+                await asyncio.to_thread(add_all)
         except QueueFullError as e:
             for h in handles:
                 h.cancel()
@@ -769,6 +805,8 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             name = _param_of(e, fields)
             if name is None and "slots" in str(e):  # "the request needs N sequences; the engine has M slots"
                 name = "beam_width" if params[0].beam_width > 1 else "n"
+            if name is None and plan.grammar is not None and ("grammar" in str(e) or "structured" in str(e)):
+                name = "grammar"  # "the grammar is invalid: ...", "structured output needs a tokenizer ..."
             raise _bad(str(e), param=plan.names.get(name, name) or prompts[0][2], code="invalid_value") from None
         created = int(time.time())
         if plan.stream:

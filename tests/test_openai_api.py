@@ -613,3 +613,64 @@ def test_stream_replay_keeps_logprobs(served):
     for ev in events:
         assert ev.token_ids == out[ev.index].token_ids and len(ev.logprobs) == 3
         assert ev.logprobs == out[ev.index].logprobs
+
+
+# -- structured output (response_format) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def json_server():
+    """A server whose tokenizer is a trained byte-level BPE (llguidance needs a `tokenizers` one)."""
+    pytest.importorskip("llguidance", reason="structured output needs llguidance (the serve extra)")
+    from flashjax.models.tokenizer import Tokenizer
+
+    docs = ['{"name": "rex", "kind": "dog", "age": 3}', '{"ok": true, "scores": [1.5, 2], "inner": {"x": 4}}',
+            "def main():\n    return 0\n"] * 20
+    tok = Tokenizer.train(docs, 300)
+    cfg = config_from_preset("nano", n_layer=2, d_model=64, n_head=4, vocab_size=tok.vocab_size, max_seq_len=128,
+                             attention="xla", init_std=0.3)
+    engine = Engine(build_model(cfg, 0), tokenizer=tok, num_blocks=64, max_seqs=4, block_size=8,
+                    max_num_batched_tokens=64, prefill_rows=2, max_chunk=32, chunk_buckets=(32,))
+    url, srv, th = _start(create_app(engine, tok, model_name="json"))
+    yield url
+    srv.should_exit = True
+    th.join(10)
+    engine.stop()
+    assert engine.blocks.num_used == 0
+
+
+def test_structured_output_over_http(json_server):
+    from test_guided import SCHEMAS, _valid
+
+    base = json_server
+    msgs = [{"role": "user", "content": "a pet"}]
+    for schema in SCHEMAS:
+        rf = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+        r = post(base, CHAT, {"messages": msgs, "max_tokens": 100, "n": 2, "seed": 1, "response_format": rf})
+        for c in r["choices"]:
+            assert c["finish_reason"] == "stop" and _valid(json.loads(c["message"]["content"]), schema), c
+        chunks = stream(base, CHAT, {"messages": msgs, "max_tokens": 100, "seed": 1, "response_format": rf})
+        text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+        assert _valid(json.loads(text), schema) and text == r["choices"][0]["message"]["content"]
+    # completions take it too; json_object gives an object
+    r = post(base, COMP, {"prompt": "data: ", "max_tokens": 100, "seed": 2, "response_format": {"type": "json_object"}})
+    c = r["choices"][0]
+    assert c["text"].startswith("{") and (c["finish_reason"] == "length" or isinstance(json.loads(c["text"]), dict))
+    for rf in ({"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 5}},
+               {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}):
+        bad(base, CHAT, {"messages": msgs, "max_tokens": 5, "response_format": rf}, "response_format")
+    bad(base, COMP, {"prompt": "x", "max_tokens": 5, "beam_width": 2, "response_format": {"type": "json_object"}},
+        "response_format")
+
+
+def test_structured_output_with_the_openai_client(json_server):
+    openai = pytest.importorskip("openai")
+    from test_guided import SCHEMAS, _valid
+
+    schema = SCHEMAS[0]
+    with openai.OpenAI(base_url=f"{json_server}/v1", api_key="x", max_retries=0, timeout=120) as client:
+        for seed in range(3):
+            r = client.chat.completions.create(
+                model="json", messages=[{"role": "user", "content": "a pet"}], max_tokens=100, seed=seed,
+                response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": schema}})
+            assert _valid(json.loads(r.choices[0].message.content), schema)
