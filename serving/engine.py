@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -437,7 +438,10 @@ class Engine:
             for r in guided:
                 self._grammar.fill(r.matcher, mask[r.slot])
             arrays["mask"] = mask
-        out = self.runner.run(arrays, pf_arrays, steps=n_steps)
+        # top-k / top-p need a sort of the vocabulary: a variant of its own (compiled on first use)
+        filtered = any(r.consts[0][S.TOP_K - S.TOP_K] > 0 or r.consts[1][S.TOP_P] < 1
+                       for r in itertools.chain(decodes, (r for r, _ in prefills)))
+        out = self.runner.run(arrays, pf_arrays, steps=n_steps, filtered=filtered)
         c = self.stats_counters
         c["steps"] += 1
         c["device_calls"] += 1

@@ -173,11 +173,15 @@ def _filtered_logits(logits, p: SamplingArrays):
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
 
-def sample(logits, params: SamplingArrays, keys):
+def sample(logits, params: SamplingArrays, keys, *, filtered: bool | None = None):
     """Next token ids int32 [batch] from logits [batch, vocab] with per-row settings.
 
-    `keys`: [batch] keys (one per row) or a single key. All-greedy batches
-    skip the sort (a `lax.cond`).
+    `keys`: [batch] keys (one per row) or a single key.
+    filtered: None: all-greedy batches skip the sort (a `lax.cond`, which on a GPU
+    makes the host wait for the predicate). True / False (static): whether any row
+    may use top-k / top-p. False never sorts: rows draw from softmax(logits / T)
+    directly (the same draws as True gives rows with no top-k / top-p); neither
+    has control flow, so a caller can dispatch it without waiting for the device.
     """
     logits = jnp.asarray(logits).astype(jnp.float32)
     if logits.ndim != 2:
@@ -189,9 +193,14 @@ def sample(logits, params: SamplingArrays, keys):
         keys = jax.random.split(keys, batch)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def stochastic():
-        filt = _filtered_logits(logits, params)
+    def stochastic(filt):
         draws = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filt).astype(jnp.int32)
         return jnp.where(params.temperature > 0, draws, greedy)
 
-    return jax.lax.cond(jnp.all(params.temperature <= 0), lambda: greedy, stochastic)
+    if filtered is None:
+        return jax.lax.cond(jnp.all(params.temperature <= 0), lambda: greedy,
+                            lambda: stochastic(_filtered_logits(logits, params)))
+    if filtered:
+        return stochastic(_filtered_logits(logits, params))
+    t = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    return stochastic(logits / t)

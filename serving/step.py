@@ -137,14 +137,14 @@ class StepRunner:
         self.counts = jnp.zeros((self.max_seqs, vocab), jnp.int32)  # tokens generated per slot (penalties)
         self.bias = jnp.zeros((self.max_seqs, vocab), jnp.float32)  # logit bias per slot
         self.trace_counts: collections.Counter = collections.Counter()
-        self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("steps",))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("steps", "filtered"))
         self._set_bias = jax.jit(self._set_bias_impl, donate_argnums=(0,))
         self._gather = jax.jit(self._gather_impl)
         self._scatter = jax.jit(self._scatter_impl, donate_argnums=(0,))
         self._copy = jax.jit(self._copy_impl, donate_argnums=(0,))
 
     # -- public ------------------------------------------------------------------
-    def run(self, slots: dict, prefill: dict | None, *, steps: int) -> dict[str, Any]:
+    def run(self, slots: dict, prefill: dict | None, *, steps: int, filtered: bool = False) -> dict[str, Any]:
         """Dispatch one call; returns its outputs as device arrays (not waited for).
 
         out["prefill"] = sampled ids [P]; out["decode"] = ids [steps, S] (-1: none).
@@ -153,7 +153,8 @@ class StepRunner:
         the same for prefill rows under "pf_tok_lp", "pf_top_lp", "pf_top_id".
         """
         self.pages, self.last_tok, self.counts, out = self._step(
-            self.params, self.pages, self.last_tok, self.counts, self.bias, slots, prefill, steps=int(steps))
+            self.params, self.pages, self.last_tok, self.counts, self.bias, slots, prefill, steps=int(steps),
+            filtered=bool(filtered))
         return out
 
     def set_bias(self, slot: int, items) -> None:
@@ -194,9 +195,9 @@ class StepRunner:
             lengths=lengths, active=active, refcounts=jnp.ones((nb,), jnp.int32),
             status=jnp.int32(kv_cache.OK), block_size=self.block_size)
 
-    def _pick(self, logits, sp: SamplingArrays, steps):
+    def _pick(self, logits, sp: SamplingArrays, steps, filtered: bool):
         keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t.astype(jnp.uint32)))(sp.seed, steps)
-        return sample(logits, sp, keys)
+        return sample(logits, sp, keys, filtered=filtered)
 
     @staticmethod
     def _adjust(logits, counts, presence, frequency, bias):
@@ -216,7 +217,7 @@ class StepRunner:
         bits = jnp.right_shift(words[:, v // 32], v % 32) & 1
         return jnp.where(bits != 0, logits, -jnp.inf)
 
-    def _step_impl(self, params, pages, last_tok, counts, bias, slots, prefill, *, steps):
+    def _step_impl(self, params, pages, last_tok, counts, bias, slots, prefill, *, steps, filtered):
         self.trace_counts["step"] += 1
         model = nnx.merge(self.graphdef, params)
         S = self.max_seqs
@@ -245,7 +246,7 @@ class StepRunner:
             logits = self._adjust(logits, counts[s], presence[s], frequency[s], bias[s])
             if "mask" in slots:
                 logits = self._mask(logits, slots["mask"][s])
-            tok = self._pick(logits, rows, meta[:, PF_STEP0])
+            tok = self._pick(logits, rows, meta[:, PF_STEP0], filtered)
             out["prefill"] = tok
             out["pf_tok_lp"], out["pf_top_lp"], out["pf_top_id"] = self._logprobs(logits, tok)
             write = (meta[:, PF_SAMPLE] > 0) & live
@@ -267,7 +268,7 @@ class StepRunner:
                 logits = self._adjust(logits, counts, presence, frequency, bias)
                 if "mask" in slots:
                     logits = self._mask(logits, slots["mask"])
-                new = self._pick(logits, sp, step0 + j)
+                new = self._pick(logits, sp, step0 + j, filtered)
                 counts = counts.at[jnp.where(live, rows_all, S), new].add(1, mode="drop")
                 stop = (new == eos) | jnp.any(new[:, None] == stop_ids, axis=1)
                 return logits, new, pages, st.lengths, jnp.where(live, new, tok), alive & ~(live & stop), \
@@ -279,18 +280,17 @@ class StepRunner:
                 out["decode"] = out_tok[None]
                 out["tok_lp"], out["top_lp"], out["top_id"] = self._logprobs(logits, new)
             else:
-                def cond(c):
-                    j, _, _, _, alive, _, _ = c
-                    return (j < steps) & jnp.any(alive & (j < n_steps))
-
-                def body(c):
-                    j, pages, lengths, tok, alive, toks, counts = c
+                # A fixed trip count (no early exit): XLA then runs the loop without copying
+                # a predicate to the host each iteration, so the call is dispatched without
+                # waiting for the device and the host overlaps it. Rows that stopped idle.
+                def body(j, c):
+                    pages, lengths, tok, alive, toks, counts = c
                     _, _, pages, lengths, tok, alive, new, counts = one(j, pages, lengths, tok, alive, counts)
-                    return j + 1, pages, lengths, tok, alive, toks.at[j].set(new), counts
+                    return pages, lengths, tok, alive, toks.at[j].set(new), counts
 
                 toks = jnp.full((steps, S), -1, jnp.int32)
-                _, pages, _, tok, _, toks, counts = jax.lax.while_loop(
-                    cond, body, (jnp.int32(0), pages, state.lengths, tok, alive, toks, counts))
+                pages, _, tok, _, toks, counts = jax.lax.fori_loop(
+                    0, steps, body, (pages, state.lengths, tok, alive, toks, counts))
                 out["decode"] = toks
             last_tok = tok
         del V

@@ -169,7 +169,9 @@ def test_many_concurrent_requests(server):
 
     counts = asyncio.run(main())
     assert counts == [2 + i % 5 for i in range(8)]
-    assert engine.trace_counts["step"] <= 4
+    # prefill with and without a decode step, one and K decode steps, each with and without
+    # top-k / top-p filtering; +1 for JAX's one-off retrace
+    assert engine.trace_counts["step"] <= 2 * 4 + 1
 
 
 def test_disconnect_cancels(server):
