@@ -156,6 +156,10 @@ class Detokenizer:
             self._source = _ByteText(tokenizer)
         else:
             self._source = _WindowText(tokenizer, prompt_ids)
+        # A model's vocabulary is often padded past its tokenizer's: ids the tokenizer
+        # does not know have no text (they would crash its decode).
+        vocab = getattr(tokenizer, "vocab_size", None)
+        self._vocab = int(vocab) if isinstance(vocab, int) and vocab > 0 else None
         self.num_tokens = 0
         self._emitted: list[str] = []  # deltas handed out so far
         self._held = ""  # committed text not emitted yet (could start a stop string)
@@ -193,7 +197,10 @@ class Detokenizer:
         out: list[str] = []
         for token_id in token_ids:
             self.num_tokens += 1
-            piece = self._source.add(int(token_id))
+            token_id = int(token_id)
+            if token_id < 0 or (self._vocab is not None and token_id >= self._vocab):
+                continue
+            piece = self._source.add(token_id)
             if piece and self._take(piece, out, final=False):
                 break
         delta = "".join(out)

@@ -342,3 +342,16 @@ def test_cost_is_linear(byte_tok, sp_tok, kind):
     # re-decoding everything would be ~n^2/2 = 2,000,000 ids; a bounded window is a few per push
     assert big <= 2000 * 2 * (2 * MAX_PENDING + 8)
     assert big < 2.2 * small
+
+
+def test_ids_past_the_tokenizer_vocabulary_have_no_text():
+    """A model's vocabulary padded past its tokenizer's (common in real checkpoints)
+    must not crash the detokenizer, which runs on the serving engine's thread."""
+    from flashjax.models.tokenizer import Tokenizer
+    from flashjax.serving.detokenizer import Detokenizer
+
+    tok = Tokenizer.train(["hello world"] * 20, 280)
+    ids = tok.encode("hello")
+    d = Detokenizer(tok)
+    delta, stopped = d.push([ids[0], tok.vocab_size + 3, *ids[1:], tok.vocab_size])
+    assert delta + d.flush() == "hello" and not stopped and d.num_tokens == len(ids) + 2
