@@ -5,7 +5,8 @@ group's live beams offer their top-W next tokens (log-probabilities from the
 step); the W best continuations by summed log-probability survive. A parent's
 first surviving child takes over its slot, further children fork it (full
 blocks shared, the partial last block copied). A continuation that ends in
-end-of-text or a stop id is finished; the group ends when W are finished, at
+end-of-text or a stop id, or whose text completes a stop string (tokens and text
+cut there), is finished; the group ends when W are finished, at
 `max_tokens`, or at the context length, and returns its `n` best.
 
 Beam steps run synchronously (each step's top tokens are read before the next
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import collections
 
+from flashjax.serving.detokenizer import Detokenizer
 from flashjax.serving.handles import StreamEvent
 from flashjax.serving.scheduler import Request, RequestStatus
 
@@ -26,6 +28,17 @@ class BeamState:
     def __init__(self, width: int):
         self.width = width
         self.finished: list[tuple[float, list[int], str]] = []
+
+
+def _stop_cut(output, params, prompt, ids):
+    """(ids, text, stopped): a beam's tokens and text cut at its first stop string."""
+    if not params.stop or output.tokenizer is None:
+        return ids, None, False
+    d = Detokenizer(output.tokenizer, stop=params.stop, prompt_ids=prompt)
+    _, stopped = d.push(ids)
+    if not stopped:
+        return ids, None, False
+    return list(ids[: d.num_tokens]), d.text, True
 
 
 def beam_step(items, now: float, *, scheduler, runner, output, max_len: int) -> None:
@@ -46,8 +59,9 @@ def beam_step(items, now: float, *, scheduler, runner, output, max_len: int) -> 
         if len(chosen) >= W - len(st.finished):
             break
         out = r.output + [t]
-        if t in stops:
-            st.finished.append((score, out, "stop"))
+        cut, _, stopped = _stop_cut(output, handle.params, r.prompt, out)
+        if t in stops or stopped:  # a stop id / end-of-text, or a stop string completed
+            st.finished.append((score, cut, "stop"))
             if len(st.finished) >= W:
                 break
             continue
@@ -105,8 +119,11 @@ def beam_step(items, now: float, *, scheduler, runner, output, max_len: int) -> 
             scheduler.release(b)
             b.status = RequestStatus.FINISHED
         for i, (score, out, reason) in enumerate(final[: handle.params.n]):
+            out, text, _ = _stop_cut(output, handle.params, handle.prompt, out)
             handle.token_ids[i] = out
-            handle.texts[i] = output.decode_text(out)
+            eos = None if handle.params.ignore_eos else output.eos_id
+            handle.texts[i] = text if text is not None else output.decode_text(
+                out[:-1] if out and out[-1] == eos else out)
             handle.finish_reasons[i] = reason
             handle.scores[i] = score
             handle._emit(StreamEvent(i, out, handle.texts[i], reason))

@@ -414,3 +414,19 @@ def test_logprobs_penalties_and_logit_bias(eng, model):
         RequestParams(presence_penalty=3)
     with pytest.raises(ValueError, match="logprobs"):
         RequestParams(logprobs=21)
+
+
+def test_beam_search_respects_stop_strings(eng):
+    e = _engine_like(eng, tokenizer=_AsciiTokenizer())
+    prompt = _prompts(1, seed=26, lo=4, hi=6)[0]
+    free = e.generate([prompt], RequestParams(temperature=0, max_tokens=12, beam_width=2, n=1))[0].outputs[0]
+    text = _AsciiTokenizer().decode(free.token_ids)
+    stop = text[4:6]
+    out = e.generate([prompt], RequestParams(temperature=0, max_tokens=12, beam_width=2, n=2, stop=(stop,)))[0]
+    for o in out.outputs:
+        assert stop not in o.text
+        if o.finish_reason == "stop":  # cut right after the token that completed the stop string
+            full = _AsciiTokenizer().decode(o.token_ids)
+            assert full.endswith(stop) and o.text == full[: -len(stop)]
+    assert any(o.finish_reason == "stop" for o in out.outputs)
+    assert e.blocks.num_used == 0
