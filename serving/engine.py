@@ -78,7 +78,7 @@ from flashjax.serving.blocks import BlockManager
 from flashjax.serving.handles import (CompletionOutput, QueueFullError, RequestHandle, SequenceOutput,
                                       StreamEvent)
 from flashjax.serving.output import OutputProcessor
-from flashjax.serving.scheduler import Request, RequestParams, RequestStatus, Scheduler, SchedulePlan
+from flashjax.serving.scheduler import Request, RequestParams, Scheduler, SchedulePlan
 
 __all__ = ["Engine", "RequestHandle", "CompletionOutput", "SequenceOutput", "StreamEvent",
            "QueueFullError", "RequestParams"]
@@ -392,7 +392,7 @@ class Engine:
             raise RuntimeError(f"scheduler bug: step needs {need} blocks, {bm.num_available} available")
 
         sl = self._slots
-        ints, floats = sl.ints, sl.floats
+        ints = sl.ints
         ints[:, S.LENGTH] = bm.lengths  # before this step's growth
         ints[:, S.ACTIVE] = bm.active
         ints[:, S.N_STEPS] = 0

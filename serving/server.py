@@ -25,7 +25,7 @@ naming the field: tools, tool_choice, parallel_tool_calls, functions, function_c
 audio, modalities other than ["text"], prediction, web_search_options, reasoning_effort,
 verbosity, store: true, service_tier other than auto/default. Extensions: top_k, ignore_eos,
 stop_token_ids, beam_width (beam search: deterministic, ignores temperature/top_p/top_k/seed,
-refuses penalties, logprobs and JSON output; stop strings cut the finished beams), use_beam_search (vLLM:
+refuses penalties, logprobs and JSON output; the engine cuts beams at stop strings), use_beam_search (vLLM:
 beam width = beam_width, best_of or max(2, n)). Other fields are ignored.
 `stream: true` answers with server-sent events, one JSON
 chunk per `data:` line, ending with `data: [DONE]`. A client that disconnects
@@ -494,18 +494,6 @@ class _Service:
                    for t, (lp, alts) in zip(ids, lps or ())]
         return {"content": content, "refusal": None}
 
-    def cut_at_stop(self, params, prompt, ids: list[int], text: str, reason):
-        """Beam search outputs whole beams: cut one at its first stop string, as sampling does."""
-        if not params.stop or self.tokenizer is None:
-            return ids, text, reason
-        from flashjax.serving.detokenizer import Detokenizer
-
-        d = Detokenizer(self.tokenizer, stop=params.stop, prompt_ids=prompt)
-        _, stopped = d.push(ids)
-        if not stopped:
-            return ids, text, reason
-        return list(ids[: d.num_tokens]), d.text, "stop"
-
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise _bad("this server has no tokenizer: send the prompt as a list of token ids", param="prompt")
@@ -840,9 +828,7 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             cached += res.num_cached_prompt_tokens
             outs = []
             for o in res.outputs:
-                ids, text, reason = o.token_ids, o.text, o.finish_reason
-                if plan.beam_width > 1:
-                    ids, text, reason = svc.cut_at_stop(h.params, h.prompt, ids, text, reason)
+                ids, text, reason = o.token_ids, o.text, o.finish_reason  # beams come cut at stop strings
                 ntok += len(ids)
                 outs.append((ids, text, reason, o.logprobs))
             if plan.best_of is not None:  # OpenAI's best_of: the n candidates with the highest log-probability
@@ -916,9 +902,6 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
                                      "finish_reason": None, "logprobs": None})
             async for k, ev in events(handles):
                 ids, text, reason = ev.token_ids, ev.text, ev.finish_reason
-                h = handles[k]
-                if plan.beam_width > 1:  # a beam arrives whole, once the search is done
-                    ids, text, reason = svc.cut_at_stop(h.params, h.prompt, ids, text, reason)
                 ntok += len(ids)
                 index = k * plan.n + ev.index
                 if chat:
