@@ -96,6 +96,14 @@ def _pow2_buckets(max_chunk: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
+class _PlanError(RuntimeError):
+    """A plan the host cannot carry out (nothing was dispatched): its requests fail, the engine goes on."""
+
+    def __init__(self, message: str, seqs: list):
+        super().__init__(message)
+        self.seqs = seqs
+
+
 @dataclasses.dataclass
 class _Dispatched:
     """A step on the device whose sampled ids the host has not read yet."""
@@ -334,7 +342,18 @@ class Engine:
             self._drain()
             return 0
         t1 = time.perf_counter()
-        d = self._dispatch(plan)
+        try:
+            d = self._dispatch(plan)
+        except _PlanError as e:  # never expected: fail this step's requests alone and keep serving
+            log.error("engine: %s; failing the %d requests of this step", e, len({id(r.group) for r in e.seqs}))
+            self.stats_counters["failed_steps"] += 1
+            for handle in {id(r.group): r.group for r in e.seqs}.values():
+                handle.error = RuntimeError(f"the engine could not run this request's step: {e}")
+                for r in handle.seqs:
+                    if not r.finished:
+                        self.output.finish_seq(r, "error")
+                self.output.finish_handle(handle)
+            return 0
         self._inflight.append(d)
         self.host_timing["plan_s"] += t1 - t0
         self.host_timing["dispatch_s"] += time.perf_counter() - t1
@@ -389,7 +408,8 @@ class Engine:
                 steps = {id(r): 1 for r in decodes}
         need += sum(bm.blocks_for(r.num_cached, steps[id(r)]) for r in decodes)
         if not bm.ensure_free(need):
-            raise RuntimeError(f"scheduler bug: step needs {need} blocks, {bm.num_available} available")
+            raise _PlanError(f"the step needs {need} KV blocks, {bm.num_available} are available",
+                             [r for r, _ in prefills] + list(decodes))
 
         sl = self._slots
         ints = sl.ints

@@ -404,6 +404,8 @@ class Scheduler:
         n_evictable = sum(1 for b in hit if bm.refcounts[b] == 0)
         hit_len = len(hit) * bm.block_size
         need = bm.blocks_for(hit_len, req.pending - hit_len + req.num_cached) + n_evictable
+        if req.fork_pending:
+            need += (req.params.num_seqs - 1) * 2  # its fork, once the prompt is cached
         if need > avail:
             return False
         req.slot = bm.take_slot()
@@ -448,6 +450,14 @@ class Scheduler:
         in_last = (-length) % bs
         return in_last + free_blocks * bs
 
+    def _fork_reserve(self, r: Request) -> int:
+        """Blocks a decoding sequence may take beyond its own growth this step: the forks of
+        an n > 1 / beam leader (each child copies the partial last block and may grow past
+        it), or a live beam's share of the next beam step's forks (one partial-block copy)."""
+        if r.fork_pending:
+            return (r.params.num_seqs - 1) * 2
+        return 1 if r.params.beam_width > 1 else 0
+
     def _decodable(self, r: Request) -> bool:
         return r.pending == 1 and r.decode_room(self.max_len) > 0
 
@@ -464,9 +474,7 @@ class Scheduler:
             need = 0
             for r in rs:
                 if self._decodable(r):
-                    need += bm.blocks_for(r.num_cached, 1)
-                    if r.fork_pending:
-                        need += (r.params.n - 1) * (2 if r.num_cached % bm.block_size else 1)
+                    need += bm.blocks_for(r.num_cached, 1) + self._fork_reserve(r)
             return need
 
         # 1. Decodes (and pending forks); preempt the newest while blocks are short.
@@ -484,7 +492,8 @@ class Scheduler:
             elif r.fork_pending:
                 decodes.extend(self._fork(r, plan))
             decodes.append(r)
-        committed = decode_need(running)
+        # blocks this step's decodes take (forks done above already took their copies)
+        committed = sum(bm.blocks_for(r.num_cached, 1) + self._fork_reserve(r) for r in decodes)
         budget = self.max_num_batched_tokens - len(decodes)
 
         # 2. Chunked prefill of running sequences, oldest first.
@@ -519,11 +528,10 @@ class Scheduler:
             self.running.append(r)
             plan.admitted.append(r)
             if r.pending == 1:  # swapped-in, or fully cached but the last token
-                committed += bm.blocks_for(r.num_cached, 1)
+                committed += bm.blocks_for(r.num_cached, 1) + self._fork_reserve(r)
                 if r.fork_pending and r.params.beam_width > 1:
                     plan.beam_forks.append(r)
                 elif r.fork_pending:
-                    committed += (r.params.n - 1) * 2
                     kids = self._fork(r, plan)
                     decodes.extend(kids)
                     budget -= len(kids)

@@ -652,6 +652,7 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect
 
     from flashjax.serving.engine import QueueFullError
 
@@ -736,11 +737,14 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         if declared is not None and declared > max_body_bytes:
             raise too_large()
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise too_large()
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise too_large()
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone before it finished sending: nobody to answer
+            raise ApiError(499, "client disconnected while sending the request body", code="client_closed") from None
         return b"".join(chunks)
 
     async def read_json(request: Request) -> dict:

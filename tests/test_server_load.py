@@ -16,10 +16,9 @@ Checked: every valid request ends complete (finish_reason set, max_tokens tokens
 its 4xx with an OpenAI-shaped JSON error naming the field; afterwards nothing runs or waits,
 no KV block is referenced (the prefix cache may keep unreferenced ones), the block manager's
 invariants hold, /health is 200, the engine thread is alive with no error, no 5xx was
-answered and nothing was logged at ERROR (but for one known server bug, tolerated only as
-itself: see test_client_gone_while_sending_its_body_is_not_a_500).
+answered and nothing was logged at ERROR.
 
-The xfail(strict=True) tests at the end reproduce the bugs this load found, each on its own.
+The tests at the end reproduce, each on its own, the bugs this load found (fixed since).
 
 Seed: FLASHJAX_LOAD_SEED (default 18); the seed and the counts per class are printed.
 """
@@ -63,14 +62,6 @@ STOPS = ["e", "a", " ", ["xy", "o"], "\n", "é", ["日", "q"]]
 
 A = object()  # "any param" in an expected error
 
-# KNOWN ENGINE BUGS (see the xfail tests at the end of this file): under KV-block pressure
-# (1) an n > 1 request whose prompt is cached but for its last token is admitted and forked
-# without room for its extra sequences' blocks, and (2) a beam search forks its beams without
-# checking for free blocks; either kills the engine thread ("scheduler bug: step needs 2 blocks,
-# 1 available" / "out of KV blocks"). Until they are fixed the load sends no beam search and
-# gives n > 1 prompts a length that is not 1 mod the block size (so the prefix cache can never
-# cover all but their last token). Set this to False once both xfail tests pass.
-AVOID_KNOWN_ENGINE_BUGS = True
 
 
 def _text(rng, max_bytes):
@@ -97,7 +88,7 @@ def _valid(rng, chat):
     body["temperature"] = rng.choice([0, 0, 0.5, 1.0, 1.7])
     if rng.random() < 0.5:
         body["seed"] = rng.randrange(2**32)
-    beam = rng.random() < 0.05 and not AVOID_KNOWN_ENGINE_BUGS
+    beam = rng.random() < 0.05
     n = 2 if rng.random() < 0.3 else 1
     if n > 1:
         body["n"] = n
@@ -135,7 +126,7 @@ def _valid(rng, chat):
         if rng.random() < 0.2:
             msgs[-1]["content"] = [{"type": "text", "text": _text(rng, 8)}, {"type": "text", "text": _text(rng, 8)}]
         body["messages"] = msgs
-        return "/v1/chat/completions", _avoid_fork_bug(body)
+        return "/v1/chat/completions", body
     r = rng.random()
     if r < 0.65:
         body["prompt"] = _text(rng, 40)
@@ -147,7 +138,7 @@ def _valid(rng, chat):
         body["prompt"] = ""  # an empty string is a valid prompt (the end-of-text token)
     if not stream and "logprobs" not in body and rng.random() < 0.15:
         body["echo"] = True
-    return "/v1/completions", _avoid_fork_bug(body)
+    return "/v1/completions", body
 
 
 def _ntok(text):
@@ -158,31 +149,6 @@ def _chat_len(msgs):
     clean = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
               else "".join(p["text"] for p in m["content"])} for m in msgs]
     return len(chat_prompt(ByteTokenizer(), clean).encode())
-
-
-def _avoid_fork_bug(body):
-    """AVOID_KNOWN_ENGINE_BUGS: no prompt of an n > 1 request is 1 token past a block boundary."""
-    if not AVOID_KNOWN_ENGINE_BUGS or max(body.get("n", 1), body.get("best_of") or 1) < 2:
-        return body
-    if "messages" in body:
-        last = body["messages"][-1]
-        while _chat_len(body["messages"]) % BLOCK == 1:
-            if isinstance(last["content"], list):
-                last["content"][-1]["text"] += "x"
-            else:
-                last["content"] += "x"
-        return body
-    p = body["prompt"]
-    if isinstance(p, str):
-        while _ntok(p) % BLOCK == 1:
-            p += "x"
-    elif p and isinstance(p[0], str):
-        p = [q + "x" if _ntok(q) % BLOCK == 1 else q for q in p]
-        p = [q + "x" if _ntok(q) % BLOCK == 1 else q for q in p]  # "" -> "x" -> "xx"
-    elif len(p) % BLOCK == 1:
-        p = p + [1]
-    body["prompt"] = p
-    return body
 
 
 def _check_tokens(body, ntok, reason, where):
@@ -515,7 +481,6 @@ async def _one(c, kind, rng, engine, counts):
     else:
         body["prompt"] = _text(rng, 20)
         path = C
-    _avoid_fork_bug(body)
     if kind == "disconnect_mid_stream":  # hang up after the first chunk
         r = await _post_until_served(c, path, {**body, "stream": True}, counts, stream=True)
         try:
@@ -553,7 +518,7 @@ async def _one(c, kind, rng, engine, counts):
     elif kind == "cancel_engine_handle":  # an in-process client of the same engine cancels its request
         params = RequestParams(max_tokens=body["max_tokens"], ignore_eos=True, n=body.get("n", 1),
                                temperature=body["temperature"], seed=rng.randrange(2**32))
-        prompt = list(_avoid_fork_bug({"prompt": _text(rng, 20), "n": params.n})["prompt"].encode())
+        prompt = list(_text(rng, 20).encode())
         while True:
             try:
                 h = await asyncio.to_thread(engine.add_request, prompt, params)
@@ -645,21 +610,14 @@ def test_load_and_faults(loaded_server, caplog):
           f"cancelled {stats['requests_cancelled']}; server answers {dict(sorted(http.items()))}\n{summary}")
     assert not failures, f"{len(failures)} failures (seed {SEED}), first ones: {failures[:5]}"
     errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
-    # KNOWN BUG (test_client_gone_while_sending_its_body_is_not_a_500): a client that hangs up
-    # while its body is being read is answered (to no one) with a 500 and an ERROR traceback.
-    # Tolerated here only as exactly that; anything else is a failure.
-    gone = [rec for rec in errors if rec.exc_info and type(rec.exc_info[1]).__name__ == "ClientDisconnect"]
-    assert not [rec for rec in errors if rec not in gone], [rec.getMessage()[:300] for rec in errors[:5]]
-    assert {k: v for k, v in http.items() if k.startswith("5")} == ({"500": len(gone)} if gone else {}), http
+    assert not errors, [rec.getMessage()[:300] for rec in errors[:5]]
+    assert not {k: v for k, v in http.items() if k.startswith("5")}, http
     # the load exercised what it is meant to
     assert sum(v for k, v in counts.items() if k in kinds) == len(kinds)
     assert stats["preemptions"] > 0 and stats["requests_rejected"] > 0 and counts["429_retried"] > 0, stats
     assert stats["requests_cancelled"] > 0, stats
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: a client that disconnects while its request body is being "
-                   "read gets an internal-error 500 (counted in flashjax_http_responses_total) and an ERROR "
-                   "traceback in the log (starlette.requests.ClientDisconnect escapes read_body)")
 def test_client_gone_while_sending_its_body_is_not_a_500(caplog):
     """Declare 100 bytes, send 12, hang up: no 500 is counted and nothing is logged at ERROR."""
     import socket
@@ -717,10 +675,9 @@ def _run(engine, known):
         raise
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="engine bug: an n > 1 request whose prompt is "
-                   "cached but for its last token is admitted and forked in one step without room for its extra "
-                   "sequences' blocks: 'scheduler bug: step needs 2 blocks, 1 available' (kills the engine thread)")
 def test_n2_fork_of_a_cached_prompt_under_block_pressure():
+    """Was: admitted and forked in one step without room for its extra sequences' blocks
+    ('scheduler bug: step needs 2 blocks, 1 available' killed the engine thread)."""
     engine, greedy = _tight_engine(cached=[99] * 8)  # [99] * 8 stays as a cached block
     assert (engine.blocks.num_used, engine.blocks.num_free, len(engine.blocks.evictable)) == (10, 1, 1)
     h = engine.add_request([99] * 9, RequestParams(max_tokens=2, n=2, **greedy))
@@ -729,10 +686,8 @@ def test_n2_fork_of_a_cached_prompt_under_block_pressure():
     engine.blocks.check()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="engine bug: beam search forks its beams (bm.fork in "
-                   "beam_step) without checking for free blocks, and the scheduler does not count them for a beam "
-                   "leader: 'out of KV blocks' (kills the engine thread)")
 def test_beam_fork_under_block_pressure():
+    """Was: beam_step forked beams with no block reserved for it ('out of KV blocks')."""
     engine, greedy = _tight_engine()
     h = engine.add_request([99] * 12, RequestParams(max_tokens=4, beam_width=2, **greedy))  # the last 2 blocks
     _run(engine, "out of KV blocks")
