@@ -430,3 +430,25 @@ def test_beam_search_respects_stop_strings(eng):
             assert full.endswith(stop) and o.text == full[: -len(stop)]
     assert any(o.finish_reason == "stop" for o in out.outputs)
     assert e.blocks.num_used == 0
+
+
+def test_a_step_the_host_cannot_carry_out_fails_its_requests_alone(eng, monkeypatch):
+    """Never expected (the scheduler reserves what its plans need), but if a plan cannot get its
+    blocks its requests fail with an error and the engine serves the next request."""
+    real = eng.blocks.ensure_free
+    calls = {"n": 0}
+
+    def refuse_once(n):
+        calls["n"] += 1
+        return False if calls["n"] == 1 else real(n)
+
+    monkeypatch.setattr(eng.blocks, "ensure_free", refuse_once)
+    h = eng.add_request(_prompts(1, seed=27)[0], GREEDY8)
+    eng.run_until_done()
+    assert h.finished and h.error is not None and h.finish_reasons == ["error"]
+    with pytest.raises(RuntimeError, match="could not run"):
+        h.result()
+    monkeypatch.setattr(eng.blocks, "ensure_free", real)
+    assert eng.engine_error is None and eng.stats_counters["failed_steps"] == 1
+    ok = eng.generate([_prompts(1, seed=28)[0]], GREEDY8)[0].outputs[0]
+    assert ok.finish_reason == "length" and len(ok.token_ids) == 8
