@@ -163,8 +163,8 @@ class Engine:
                                    prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens=max_num_batched_tokens,
                                    prefill_rows=self.prefill_rows, max_chunk=self.max_chunk,
-                                   max_len=self.max_len, preemption_mode=preemption_mode)
-        self.scheduler.counters = self.stats_counters
+                                   max_len=self.max_len, preemption_mode=preemption_mode,
+                                   counters=self.stats_counters)
         self.runner = S.StepRunner(model, num_blocks=self.num_blocks, max_seqs=self.max_seqs,
                                    block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
                                    logprobs_k=self.logprobs_k, decode_kwargs=decode_kwargs)

@@ -12,7 +12,6 @@ token after the one that stopped the sequence.
 from __future__ import annotations
 
 import collections
-import time
 from typing import Sequence
 
 from flashjax.serving.detokenizer import Detokenizer
@@ -125,7 +124,3 @@ class OutputProcessor:
                 if not s.finished:
                     self.finish_seq(s, "error")
             self.finish_handle(h)
-
-    @staticmethod
-    def now() -> float:
-        return time.monotonic()

@@ -284,7 +284,8 @@ class Scheduler:
     """
 
     def __init__(self, blocks: BlockManager, *, max_num_batched_tokens: int, prefill_rows: int,
-                 max_chunk: int, max_len: int, preemption_mode: str = "recompute"):
+                 max_chunk: int, max_len: int, preemption_mode: str = "recompute",
+                 counters: collections.Counter | None = None):
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
         self.blocks = blocks
@@ -295,7 +296,7 @@ class Scheduler:
         self.preemption_mode = preemption_mode
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-        self.counters: collections.Counter = collections.Counter()
+        self.counters: collections.Counter = collections.Counter() if counters is None else counters
 
     # -- queues ------------------------------------------------------------------
     def add(self, req: Request) -> None:

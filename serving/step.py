@@ -51,7 +51,6 @@ from flashjax.serving.scheduler import MAX_LOGIT_BIAS, MAX_LOGPROBS
 __all__ = ["StepRunner", "SlotBatch", "PrefillBatch", "MAX_STOP_IDS"]
 
 MAX_STOP_IDS = 4  # stop token ids per row checked on the device (eos not counted)
-MAX_BIAS_PER_CALL = MAX_LOGIT_BIAS
 
 # Columns of SlotBatch.ints.
 LENGTH, ACTIVE, N_STEPS, HOST_TOK, USE_HOST, STEP0, RESET, TOP_K, SEED, EOS = range(10)
@@ -159,8 +158,8 @@ class StepRunner:
 
     def set_bias(self, slot: int, items) -> None:
         """Make `slot`'s logit-bias row hold `items` ((token, bias) pairs; empty clears it)."""
-        ids = np.full((MAX_BIAS_PER_CALL,), -1, np.int32)
-        vals = np.zeros((MAX_BIAS_PER_CALL,), np.float32)
+        ids = np.full((MAX_LOGIT_BIAS,), -1, np.int32)
+        vals = np.zeros((MAX_LOGIT_BIAS,), np.float32)
         for i, (t, b) in enumerate(items):
             ids[i], vals[i] = t, b
         self.bias = self._set_bias(self.bias, np.int32(slot), ids, vals)
@@ -221,7 +220,6 @@ class StepRunner:
         self.trace_counts["step"] += 1
         model = nnx.merge(self.graphdef, params)
         S = self.max_seqs
-        V = counts.shape[1]
         ints, floats = slots["ints"], slots["floats"]
         counts = jnp.where(ints[:, RESET, None] > 0, 0, counts)
         presence, frequency = floats[:, PRESENCE], floats[:, FREQUENCY]
@@ -293,7 +291,6 @@ class StepRunner:
                     0, steps, body, (pages, state.lengths, tok, alive, toks, counts))
                 out["decode"] = toks
             last_tok = tok
-        del V
         return pages, last_tok, counts, out
 
     def _set_bias_impl(self, bias, slot, ids, vals):
