@@ -452,3 +452,25 @@ def test_a_step_the_host_cannot_carry_out_fails_its_requests_alone(eng, monkeypa
     assert eng.engine_error is None and eng.stats_counters["failed_steps"] == 1
     ok = eng.generate([_prompts(1, seed=28)[0]], GREEDY8)[0].outputs[0]
     assert ok.finish_reason == "length" and len(ok.token_ids) == 8
+
+
+def test_new_validation_messages(eng, model):
+    with pytest.raises(ValueError, match=r"top_k must be <= the vocabulary size 128"):
+        eng.add_request([1, 2], RequestParams(top_k=VOCAB + 1))
+    with pytest.raises(ValueError, match=r"stop_token_ids: 130 is outside the vocabulary \[0, 128\)"):
+        eng.add_request([1, 2], RequestParams(stop_token_ids=(130,)))
+    with pytest.raises(ValueError, match="grammar .*needs an engine with a tokenizer"):
+        eng.add_request([1, 2], RequestParams(grammar="start: \"a\""))
+    with pytest.raises(ValueError, match="decode_steps must be >= 1"):
+        Engine(model, num_blocks=8, max_seqs=2, block_size=4, decode_steps=0)
+    with pytest.raises(ValueError, match="logit_bias keys must be token ids"):
+        RequestParams(logit_bias={"abc": 1.0})
+    with pytest.raises(ValueError, match="logit_bias values must be numbers in"):
+        RequestParams(logit_bias={"3": float("nan")})
+    with pytest.raises(ValueError, match="frequency_penalty must be a number in"):
+        RequestParams(frequency_penalty=-2.5)
+    from flashjax.serving.blocks import BlockManager
+    bm = BlockManager(8, 2, 2, 4)
+    s = bm.take_slot()
+    with pytest.raises(ValueError, match="would hold 9 tokens; its table has room for 8"):
+        bm.grow(s, 9)

@@ -111,3 +111,19 @@ def test_json_object_n2_and_bad_grammar(engine):
         engine.add_request([1, 2], RequestParams(grammar="this is not a grammar %%%"))
     with pytest.raises(ValueError, match="beam"):
         RequestParams(grammar=grammar, beam_width=2, n=1)
+
+
+def test_malformed_response_formats_and_tokenizers():
+    from flashjax.serving.guided import GrammarBackend
+
+    with pytest.raises(ValueError, match="response_format must be an object"):
+        grammar_for_response_format("json")
+    with pytest.raises(ValueError, match="response_format.json_schema must be an object with a 'schema'"):
+        grammar_for_response_format({"type": "json_schema", "json_schema": {"schema": 5}})
+
+    class Plain:
+        def decode(self, ids):
+            return ""
+
+    with pytest.raises(ValueError, match="needs a tokenizer backed by the `tokenizers` library"):
+        GrammarBackend(Plain(), vocab_size=10, eos_id=None)
