@@ -5,7 +5,9 @@
 Times, on the same random-weight model and prompts: the device step alone (K decode
 steps of every row in one call, calls dispatched back to back), and the engine run
 to completion with overlap on/off and several K, with the engine's host timing
-breakdown (plan, dispatch, wait for the device, deliver). Prints JSON lines.
+breakdown (plan, dispatch, wait for the device, deliver). Prints one JSON line per
+measurement and writes them, with the device and versions, to
+benchmarks/results/engine_diag-<device>-<date>.json (`--out` to choose).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 
 def main(argv=None):
@@ -34,7 +39,15 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--variants", default="8:1,8:0,32:1,1:1", help="K:overlap,...")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_diag-<device>-<date>.json)")
     a = ap.parse_args(argv)
+    data = {**common.env_info(), "benchmark": "engine_diag", "config": vars(a), "lines": []}
+    path = a.out or common.results_path("engine_diag", data["device"])
+
+    def emit(line):
+        print(json.dumps(line), flush=True)
+        data["lines"].append(line)
+        common.write_json(data, path)
     cfg = config_from_preset(a.preset, dtype="bfloat16", param_dtype="bfloat16")
     model = build_model(cfg, seed=0)
     rng = np.random.default_rng(0)
@@ -66,7 +79,7 @@ def main(argv=None):
                 outs = [eng.runner.run(arr, None, steps=K) for _ in range(10)]
                 jax.block_until_ready(outs)
                 dev = (time.perf_counter() - t0) / 10 / K
-                print(json.dumps({"variant": v, name + "_device_step_ms": dev * 1e3}), flush=True)
+                emit({"variant": v, name + "_device_step_ms": dev * 1e3})
         eng.host_timing.clear()
         c0 = eng.stats_counters["device_calls"]
         t0 = time.perf_counter()
@@ -74,11 +87,12 @@ def main(argv=None):
         eng.run_until_done()
         total = time.perf_counter() - t0
         assert all(len(h.result().outputs[0].token_ids) == a.new_tokens for h in hs)
-        print(json.dumps({"variant": v, "total_s": total, "tok_s": a.batch * a.new_tokens / total,
-                          "calls": eng.stats_counters["device_calls"] - c0,
-                          **{k: round(x, 4) for k, x in eng.host_timing.items()}}), flush=True)
+        emit({"variant": v, "total_s": total, "tok_s": a.batch * a.new_tokens / total,
+              "calls": eng.stats_counters["device_calls"] - c0,
+              **{k: round(x, 4) for k, x in eng.host_timing.items()}})
         eng.pages = None
         del eng
+    print(f"results: {common.write_json(data, path)}")
 
 
 if __name__ == "__main__":

@@ -93,10 +93,24 @@ def test_kernels_quick(tmp_path):
 
 
 def test_generate_quick(tmp_path):
-    data, stdout = run_quick("generate", tmp_path, "--peers", "paged", "dense")
+    data, stdout = run_quick("generate", tmp_path, "--peers", "paged", "engine", "dense")
     peers = {(r["batch"], r["peer"]) for r in data["results"] if "error" not in r}
-    assert {p for _, p in peers} == {"paged", "dense"}, data["results"]
-    assert "tok/s" in stdout
+    assert {p for _, p in peers} == {"paged", "engine", "dense"}, data["results"]
+    assert "tok/s" in stdout and "e2e / paged loop" in stdout
+    engine = [r for r in data["results"] if r["peer"] == "engine"]
+    assert all(r["agree"] == data["config"]["new_tokens"] and r["device_calls"] > 0 for r in engine), engine
+
+
+def test_engine_diag_runs_and_writes_json(tmp_path):
+    out = tmp_path / "diag.json"
+    r = subprocess.run([sys.executable, str(BENCH / "engine_diag.py"), "--preset", "llama-nano", "--batch", "2",
+                        "--prompt-len", "8", "--new-tokens", "6", "--variants", "4:1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "engine_diag" and data["device"]
+    run = [x for x in data["lines"] if "total_s" in x]
+    assert run and run[0]["calls"] > 0 and {"plan_s", "dispatch_s", "wait_s", "deliver_s"} <= set(run[0])
 
 
 def test_serve_quick(tmp_path):
