@@ -397,16 +397,15 @@ class Engine:
         multi = (not prefills and not beams and not guided and self.decode_steps > 1
                  and not any(r.params.logprobs is not None for r in decodes)
                  and not (self.scheduler.waiting and bm.free_slots))
-        room = {id(r): r.decode_room(self.max_len) for r in decodes}
-        steps = {id(r): 1 for r in decodes}
-        need = sum(bm.blocks_for(r.num_cached, c) for r, c in prefills)
+        steps = [1] * len(decodes)  # decode steps per row, aligned with `decodes`
         if multi:
-            steps = {id(r): min(self.decode_steps, room[id(r)]) for r in decodes}
-            multi_need = need + sum(bm.blocks_for(r.num_cached, steps[id(r)]) for r in decodes)
-            if max(steps.values()) <= 1 or not bm.ensure_free(multi_need):
+            steps = [min(self.decode_steps, r.decode_room(self.max_len)) for r in decodes]
+            multi_need = sum(bm.blocks_for(r.num_cached, k) for r, k in zip(decodes, steps))
+            if max(steps) <= 1 or not bm.ensure_free(multi_need):  # no prefill here: decodes only
                 multi = False
-                steps = {id(r): 1 for r in decodes}
-        need += sum(bm.blocks_for(r.num_cached, steps[id(r)]) for r in decodes)
+                steps = [1] * len(decodes)
+        need = sum(bm.blocks_for(r.num_cached, c) for r, c in prefills)
+        need += sum(bm.blocks_for(r.num_cached, k) for r, k in zip(decodes, steps))
         if not bm.ensure_free(need):
             raise _PlanError(f"the step needs {need} KV blocks, {bm.num_available} are available",
                              [r for r, _ in prefills] + list(decodes))
@@ -437,8 +436,8 @@ class Engine:
                 pf_rows.append((r, i, samples))
             pf_arrays = pf.arrays()
         dc_rows = []
-        for r in decodes:
-            s, k = r.slot, steps[id(r)]
+        for r, k in zip(decodes, steps):
+            s = r.slot
             self._set_consts(r)
             ints[s, S.N_STEPS] = k
             ints[s, S.STEP0] = len(r.output) + r.inflight
