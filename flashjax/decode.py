@@ -20,6 +20,18 @@ Two entry points share one Pallas kernel body:
 The kernel only differs in how the address of a KV tile is computed, so the
 two measure what paging costs.
 
+FP8 cache. Both entry points also read a cache stored in `float8_e4m3fn`
+with one float32 scale per token and KV head (`k_scales`, `v_scales`: the
+pages' / cache's shape without head_dim; the layout of `flashjax.kv_cache`'s
+FP8 pool, written by `kv_cache.write_kv_fp8`): a token's vector is
+stored * scale. The kernel loads each tile in FP8 (half the bytes of bf16) and
+converts it to q's dtype for the dots; the scales never touch the tile: a
+key's scale multiplies its column of scores and a value's scale its column of
+probabilities before P @ V (for float16 q the value tile itself is scaled,
+so that unified-max probabilities times scale cannot overflow float16).
+Default tiles count FP8 bytes, so an FP8 tile holds twice the tokens of a
+bf16 one (`DecodeConfig.tile_bytes`).
+
 Algorithm (Flash-Decoding). The grid is (batch, kv_heads, num_splits). A
 program owns all query heads of one KV head (GQA/MQA: the group is padded to
 a [>=16, head_dim] q tile so each KV tile is read once and feeds a tensor-core
@@ -78,6 +90,7 @@ __all__ = [
     "SUPPORTED_HEAD_DIMS",
 ]
 
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -282,6 +295,8 @@ def _decode_kernel(
     q_ref,  # [group, head_dim]: the query heads of one KV head
     k_ref,  # paged: [num_blocks, block_size, head_dim]; dense: [kv_len, head_dim]
     v_ref,
+    ks_ref,  # FP8 cache: per-token scales, k_ref's shape without head_dim; else None
+    vs_ref,
     bt_ref,  # paged: [max_blocks_padded] int32; dense: None
     len_ref,  # [batch] int32 (whole array)
     o_ref,  # [group, head_dim]: q dtype if one split, else float32 partial
@@ -307,6 +322,9 @@ def _decode_kernel(
     preload_tiles: int,
 ):
     b = pl.program_id(0)
+    quantized = ks_ref is not None
+    cdt = q_ref.dtype  # compute dtype of the dots (an FP8 tile is converted to it)
+    scale_v_tile = quantized and jnp.dtype(cdt) == jnp.float16
     split = pl.program_id(2)
     head_dim = q_ref.shape[-1]
     length = jnp.minimum(jnp.maximum(len_ref[b], 0), max_len)
@@ -336,6 +354,9 @@ def _decode_kernel(
         ids_all = bt_ref[jnp.minimum(pages_all, bt_ref.shape[0] - 1)]  # [preload_tiles, tile]
 
     def load_kv(t, masked: bool):
+        """K and V tiles [tile, head_dim] of tile t, and their scales [tile] (None
+        unless the cache is FP8)."""
+        ks = vs = None
         if paged and gather == "rows":
             # One page id per tile row, so K/V load straight into a 2D
             # [tile, head_dim] tile (no reshape between the load and the dot).
@@ -352,6 +373,9 @@ def _decode_kernel(
             ids = jnp.minimum(jnp.maximum(ids, 0), num_pages - 1)
             k = k_ref[ids, row]
             v = v_ref[ids, row]
+            if quantized:
+                ks = ks_ref[ids, row]
+                vs = vs_ref[ids, row]
         elif paged:
             # One page id per page: [pages, block_size, head_dim] -> [tile, head_dim].
             ids = bt_ref[pl.ds(t * pages_per_tile, pages_per_tile)]
@@ -361,21 +385,34 @@ def _decode_kernel(
             ids = jnp.minimum(jnp.maximum(ids, 0), num_pages - 1)
             k = k_ref[ids].reshape(tile, head_dim)
             v = v_ref[ids].reshape(tile, head_dim)
+            if quantized:
+                ks = ks_ref[ids].reshape(tile)
+                vs = vs_ref[ids].reshape(tile)
         elif tile > kv_len or (masked and kv_len % tile):
             # Clamp rows into the array (values past `length` are discarded).
             idx = jnp.minimum(t * tile + jnp.arange(tile, dtype=jnp.int32), kv_len - 1)
             k = k_ref[idx]
             v = v_ref[idx]
+            if quantized:
+                ks = ks_ref[idx]
+                vs = vs_ref[idx]
         else:
             k = k_ref[pl.ds(t * tile, tile), :]
             v = v_ref[pl.ds(t * tile, tile), :]
-        return k, v
+            if quantized:
+                ks = ks_ref[pl.ds(t * tile, tile)]
+                vs = vs_ref[pl.ds(t * tile, tile)]
+        return k, v, ks, vs
 
-    def scores(t, k, masked: bool):
+    def scores(t, k, ks, masked: bool):
+        if quantized:
+            k = k.astype(cdt)
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())),
             preferred_element_type=jnp.float32, precision=precision,
         )  # [block_h, tile]
+        if quantized:  # key j is stored * ks[j]: so is its score
+            s = s * ks[None, :]
         if softcap is not None:
             s = jnp.tanh(s * (sm_scale / softcap)) * (softcap * LOG2E)
         else:
@@ -385,10 +422,19 @@ def _decode_kernel(
             s = jnp.where((pos < length)[None, :], s, -jnp.inf)
         return s
 
-    def pv(p, v, t, masked: bool):
+    def pv(p, v, vs, t, masked: bool):
+        if quantized:
+            v = v.astype(cdt)
         if masked:
             pos = t * tile + jnp.arange(tile, dtype=jnp.int32)
-            v = jnp.where((pos < length)[:, None], v, jnp.zeros_like(v))
+            ok = pos < length
+            v = jnp.where(ok[:, None], v, jnp.zeros_like(v))
+            if quantized:  # a slot past the length may hold any scale (NaN included)
+                vs = jnp.where(ok, vs, 0.0)
+        if scale_v_tile:
+            v = (v.astype(jnp.float32) * vs[:, None]).astype(cdt)
+        elif quantized:  # value j is stored * vs[j]: weigh its probability column by it
+            p = p * vs[None, :]
         return lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32, precision=precision,
@@ -397,13 +443,13 @@ def _decode_kernel(
     def online_body(masked: bool):
         def body(t, carry):
             acc, m, l = carry
-            k, v = load_kv(t, masked)
-            s = scores(t, k, masked)
+            k, v, ks, vs = load_kv(t, masked)
+            s = scores(t, k, ks, masked)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - m_new[:, None])
             l = l * alpha + jnp.sum(p, axis=1)
-            acc = acc * alpha[:, None] + pv(p, v, t, masked)
+            acc = acc * alpha[:, None] + pv(p, v, vs, t, masked)
             return acc, m_new, l
         return body
 
@@ -423,12 +469,12 @@ def _decode_kernel(
         def unified_body(masked: bool):
             def body(t, carry):
                 acc, mx, l = carry
-                k, v = load_kv(t, masked)
-                s = scores(t, k, masked)
+                k, v, ks, vs = load_kv(t, masked)
+                s = scores(t, k, ks, masked)
                 mx = jnp.maximum(mx, jnp.max(s, axis=1))
                 p = jnp.exp2(s - phi)
                 l = l + jnp.sum(p, axis=1)
-                acc = acc + pv(p, v, t, masked)
+                acc = acc + pv(p, v, vs, t, masked)
                 return acc, mx, l
             return body
 
@@ -506,6 +552,36 @@ def _check_q(q, name="q"):
             f"sequence), got shape {getattr(q, 'shape', None)}")
     if jnp.dtype(q.dtype) not in _SUPPORTED_DTYPES:
         raise TypeError(f"{name} dtype must be bfloat16, float16 or float32, got {q.dtype}")
+
+
+def _check_kv_dtypes(q, k, v, k_scales, v_scales, names, scale_shape, scale_doc) -> bool:
+    """K/V dtypes against q's; for an FP8 cache, its scales. Returns whether the
+    cache is FP8."""
+    kn, vn = names
+    fp8 = [jnp.dtype(x.dtype) == FP8 for x in (k, v)]
+    if any(fp8):
+        if not all(fp8):
+            raise TypeError(f"{kn} and {vn} must both be float8_e4m3fn or both {q.dtype}, got "
+                            f"{k.dtype} and {v.dtype}")
+        for name, sc in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if sc is None:
+                raise ValueError(f"{name} is required: {kn}/{vn} are float8_e4m3fn (an FP8 cache "
+                                 f"stores one float32 scale per token and KV head, "
+                                 f"shape {scale_doc})")
+            if not hasattr(sc, "shape") or tuple(sc.shape) != tuple(scale_shape):
+                raise ValueError(f"{name} must have shape {scale_doc}={tuple(scale_shape)}, got "
+                                 f"shape {getattr(sc, 'shape', None)}")
+            if jnp.dtype(sc.dtype) != jnp.float32:
+                raise TypeError(f"{name} must be float32, got {sc.dtype}")
+        return True
+    for name, x in ((kn, k), (vn, v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {x.dtype} must equal q dtype {q.dtype} (or be "
+                            f"float8_e4m3fn, with k_scales and v_scales)")
+    for name, sc in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if sc is not None:
+            raise ValueError(f"{name} is only for a float8_e4m3fn cache; {kn}/{vn} are {k.dtype}")
+    return False
 
 
 def _check_head_dim(head_dim):
@@ -631,7 +707,7 @@ def _combine(o, lse2):
     return out, lse
 
 
-def _run(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
+def _run(q, k, v, ks, vs, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
          num_pages, kv_len, max_len, sm_scale, softcap, unified_max, config, interpret,
          return_lse, name):
     """Resolve defaults (static Python values), then call the jitted core, so
@@ -643,7 +719,7 @@ def _run(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_s
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_len, tile)
     return _core(
-        q, k, v, bt, lengths, layout=layout, kv_heads=kv_heads, tile=tile,
+        q, k, v, ks, vs, bt, lengths, layout=layout, kv_heads=kv_heads, tile=tile,
         pages_per_tile=pages_per_tile, page_size=page_size, num_pages=num_pages, kv_len=kv_len,
         max_len=max_len, sm_scale=float(sm_scale),
         softcap=None if softcap is None else float(softcap), num_splits=int(num_splits),
@@ -660,7 +736,7 @@ def _run(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_s
     "max_len", "sm_scale", "softcap", "num_splits", "unified_max", "num_warps", "num_stages",
     "interpret", "return_lse", "name", "gather", "fallback", "preload", "preload_max_tiles",
     "combine"))
-def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
+def _core(q, k, v, ks, vs, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
           num_pages, kv_len, max_len, sm_scale, softcap, num_splits, unified_max,
           num_warps, num_stages, interpret, return_lse, name, gather, fallback, preload,
           preload_max_tiles, combine):
@@ -670,14 +746,19 @@ def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_
     paged = layout == "paged"
     if paged:
         kv_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
+        scale_spec = pl.BlockSpec((None, num_pages, page_size), lambda b, h, s: (h, 0, 0))
         # Pad the table to whole tiles so a tile never reads past a row's end.
         pad = -bt.shape[1] % pages_per_tile
         if pad:
             bt = jnp.pad(bt, ((0, 0), (0, pad)))
     elif layout == "bshd":
         kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
+        scale_spec = pl.BlockSpec((None, kv_len, None), lambda b, h, s: (b, 0, h))
     else:
         kv_spec = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, s: (b, h, 0, 0))
+        scale_spec = pl.BlockSpec((None, None, kv_len), lambda b, h, s: (b, h, 0))
+    if ks is None:
+        scale_spec = None
 
     qg = q.reshape(batch, kv_heads, group, head_dim)  # free: heads are kv-head major
     # Most tiles a split can own (its share of the longest possible sequence).
@@ -701,6 +782,8 @@ def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_
         pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
         kv_spec,
         kv_spec,
+        scale_spec,
+        scale_spec,
         (pl.BlockSpec((None, bt.shape[1]), lambda b, h, s: (b, 0)) if paged else None),
         pl.BlockSpec((batch,), lambda b, h, s: (0,)),
     ]
@@ -727,11 +810,12 @@ def _core(q, k, v, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_
         grid=(batch, kv_heads, num_splits),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=_backend.out_types(out_shape, [x for x in (qg, k, v, bt, lengths) if x is not None]),
+        out_shape=_backend.out_types(out_shape, [x for x in (qg, k, v, ks, vs, bt, lengths)
+                                                 if x is not None]),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
-    )(qg, k, v, bt, lengths)
+    )(qg, k, v, ks, vs, bt, lengths)
     if num_splits > 1 and combine == "pallas":
         o, lse2 = _combine_pallas(o, lse2, num_splits=num_splits, group=group,
                                   out_dtype=q.dtype, interpret=interpret)
@@ -755,6 +839,8 @@ def paged_decode_attention(
     block_tables,
     lengths,
     *,
+    k_scales=None,
+    v_scales=None,
     sm_scale: float | None = None,
     num_splits: int | None = None,
     pages_per_block: int | None = None,
@@ -771,13 +857,18 @@ def paged_decode_attention(
     Args:
       q: [batch, heads, head_dim] (bfloat16, float16 or float32).
       k_pages, v_pages: [kv_heads, num_blocks, block_size, head_dim], same dtype
-        as q; heads % kv_heads == 0; block_size a power of two; head_dim in
+        as q, or both float8_e4m3fn (an FP8 cache, with k_scales and v_scales);
+        heads % kv_heads == 0; block_size a power of two; head_dim in
         SUPPORTED_HEAD_DIMS.
       block_tables: int32 [batch, max_blocks]; block j of sequence b holds its
         tokens [j*block_size, (j+1)*block_size). Only the first
         ceil(lengths[b]/block_size) entries are used.
       lengths: int32 [batch], 0 <= lengths <= max_blocks*block_size (clipped
         into that range under jit). Length 0 gives a zero output.
+      k_scales, v_scales: FP8 cache only (required with it): float32
+        [kv_heads, num_blocks, block_size]; token t's key vector of a head is
+        k_pages[...] * k_scales[...] (`flashjax.kv_cache.quantize_fp8`). The
+        kernel computes in q's dtype.
       sm_scale: score scale, default 1/sqrt(head_dim).
       num_splits: KV splits per sequence (Flash-Decoding); None: config.num_splits,
         whose default None picks one from batch, kv_heads, max_blocks*block_size
@@ -810,8 +901,8 @@ def paged_decode_attention(
         if not hasattr(x, "shape") or x.ndim != 4:
             raise ValueError(f"{name} must have shape [kv_heads, num_blocks, block_size, head_dim], "
                              f"got shape {getattr(x, 'shape', None)}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {x.dtype} must equal q dtype {q.dtype}")
+    quantized = _check_kv_dtypes(q, k_pages, v_pages, k_scales, v_scales, ("k_pages", "v_pages"),
+                                 k_pages.shape[:3], "[kv_heads, num_blocks, block_size]")
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages and v_pages must have the same shape, got {k_pages.shape} "
                          f"and {v_pages.shape}")
@@ -837,7 +928,7 @@ def paged_decode_attention(
     max_len = max_blocks * page_size
     _check_lengths(lengths, batch, max_len)
     if pages_per_block is None:
-        tile = _auto_tile_tokens(head_dim, jnp.dtype(q.dtype).itemsize, batch, kv_heads,
+        tile = _auto_tile_tokens(head_dim, jnp.dtype(k_pages.dtype).itemsize, batch, kv_heads,
                                  max_len, config.num_splits, config)
         pages_per_block = max(1, tile // page_size)
         pages_per_block = min(pages_per_block, _next_pow2(max_blocks))
@@ -846,11 +937,12 @@ def paged_decode_attention(
     pages_per_block = max(int(pages_per_block), -(-16 // page_size))  # tile >= 16 rows
     tile = pages_per_block * page_size
     return _run(
-        q, k_pages, v_pages, block_tables, lengths, layout="paged", kv_heads=kv_heads,
+        q, k_pages, v_pages, k_scales if quantized else None, v_scales if quantized else None,
+        block_tables, lengths, layout="paged", kv_heads=kv_heads,
         tile=tile, pages_per_tile=pages_per_block, page_size=page_size, num_pages=num_pages,
         kv_len=max_len, max_len=max_len, sm_scale=sm_scale, softcap=softcap,
         unified_max=unified_max, config=config, interpret=interpret, return_lse=return_lse,
-        name=f"flashjax_paged_decode_p{pages_per_block}x{page_size}",
+        name=f"flashjax_paged_decode{'_fp8' if quantized else ''}_p{pages_per_block}x{page_size}",
     )
 
 
@@ -860,6 +952,8 @@ def decode_attention(
     v,
     lengths=None,
     *,
+    k_scales=None,
+    v_scales=None,
     kv_layout: str = "bshd",
     sm_scale: float | None = None,
     num_splits: int | None = None,
@@ -878,8 +972,11 @@ def decode_attention(
     Args:
       q: [batch, heads, head_dim].
       k, v: [batch, kv_len, kv_heads, head_dim] (kv_layout="bshd", default) or
-        [batch, kv_heads, kv_len, head_dim] (kv_layout="bhsd"); same dtype as q.
+        [batch, kv_heads, kv_len, head_dim] (kv_layout="bhsd"); same dtype as q,
+        or both float8_e4m3fn (an FP8 cache, with k_scales and v_scales).
       lengths: int32 [batch] valid keys per sequence (default: kv_len for all).
+      k_scales, v_scales: FP8 cache only (required with it): float32, k's shape
+        without head_dim ([batch, kv_len, kv_heads] or [batch, kv_heads, kv_len]).
       block_k: tokens per inner-loop tile (power of two >= 16); None: ~16 KiB of
         K, 32 KiB when a split spans >= 32k positions (config.tile_bytes,
         config.long_split_tile_bytes, config.long_split_tokens).
@@ -896,8 +993,8 @@ def decode_attention(
         if not hasattr(x, "shape") or x.ndim != 4:
             raise ValueError(f"{name} must have shape {_layout_doc(kv_layout)}, got shape "
                              f"{getattr(x, 'shape', None)}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {x.dtype} must equal q dtype {q.dtype}")
+    quantized = _check_kv_dtypes(q, k, v, k_scales, v_scales, ("k", "v"), k.shape[:3],
+                                 _layout_doc(kv_layout).replace(", head_dim]", "]"))
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
     if kv_layout == "bshd":
@@ -917,18 +1014,19 @@ def decode_attention(
         lengths = jnp.full((batch,), kv_len, jnp.int32)
     _check_lengths(lengths, batch, kv_len)
     if block_k is None:
-        block_k = _auto_tile_tokens(head_dim, jnp.dtype(q.dtype).itemsize, batch, kv_heads,
+        block_k = _auto_tile_tokens(head_dim, jnp.dtype(k.dtype).itemsize, batch, kv_heads,
                                     kv_len, config.num_splits, config)
         block_k = max(16, min(block_k, _next_pow2(kv_len)))
     if not isinstance(block_k, (int, np.integer)) or not _is_pow2(int(block_k)) or block_k < 16:
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k!r}")
     block_k = int(block_k)
     return _run(
-        q, k, v, None, lengths, layout=kv_layout, kv_heads=kv_heads,
+        q, k, v, k_scales if quantized else None, v_scales if quantized else None, None, lengths,
+        layout=kv_layout, kv_heads=kv_heads,
         tile=block_k, pages_per_tile=1, page_size=block_k, num_pages=1, kv_len=kv_len,
         max_len=kv_len, sm_scale=sm_scale, softcap=softcap, unified_max=unified_max,
         config=config, interpret=interpret, return_lse=return_lse,
-        name=f"flashjax_decode_{kv_layout}_k{block_k}",
+        name=f"flashjax_decode{'_fp8' if quantized else ''}_{kv_layout}_k{block_k}",
     )
 
 
@@ -937,10 +1035,15 @@ def _layout_doc(kv_layout):
             else "[batch, kv_heads, kv_len, head_dim]")
 
 
-def decode_reference(q, k, v, lengths=None, *, sm_scale=None, softcap=None,
-                     return_lse=False, dtype=jnp.float32):
+def decode_reference(q, k, v, lengths=None, *, k_scales=None, v_scales=None, sm_scale=None,
+                     softcap=None, return_lse=False, dtype=jnp.float32):
     """Plain-XLA decode attention over a dense [batch, kv_len, kv_heads, head_dim]
-    cache, computed in `dtype`; the XLA peer of the benchmark and a test oracle."""
+    cache, computed in `dtype`; the XLA peer of the benchmark and a test oracle.
+    An FP8 cache (k_scales, v_scales [batch, kv_len, kv_heads]) is dequantized first."""
+    if k_scales is not None:
+        k = k.astype(dtype) * k_scales[..., None].astype(dtype)
+    if v_scales is not None:
+        v = v.astype(dtype) * v_scales[..., None].astype(dtype)
     batch, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
