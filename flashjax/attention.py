@@ -22,7 +22,20 @@ kernel parallel over key tiles accumulates dK and dV (looping over the query
 heads of its KV group and the query tiles that see it), and one kernel parallel
 over query tiles accumulates dQ. Both recompute the probabilities from the
 saved log-sum-exp. Splitting dQ from dK/dV avoids atomics and keeps each
-accumulator in registers.
+accumulator in registers, and makes the backward deterministic: every dQ, dK and
+dV element is summed by one program in a fixed order (key tiles in order for dQ;
+the group's heads, then query tiles in order for dK/dV), so gradients are
+bit-identical run to run without any XLA flag.
+
+The mask (causal and sliding window aligned bottom-right, the padded key tail,
+per-sequence lengths, segment ids) is one function,
+:func:`flashjax._attention_common.visible`, that the forward, dQ and dK/dV kernels
+all call; so is the soft-capped score.
+
+Which kernels run a call is one table, :data:`IMPLEMENTATIONS`: one entry per
+implementation ("mosaic": the Hopper kernels of :mod:`flashjax.attention_sm90`;
+"triton": the kernels here; "xla": the plain-XLA reference) with what it supports.
+``implementation="auto"`` takes the first entry that supports the call.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,14 +53,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from flashjax import _attention_common as common
 from flashjax import _backend, attention_sm90
+from flashjax._attention_common import LN2, LOG2E, MAX_HEAD_DIM
 from flashjax._backend import compute_capability, resolve_interpret
-from flashjax.reference import normalize_window
+from flashjax.reference import attention_reference, normalize_window
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-MAX_HEAD_DIM = 256
-_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# float32 matmuls in the compiled kernels: six bf16 tensor-core passes (each operand
+# split into three bf16 pieces; the dropped cross terms are below float32's epsilon).
+# Precision.HIGHEST lowers to Triton's "ieee" dot instead, which runs on CUDA cores as
+# fully unrolled FMAs (tile_m * tile_n * tile_k / threads per dot and thread: 8192 at
+# the 128x128 forward tile of head_dim 128), several dots per loop body and up to three
+# copies of each body (masked / unmasked tiles): compiling that took seconds at head_dim
+# 64 and did not finish in minutes at 128 (issue 19). Interpret mode keeps HIGHEST.
+FLOAT32_DOT = lax.DotAlgorithmPreset.BF16_BF16_F32_X6
 
 
 _TILE_FIELDS = ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_q_dq", "block_k_dq")
@@ -77,24 +97,10 @@ class BlockSizes:
     num_warps_dq: int | None = None
     num_stages_dq: int | None = None
 
-    def resolved(self, head_dim: int, interpret: bool) -> "BlockSizes":
-        if interpret:  # small tiles: CPU tests exercise many tiles cheaply
-            d = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16,
-                     num_warps=4, num_stages=1, num_warps_bwd=4, num_stages_bwd=1)
-        # Defaults from sweeps on an H100, bf16 (benchmarks/attention.py --sweep; for
-        # head_dim 64 per kernel, benchmarks/kernels.py compares them with the previous).
-        elif head_dim <= 64:
-            # Per-kernel profile sweep (causal, 12 heads, seq 1k/4k/16k), against the
-            # earlier 128x128 / 128x64 tiles: forward -6..-14%, dQ -13%, dK/dV -8..-17%.
-            d = dict(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64,
-                     num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=3,
-                     block_q_dq=64, block_k_dq=128, num_warps_dq=4, num_stages_dq=3)
-        elif head_dim <= 128:
-            d = dict(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64,
-                     num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
-        else:
-            d = dict(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=32,
-                     num_warps=8, num_stages=2, num_warps_bwd=4, num_stages_bwd=1)
+    def resolved(self, head_dim: int, interpret: bool, dtype=None) -> "BlockSizes":
+        """Every field set: the defaults of `default_tiles` for (head_dim, dtype), the
+        fields given here on top. dtype None means a 16-bit one."""
+        d = default_tiles(head_dim, dtype, interpret)
         for f in dataclasses.fields(self):
             val = getattr(self, f.name)
             if val is not None:
@@ -109,6 +115,53 @@ class BlockSizes:
             if b < 16 or b & (b - 1):
                 raise ValueError(f"block_sizes.{name} must be a power of two >= 16, got {b}")
         return BlockSizes(**d)
+
+
+# The default tiles and launch parameters: (largest head_dim, 16-bit inputs, float32
+# inputs). BlockSizes fields left out follow the *_bwd ones (the dQ kernel's).
+#
+# 16-bit: sweeps on an H100, bf16 (benchmarks/attention.py --sweep; for head_dim 64 a
+# per-kernel profile sweep, causal, 12 heads, seq 1k/4k/16k, against the earlier
+# 128x128 / 128x64 tiles: forward -6..-14%, dQ -13%, dK/dV -8..-17%).
+#
+# float32: a float32 tile holds twice the bytes of a 16-bit one of the same shape, and
+# each float32 matmul is six bf16 ones (FLOAT32_DOT) whose split operands need their own
+# shared-memory copies; so the tiles are halved along the streamed axis to keep each
+# loop step's loads near 32 KiB, with at most two pipeline stages. This keeps registers
+# and shared memory in bounds at every head_dim and the compile short (issue 19).
+_TILE_TABLE = (
+    (64,
+     dict(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64,
+          num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=3,
+          block_q_dq=64, block_k_dq=128, num_warps_dq=4, num_stages_dq=3),
+     dict(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=64,
+          num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
+    (128,
+     dict(block_q=128, block_k=128, block_q_bwd=64, block_k_bwd=64,
+          num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=2),
+     dict(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32,
+          num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)),
+    (MAX_HEAD_DIM,
+     dict(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=32,
+          num_warps=8, num_stages=2, num_warps_bwd=4, num_stages_bwd=1),
+     dict(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=16,
+          num_warps=4, num_stages=1, num_warps_bwd=4, num_stages_bwd=1)),
+)
+# Interpret mode (CPU): small tiles, so that tests exercise many tiles cheaply.
+_INTERPRET_TILES = dict(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16,
+                        num_warps=4, num_stages=1, num_warps_bwd=4, num_stages_bwd=1)
+
+
+def default_tiles(head_dim: int, dtype=None, interpret: bool = False) -> dict:
+    """The default BlockSizes fields for a (power-of-two padded) head_dim and input dtype
+    (None: a 16-bit one): the one place they are chosen."""
+    if interpret:
+        return dict(_INTERPRET_TILES)
+    wide = dtype is not None and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+    for max_d, tiles16, tiles32 in _TILE_TABLE:
+        if head_dim <= max_d:
+            return dict(tiles32 if wide else tiles16)
+    raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +187,8 @@ class _Spec:
     blocks: BlockSizes
     interpret: bool
     poison: bool
-    impl: str = "triton"  # "triton" (Pallas Triton kernels) or "mosaic" (attention_sm90)
+    fwd_impl: str = "triton"  # "triton" (Pallas Triton kernels) or "mosaic" (attention_sm90)
+    bwd_impl: str = "triton"  # the backward's; mosaic's forward pairs with either
 
     @property
     def group(self) -> int:
@@ -191,36 +245,50 @@ def _tile_ranges(start, n, tile, band, other_len, other_tiles, mask_tail):
     return lo, full_lo, full_hi, hi
 
 
-def _and(m, c):
-    return c if m is None else jnp.logical_and(m, c)
+def _mask(spec, q_pos, k_pos, *, geometric: bool, q_limit=None, kv_limit=None, q_seg=None,
+          kv_seg=None):
+    """The kernels' one mask (`common.visible`), for a tile in either orientation.
+
+    The data masks (per-sequence lengths, segment ids) apply to every tile; the geometry
+    (band edges, the padded key tail) only where `geometric`: tiles that the band
+    clipping of `_tile_ranges` did not find wholly visible. None if nothing is masked."""
+    tail = geometric and spec.kv_pad != spec.kv_len
+    return common.visible(
+        q_pos, k_pos, offset=spec.offset,
+        left=spec.left if geometric else -1, right=spec.right if geometric else -1,
+        kv_len=spec.kv_len if tail else None, q_limit=q_limit, kv_limit=kv_limit,
+        q_seg=q_seg, kv_seg=kv_seg)
 
 
-def _geometry_mask(spec, rows, cols, mask_tail):
-    """rows: query positions [R, 1]; cols: key positions [1, C]. None if nothing to mask."""
-    mask = None
-    if mask_tail and spec.kv_pad != spec.kv_len:
-        mask = _and(mask, jnp.broadcast_to(cols < spec.kv_len, (rows.shape[0], cols.shape[1])))
-    diff = cols - (rows + spec.offset)
-    if spec.right >= 0:
-        mask = _and(mask, diff <= spec.right)
-    if spec.left >= 0:
-        mask = _and(mask, diff >= -spec.left)
-    return mask
+def _dot_precision(dtype, interpret: bool):
+    """Matmul precision of the kernels' dots: FLOAT32_DOT for float32 inputs when
+    compiled, exact float32 (HIGHEST) in interpret mode, the default for 16-bit ones."""
+    if jnp.dtype(dtype) != jnp.dtype(jnp.float32):
+        return None
+    return lax.Precision.HIGHEST if interpret else FLOAT32_DOT
 
 
-def _dot(a, b, trans_b=False):
-    """a @ b (or a @ b.T) with a float32 accumulator; exact fp32 products for fp32 inputs."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+def _dot(spec, a, b, trans_b=False):
+    """a @ b (or a @ b.T) with a float32 accumulator."""
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, precision=_dot_precision(a.dtype, spec.interpret),
+                           preferred_element_type=jnp.float32)
 
 
 def _scores(spec, s):
     """Raw q.k -> scores in log2 units (soft-cap applied). Also returns tanh for the backward."""
-    if spec.softcap is None:
-        return s * (spec.sm_scale * LOG2E), None
-    t = jnp.tanh(s * (spec.sm_scale / spec.softcap))
-    return t * (spec.softcap * LOG2E), t
+    return common.scores_log2(s, spec.sm_scale, spec.softcap)
+
+
+def _p_and_ds(spec, s_raw, dp, lse, delta, mask):
+    """One backward tile: P and dS (before sm_scale) from the raw scores q.k and dP = dO.v,
+    P recomputed from the saved log2 log-sum-exp. The dQ kernel passes [query, key] tiles
+    (lse, delta shaped [bq, 1]), the dK/dV kernel [key, query] tiles ([1, bq])."""
+    s, t = _scores(spec, s_raw)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    p = jnp.exp2(s - lse)
+    return p, common.softcap_grad(p * (dp - delta), t)
 
 
 def _unpack_aux(spec, refs):
@@ -287,29 +355,18 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: _Spec, bq: int, bk: int, n_k_t
     rows = q_start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     q_len_b = aux["q_len"][0] if spec.has_q_lengths else None
     kv_len_b = aux["kv_len"][0] if spec.has_kv_lengths else None
-    q_seg = aux["q_seg"][pl.ds(q_start, bq)] if spec.has_segments else None
-
-    def data_mask(cols, k_start):
-        mask = None
-        if spec.has_kv_lengths:
-            mask = _and(mask, jnp.broadcast_to(cols < kv_len_b, (bq, bk)))
-        if spec.has_q_lengths:
-            mask = _and(mask, jnp.broadcast_to(rows < q_len_b, (bq, bk)))
-        if spec.has_segments:
-            kv_seg = aux["kv_seg"][pl.ds(k_start, bk)]
-            mask = _and(mask, q_seg[:, None] == kv_seg[None, :])
-        return mask
+    q_seg = aux["q_seg"][pl.ds(q_start, bq)][:, None] if spec.has_segments else None
 
     def body(kt, carry, geometric: bool):
         acc, m_prev, l_prev = carry
         k_start = pl.multiple_of(kt * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        s, _ = _scores(spec, _dot(q, k, trans_b=True))
+        s, _ = _scores(spec, _dot(spec, q, k, trans_b=True))
         cols = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        mask = data_mask(cols, k_start)
-        if geometric:
-            mask = _and(mask, _geometry_mask(spec, rows, cols, mask_tail=True))
+        mask = _mask(spec, rows, cols, geometric=geometric, q_limit=q_len_b, kv_limit=kv_len_b,
+                     q_seg=q_seg,
+                     kv_seg=aux["kv_seg"][pl.ds(k_start, bk)][None, :] if spec.has_segments else None)
         if mask is not None:
             s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -318,7 +375,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, spec: _Spec, bq: int, bk: int, n_k_t
         alpha = jnp.exp2(m_prev - m_use)
         p = jnp.exp2(s - m_use[:, None])
         l_new = l_prev * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(spec, p.astype(v.dtype), v)
         return acc, m_new, l_new
 
     carry = (jnp.zeros((bq, d), jnp.float32),
@@ -386,7 +443,7 @@ def _pallas(kernel, *, spec, grid, inputs, in_specs, out_specs, out_shape, warps
 
 
 def _fwd_call(q, k, v, aux, spec: _Spec):
-    if spec.impl == "mosaic":
+    if spec.fwd_impl == "mosaic":
         return attention_sm90.forward(q, k, v, causal=spec.causal, sm_scale=spec.sm_scale,
                                       poison=spec.poison)
     batch, _, heads, d = q.shape
@@ -438,31 +495,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _Sp
     delta = delta_ref[...]
     q_len_b = aux["q_len"][0] if spec.has_q_lengths else None
     kv_len_b = aux["kv_len"][0] if spec.has_kv_lengths else None
-    q_seg = aux["q_seg"][pl.ds(q_start, bq)] if spec.has_segments else None
+    q_seg = aux["q_seg"][pl.ds(q_start, bq)][:, None] if spec.has_segments else None
 
     def body(kt, dq, geometric: bool):
         k_start = pl.multiple_of(kt * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        s, t = _scores(spec, _dot(q, k, trans_b=True))
         cols = k_start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        mask = None
-        if spec.has_kv_lengths:
-            mask = _and(mask, jnp.broadcast_to(cols < kv_len_b, (bq, bk)))
-        if spec.has_q_lengths:
-            mask = _and(mask, jnp.broadcast_to(rows < q_len_b, (bq, bk)))
-        if spec.has_segments:
-            mask = _and(mask, q_seg[:, None] == aux["kv_seg"][pl.ds(k_start, bk)][None, :])
-        if geometric:
-            mask = _and(mask, _geometry_mask(spec, rows, cols, mask_tail=True))
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
-        p = jnp.exp2(s - lse[:, None])
-        dp = _dot(do, v, trans_b=True)
-        ds = p * (dp - delta[:, None])
-        if t is not None:
-            ds = ds * (1.0 - t * t)
-        return dq + _dot(ds.astype(k.dtype), k)
+        mask = _mask(spec, rows, cols, geometric=geometric, q_limit=q_len_b, kv_limit=kv_len_b,
+                     q_seg=q_seg,
+                     kv_seg=aux["kv_seg"][pl.ds(k_start, bk)][None, :] if spec.has_segments else None)
+        _, ds = _p_and_ds(spec, _dot(spec, q, k, trans_b=True), _dot(spec, do, v, trans_b=True),
+                          lse[:, None], delta[:, None], mask)
+        return dq + _dot(spec, ds.astype(k.dtype), k)
 
     dq = _visit_key_tiles(spec, aux, body, jnp.zeros((bq, spec.head_dim), jnp.float32),
                           q_start=q_start, bq=bq, bk=bk, n_k_tiles=n_k_tiles,
@@ -481,7 +526,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _
     cols = k_start + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)  # key positions, as rows here
     q_len_b = aux["q_len"][0] if spec.has_q_lengths else None
     kv_len_b = aux["kv_len"][0] if spec.has_kv_lengths else None
-    kv_seg = aux["kv_seg"][pl.ds(k_start, bk)] if spec.has_segments else None
+    kv_seg = aux["kv_seg"][pl.ds(k_start, bk)][:, None] if spec.has_segments else None
 
     def body(qt, carry, geometric: bool):
         dk, dv, g = carry
@@ -490,31 +535,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _
         do = do_ref[pl.ds(q_start, bq), g, :]
         lse = lse_ref[g, pl.ds(q_start, bq)]
         delta = delta_ref[g, pl.ds(q_start, bq)]
-        s_t, t = _scores(spec, _dot(k, q, trans_b=True))  # [bk, bq]
         rows = q_start + lax.broadcasted_iota(jnp.int32, (1, bq), 1)  # query positions
-        mask = None
-        if spec.has_kv_lengths:
-            mask = _and(mask, jnp.broadcast_to(cols < kv_len_b, (bk, bq)))
-        if spec.has_q_lengths:
-            mask = _and(mask, jnp.broadcast_to(rows < q_len_b, (bk, bq)))
-        if spec.has_segments:
-            q_seg = aux["q_seg"][pl.ds(q_start, bq)]
-            mask = _and(mask, kv_seg[:, None] == q_seg[None, :])
-        if geometric:
-            diff = cols - (rows + spec.offset)
-            if spec.right >= 0:
-                mask = _and(mask, diff <= spec.right)
-            if spec.left >= 0:
-                mask = _and(mask, diff >= -spec.left)
-        if mask is not None:
-            s_t = jnp.where(mask, s_t, -jnp.inf)
-        p_t = jnp.exp2(s_t - lse[None, :])
-        dv = dv + _dot(p_t.astype(do.dtype), do)
-        dp_t = _dot(v, do, trans_b=True)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if t is not None:
-            ds_t = ds_t * (1.0 - t * t)
-        dk = dk + _dot(ds_t.astype(q.dtype), q)
+        mask = _mask(spec, rows, cols, geometric=geometric, q_limit=q_len_b, kv_limit=kv_len_b,
+                     q_seg=aux["q_seg"][pl.ds(q_start, bq)][None, :] if spec.has_segments else None,
+                     kv_seg=kv_seg)
+        # Transposed tiles, [bk, bq]: S^T = K Q^T, dP^T = V dO^T.
+        p_t, ds_t = _p_and_ds(spec, _dot(spec, k, q, trans_b=True), _dot(spec, v, do, trans_b=True),
+                              lse[None, :], delta[None, :], mask)
+        dv = dv + _dot(spec, p_t.astype(do.dtype), do)
+        dk = dk + _dot(spec, ds_t.astype(q.dtype), q)
         return dk, dv, g
 
     d = spec.head_dim
@@ -532,7 +561,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _
     else:
         lo, full_lo, full_hi, hi = _tile_ranges(
             k_start, bk, bq, spec.q_band(), spec.q_len, n_q_tiles, mask_tail=False)
-        if spec.kv_pad != spec.kv_len:  # the key tail tile is never "full"
+        if spec.kv_pad != spec.kv_len:  # the key tail tile is never "full": its padding is masked
             full_hi = jnp.where(k_start + bk > spec.kv_len, full_lo, full_hi)
         if spec.has_q_lengths:
             hi = jnp.maximum(jnp.minimum(hi, _cdiv(q_len_b, bq)), lo)
@@ -566,7 +595,7 @@ def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
     if dlse is not None:
         delta = delta - dlse.astype(jnp.float32)
     lse2 = lse2.astype(jnp.float32)
-    if spec.impl == "mosaic":
+    if spec.bwd_impl == "mosaic":
         return attention_sm90.backward(q, k, v, do, lse2, delta, causal=spec.causal,
                                        sm_scale=spec.sm_scale, poison=spec.poison)
 
@@ -709,32 +738,130 @@ def _sparse_aux(spec, block_mask, sbs):
     }
 
 
-_IMPLEMENTATIONS = ("auto", "triton", "mosaic")
+# ----------------------------------------------------------------------------
+# Which kernels run a call: one table
 
 
-def _choose_implementation(implementation, *, interpret, padded, **call) -> str:
-    """Resolve flash_attention's `implementation=` option to "triton" or "mosaic".
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """The static facts of one `flash_attention` call that decide which kernels can run it."""
 
-    padded: the Triton tiles in use pad the sequence (custom block_sizes larger than
-    what divides it); the Mosaic kernels take the unpadded arrays only."""
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation == "triton":
-        return "triton"
-    if interpret:
-        why = "interpret mode (it is a compiled Mosaic GPU kernel)"
-    elif compute_capability() != "9.0":
-        why = f"a GPU of compute capability {compute_capability() or 'none'} (needs 9.0, Hopper)"
-    else:
-        why = attention_sm90.supports(**call)
-        if why is None and padded:
-            why = f"needs block_sizes that divide the sequence length {call['q_len']}"
-    if why is None:
-        return "mosaic"
-    if implementation == "mosaic":
-        raise ValueError(f"implementation='mosaic' cannot run this call: {why}")
-    return "triton"
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: Any
+    causal: bool
+    window: bool  # a sliding window is set
+    softcap: float | None
+    masked: bool  # q_lengths, kv_lengths or segment_ids
+    sparse: bool  # block_mask
+    padded: bool  # the Triton tiles in use pad the sequence (block_sizes that do not divide it)
+    deterministic: bool
+    interpret: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One entry of the dispatch table.
+
+    supports(call): None when it runs the call, else what it cannot run (named in
+    errors). nondeterministic: None when its backward sums dQ, dK and dV in a fixed
+    order, else why not; `deterministic=True` then takes another backward or refuses.
+    residuals: what its forward saves for the backward; an "auto" call may pair one
+    entry's forward with another's backward when these are equal ("o+lse2": O and the
+    log2-domain log-sum-exp, as both Pallas forwards write it).
+    """
+
+    name: str
+    description: str
+    supports: Callable[[Call], str | None]
+    nondeterministic: str | None
+    residuals: str
+
+
+def _mosaic_supports(call: Call) -> str | None:
+    if call.interpret:
+        return "interpret mode (it is a compiled Mosaic GPU kernel)"
+    cc = compute_capability()
+    if cc != "9.0":
+        return f"a GPU of compute capability {cc or 'none'} (needs 9.0, Hopper)"
+    why = attention_sm90.supports(
+        q_len=call.q_len, kv_len=call.kv_len, head_dim=call.head_dim, dtype=call.dtype,
+        window=call.window, softcap=call.softcap, masked=call.masked, sparse=call.sparse)
+    if why is None and call.padded:
+        why = f"needs block_sizes that divide the sequence length {call.q_len}"
+    return why
+
+
+def _supports_all(call: Call) -> str | None:
+    return None
+
+
+# "auto" takes the first entry that supports the call. "triton" supports every call
+# flash_attention accepts, so "xla" (which materialises q_len x kv_len scores) only
+# runs when asked for by name.
+IMPLEMENTATIONS = (
+    Implementation(
+        "mosaic", "Pallas Mosaic GPU kernels for Hopper (flashjax.attention_sm90): wgmma, TMA, "
+        "a ping-pong forward, a 5-matmul backward", _mosaic_supports,
+        nondeterministic="its backward adds dQ into HBM with TMA bulk reductions, in the order "
+                         "the key blocks arrive",
+        residuals="o+lse2"),
+    Implementation(
+        "triton", "Pallas Triton kernels (this module): every option", _supports_all,
+        nondeterministic=None, residuals="o+lse2"),
+    Implementation(
+        "xla", "flashjax.attention_reference under jax.vjp: plain XLA, quadratic memory",
+        _supports_all,
+        nondeterministic="XLA autotunes its matmuls at each compile and may pick other "
+                         "algorithms (only --xla_gpu_deterministic_ops fixes them)",
+        residuals="autodiff"),
+)
+_BY_NAME = {impl.name: impl for impl in IMPLEMENTATIONS}
+
+
+def _why_not(impl: Implementation, call: Call, *, backward: bool) -> str | None:
+    why = impl.supports(call)
+    if why is None and backward and call.deterministic and impl.nondeterministic:
+        why = f"deterministic=True ({impl.nondeterministic})"
+    return why
+
+
+def choose_implementation(implementation: str, call: Call) -> tuple[str, str]:
+    """(forward, backward) implementation names for `implementation=` and a call.
+
+    "auto": the forward of the first table entry that supports the call; its backward
+    too, unless `deterministic=True` and that backward is not, then the first entry
+    with the same residuals whose backward is. A name: that entry for both, or a
+    ValueError naming what it does not support."""
+    names = ("auto", *_BY_NAME)
+    if implementation not in names:
+        raise ValueError(f"implementation must be one of {names}, got {implementation!r}")
+    if implementation != "auto":
+        why = _why_not(_BY_NAME[implementation], call, backward=True)
+        if why is not None:
+            raise ValueError(f"implementation={implementation!r} cannot run this call: {why}")
+        return implementation, implementation
+    reasons = []
+    for fwd in IMPLEMENTATIONS:
+        why = _why_not(fwd, call, backward=False)
+        if why is not None:
+            reasons.append(f"{fwd.name}: {why}")
+            continue
+        for bwd in (fwd, *IMPLEMENTATIONS):
+            if bwd.residuals == fwd.residuals and _why_not(bwd, call, backward=True) is None:
+                return fwd.name, bwd.name
+        reasons.append(f"{fwd.name}: no backward for its residuals")
+    raise ValueError("no implementation runs this call: " + "; ".join(reasons))
+
+
+def _xla_attention(q, k, v, *, return_lse, **kw):
+    """The "xla" entry: the plain-XLA reference in float32, cast back to q's dtype."""
+    out = attention_reference(q, k, v, return_lse=return_lse, **kw)
+    if return_lse:
+        o, lse = out
+        return o.astype(q.dtype), lse
+    return out.astype(q.dtype)
 
 
 def _round_up(x, m):
@@ -758,6 +885,7 @@ def flash_attention(
     block_sizes: BlockSizes | None = None,
     return_lse: bool = False,
     implementation: str = "auto",
+    deterministic: bool = False,
     interpret: bool | None = None,
     poison_outputs: bool = False,
 ):
@@ -789,13 +917,25 @@ def flash_attention(
       block_sizes: tile sizes and launch parameters (``BlockSizes``).
       return_lse: also return the natural-log log-sum-exp ``[batch, heads,
         q_len]`` (float32; ``-inf`` for rows that see no key). Differentiable.
-      implementation: which kernels run. ``"triton"``: Pallas Triton kernels
-        (every option here is supported). ``"mosaic"``: Pallas Mosaic GPU kernels
-        for Hopper, wgmma and TMA, with a backward that reduces dQ through TMA
-        (``flashjax.attention_sm90``; causal or full masks, head_dim 64,
-        bf16/f16, equal lengths that are multiples of 128). ``"auto"`` (default)
-        takes ``"mosaic"`` on a Hopper GPU when the call qualifies, else
-        ``"triton"``.
+      implementation: which kernels run; one entry of ``IMPLEMENTATIONS``.
+        ``"triton"``: Pallas Triton kernels (every option here is supported).
+        ``"mosaic"``: Pallas Mosaic GPU kernels for Hopper, wgmma and TMA, with a
+        backward that reduces dQ through TMA (``flashjax.attention_sm90``; what
+        its ``supports`` accepts: today causal or full masks, head_dim 64,
+        bf16/f16, equal lengths that are multiples of 128). ``"xla"``: the
+        plain-XLA reference (``attention_reference``, float32 inside;
+        materialises the ``q_len x kv_len`` scores; ``block_sizes`` ignored).
+        ``"auto"`` (default) takes the first of mosaic, triton that supports the
+        call. A named implementation that cannot run the call raises a
+        ``ValueError`` saying why.
+      deterministic: gradients summed in a fixed order, bit-identical from run to
+        run (same device, shapes and versions), without XLA flags. The Triton
+        backward always is (each dQ, dK, dV element summed by one program, key or
+        query tiles in order, no atomics), so it costs nothing there. The Mosaic
+        backward adds dQ with TMA bulk reductions in arrival order, so with
+        ``deterministic=True`` ``"auto"`` pairs the Mosaic forward with the Triton
+        backward and ``"mosaic"`` raises. ``"xla"`` raises (XLA's matmul
+        autotuning). The forward is deterministic on every path.
       interpret: Pallas interpret mode; ``None`` compiles on GPU and
         interprets elsewhere.
       poison_outputs: testing aid: the kernels write into NaN-filled buffers,
@@ -826,7 +966,7 @@ def flash_attention(
     if q_len == 0 or kv_len == 0 or batch == 0:
         raise ValueError(f"empty input: q shape {q.shape}, k shape {k.shape}")
     dtype = jnp.dtype(q.dtype)
-    if dtype not in [jnp.dtype(t) for t in _DTYPES]:
+    if dtype not in [jnp.dtype(t) for t in common.DTYPES]:
         raise TypeError(f"q dtype must be bfloat16, float16 or float32, got {dtype}")
     for name, x in (("k", k), ("v", v)):
         if jnp.dtype(x.dtype) != dtype:
@@ -847,7 +987,9 @@ def flash_attention(
 
     interpret = resolve_interpret(interpret)
     d_pad = max(16, pl.next_power_of_2(head_dim))
-    blocks = (block_sizes or BlockSizes()).resolved(d_pad, interpret)
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be a flashjax.BlockSizes, got {type(block_sizes).__name__}")
+    blocks = (block_sizes or BlockSizes()).resolved(d_pad, interpret, dtype)
 
     def clamp(b, n):
         return min(b, max(16, pl.next_power_of_2(n)))
@@ -869,11 +1011,13 @@ def flash_attention(
                 f"got {tuple(jnp.shape(block_mask))}")
     q_pad = _round_up(q_len, max(blocks.block_q, blocks.block_q_bwd, blocks.block_q_dq))
     kv_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_bwd, blocks.block_k_dq))
-    impl = _choose_implementation(
-        implementation, interpret=interpret, padded=(q_pad, kv_pad) != (q_len, kv_len),
-        q_len=q_len, kv_len=kv_len, head_dim=head_dim, dtype=dtype, window=win is not None,
-        softcap=softcap, masked=any(x is not None for x in (q_lengths, kv_lengths, segment_ids)),
-        sparse=block_mask is not None)
+    call = Call(
+        q_len=q_len, kv_len=kv_len, head_dim=head_dim, dtype=dtype, causal=bool(causal),
+        window=win is not None, softcap=softcap,
+        masked=any(x is not None for x in (q_lengths, kv_lengths, segment_ids)),
+        sparse=sparse, padded=(q_pad, kv_pad) != (q_len, kv_len),
+        deterministic=bool(deterministic), interpret=interpret)
+    fwd_impl, bwd_impl = choose_implementation(implementation, call)
 
     aux: dict[str, Any] = {}
     if q_lengths is not None:
@@ -893,9 +1037,18 @@ def flash_attention(
             q_seg = kv_seg = segment_ids
         q_seg = _check_int_array("q_segment_ids", q_seg, (batch, q_len))
         kv_seg = _check_int_array("kv_segment_ids", kv_seg, (batch, kv_len))
+        if fwd_impl == "xla":
+            aux["segment_ids"] = (q_seg, kv_seg)
         # Padding gets ids no real token has: -1 for queries, -2 for keys.
         aux["q_segment_ids"] = jnp.pad(q_seg, ((0, 0), (0, q_pad - q_len)), constant_values=-1)
         aux["kv_segment_ids"] = jnp.pad(kv_seg, ((0, 0), (0, kv_pad - kv_len)), constant_values=-2)
+
+    if fwd_impl == "xla":
+        return _xla_attention(
+            q, k, v, causal=bool(causal), sm_scale=sm_scale, q_lengths=aux.get("q_lengths"),
+            kv_lengths=aux.get("kv_lengths"), segment_ids=aux.get("segment_ids"), window=win,
+            softcap=softcap, block_mask=block_mask, sparse_block_size=sparse_block_size,
+            return_lse=bool(return_lse))
 
     spec = _Spec(
         q_len=q_len, kv_len=kv_len, q_pad=q_pad, kv_pad=kv_pad, heads=heads,
@@ -903,7 +1056,7 @@ def flash_attention(
         left=left, right=right, softcap=softcap,
         has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
         has_segments=segment_ids is not None, sparse=sparse, blocks=blocks,
-        interpret=interpret, poison=bool(poison_outputs), impl=impl)
+        interpret=interpret, poison=bool(poison_outputs), fwd_impl=fwd_impl, bwd_impl=bwd_impl)
     if sparse:
         aux.update(_sparse_aux(spec, block_mask, sbs))
 
