@@ -70,22 +70,29 @@ def tp_flash_attention(q, k, v, **kw):
                          check_vma=False)(q, k, v, arrays)
 
 
-def tp_paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, **kw):
+def tp_paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, k_scales=None,
+                              v_scales=None, **kw):
     """`flashjax.paged_decode_attention` with query heads and the KV pool's KV heads
     split over the model axis; block tables and lengths (the allocator's view) are
-    replicated, so every device reads the same blocks of its own heads."""
+    replicated, so every device reads the same blocks of its own heads. An FP8
+    pool's k_scales / v_scales are split by KV head like its pages."""
     mesh = current_mesh()
     if mesh is None or mesh.shape["model"] == 1:
-        return paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, **kw)
+        return paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=k_scales,
+                                      v_scales=v_scales, **kw)
 
-    def f(q, kp, vp, t, l):
-        return paged_decode_attention(q, kp, vp, t, l, **kw)
+    def f(q, kp, vp, t, l, scales):
+        ks, vs = scales if scales is not None else (None, None)
+        return paged_decode_attention(q, kp, vp, t, l, k_scales=ks, v_scales=vs, **kw)
 
-    qs, ps = P(None, "model", None), P("model", None, None, None)
-    return jax.shard_map(f, mesh=mesh, in_specs=(qs, ps, ps, P(), P()), out_specs=qs,
-                         check_vma=False)(q, k_pages, v_pages, block_tables, lengths)
+    scales = None if k_scales is None else (k_scales, v_scales)
+    qs, ps, ss = P(None, "model", None), P("model", None, None, None), P("model", None, None)
+    scale_specs = None if scales is None else (ss, ss)
+    return jax.shard_map(f, mesh=mesh, in_specs=(qs, ps, ps, P(), P(), scale_specs), out_specs=qs,
+                         check_vma=False)(q, k_pages, v_pages, block_tables, lengths, scales)
 
 
-def page_sharding(mesh: Mesh) -> NamedSharding:
-    """KV pages [kv_heads, num_blocks, block_size, head_dim]: split by KV head."""
-    return NamedSharding(mesh, P("model", None, None, None))
+def page_sharding(mesh: Mesh, ndim: int = 4) -> NamedSharding:
+    """KV pages [kv_heads, num_blocks, block_size, head_dim] (and, ndim=3, an FP8
+    pool's scales [kv_heads, num_blocks, block_size]): split by KV head."""
+    return NamedSharding(mesh, P("model", *([None] * (ndim - 1))))

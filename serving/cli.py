@@ -9,7 +9,7 @@ There is no other generation path behind a command: the dense-cache loop
 (`python benchmarks/generate.py --peers dense`), and `--engine dense` says so.
 
 The arguments are those of `flashjax.models.cli_args.add_generate_arguments`
-plus `--block-size` and `--stream-every`. Importing this module stays cheap
+plus `--block-size`, `--kv-cache-dtype` and `--stream-every`. Importing this module stays cheap
 (argparse only); jax loads when the command runs.
 """
 
@@ -29,6 +29,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
 
     add_model_args(p)
     p.add_argument("--block-size", type=int, default=16, help="paged KV cache block size (default 16)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "bf16", "fp16", "fp32", "fp8"), default="auto",
+                   help="KV cache dtype: auto (the model's compute dtype, default), bf16, fp16, fp32, or fp8 "
+                        "(float8_e4m3fn pages with a float32 scale per token and KV head)")
     p.add_argument("--stream-every", type=int, default=8, metavar="N",
                    help="decode N tokens on the device between text updates (default 8)")
     # Removed option: `paged` (the only path) is accepted for old scripts, `dense` is an error.
@@ -76,8 +79,8 @@ def run_generate(d: dict, stream=None) -> str:
     """Load the checkpoint, print the prompt and stream the continuation; returns it.
 
     `d`: checkpoint, and optionally prompt, max_new_tokens, temperature, top_k,
-    top_p, seed, attention, dtype, block_size, stream_every (the options of
-    `flashjax generate`). Raises ValueError / FileNotFoundError on bad input.
+    top_p, seed, attention, dtype, block_size, kv_cache_dtype, stream_every (the
+    options of `flashjax generate`). Raises ValueError / FileNotFoundError on bad input.
     """
     from flashjax.models.cli_args import DEFAULT_MAX_NEW_TOKENS
     from flashjax.models.generate import load_model
@@ -94,7 +97,8 @@ def run_generate(d: dict, stream=None) -> str:
     pieces = []
     for piece in stream_text(model, tok, prompt, max_new, sampling,
                              chunk_tokens=int(d.get("stream_every") or 8),
-                             block_size=int(d.get("block_size") or 16)):
+                             block_size=int(d.get("block_size") or 16),
+                             kv_cache_dtype=d.get("kv_cache_dtype")):
         pieces.append(piece)
         if stream is not None:
             stream.write(piece)

@@ -126,6 +126,10 @@ class Engine:
     eos_id: end-of-text id (default: the tokenizer's `eot_id`, if any).
     decode_steps: most decode steps per device call when nothing waits for prefill (K).
     overlap: dispatch step n + 1 before reading step n (False: read each step at once).
+    kv_cache_dtype: the KV pages' dtype: None / "auto" (the model's compute dtype),
+      "bf16", "fp16", "fp32", or "fp8" (float8_e4m3fn with one float32 scale per
+      token and KV head: half the bytes of bf16 per block, so about twice the
+      tokens in the same memory; see `flashjax.kv_cache`). Other values: ValueError.
     """
 
     def __init__(self, model, *, tokenizer=None, num_blocks: int = 256, max_seqs: int = 8,
@@ -133,8 +137,10 @@ class Engine:
                  max_chunk: int | None = None, chunk_buckets: Sequence[int] | None = None,
                  preemption_mode: str = "recompute", prefix_caching: bool = True,
                  max_waiting: int | None = None, eos_id: int | None = None, logprobs_k: int = 8,
-                 decode_kwargs: dict | None = None, decode_steps: int = 8, overlap: bool = True):
+                 decode_kwargs: dict | None = None, decode_steps: int = 8, overlap: bool = True,
+                 kv_cache_dtype: str | None = None):
         self.config = model.config
+        self.kv_cache_dtype = R.cache_dtype(self.config, kv_cache_dtype)  # checked before anything is built
         self.tokenizer = tokenizer
         self.block_size = R.check_block_size(block_size)
         self.num_blocks = int(num_blocks)
@@ -167,7 +173,8 @@ class Engine:
                                    counters=self.stats_counters)
         self.runner = S.StepRunner(model, num_blocks=self.num_blocks, max_seqs=self.max_seqs,
                                    block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
-                                   logprobs_k=self.logprobs_k, decode_kwargs=decode_kwargs)
+                                   logprobs_k=self.logprobs_k, decode_kwargs=decode_kwargs,
+                                   kv_cache_dtype=self.kv_cache_dtype)
         self.output = OutputProcessor(self.scheduler, tokenizer=tokenizer, eos_id=self.eos_id,
                                       max_len=self.max_len, counters=self.stats_counters)
         self.handles = self.output.handles

@@ -22,6 +22,10 @@ sequence (`num_blocks` defaults to batch * ceil(max_seq_len / block_size)).
 of `chunk_tokens` decode steps, the same loop body); `stream_text` decodes
 them to text for the CLI.
 
+`kv_cache_dtype` picks the pages' dtype (None: the model's compute dtype;
+"fp8": float8_e4m3fn pages with a scale per token and KV head, see
+`flashjax.serving.runner`).
+
 Bad input raises ValueError before anything runs: no or empty prompts, token
 ids outside the vocabulary, prompt + max_new_tokens beyond the model's
 context or the cache, invalid sampling values, more prompts than slots.
@@ -67,6 +71,7 @@ class GenerationPlan(NamedTuple):
     num_blocks: int
     max_seqs: int
     max_blocks_per_seq: int
+    kv_dtype: str  # the cache's page dtype (its name: a static jit argument)
 
 
 def _as_int(name, value, minimum=None):
@@ -112,9 +117,10 @@ def _normalise_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
 
 def plan_generation(config, prompts, max_new_tokens, sampling=None, *, eos_id=None, pad_id: int = 0,
                     block_size: int = 16, num_blocks: int | None = None,
-                    max_seqs: int | None = None) -> GenerationPlan:
+                    max_seqs: int | None = None, kv_cache_dtype=None) -> GenerationPlan:
     """Validate a generate call and fix its shapes (raises ValueError on bad input)."""
     vocab, ctx = config.vocab_size, config.max_seq_len
+    kv_dtype = R.cache_dtype(config, kv_cache_dtype).name
     prompts = _normalise_prompts(prompts, vocab)
     batch = len(prompts)
     max_new = _as_int("max_new_tokens", max_new_tokens, 1)
@@ -151,7 +157,7 @@ def plan_generation(config, prompts, max_new_tokens, sampling=None, *, eos_id=No
     out_len = R.bucket(max_new, maximum=ctx)
     return GenerationPlan(prompts, tokens, lengths, max_new, out_len, arrays,
                           -1 if eos_id is None else eos_id, pad_id, block_size, num_blocks,
-                          max_seqs, max_blocks)
+                          max_seqs, max_blocks, kv_dtype)
 
 
 # --------------------------------------------------------------------------
@@ -179,11 +185,12 @@ def trace_count(name: str = "generate") -> int:
 
 
 def _start(model, tokens, lengths, sp: SamplingArrays, max_new, eos_id, pad_id, *, out_len,
-           num_blocks, max_seqs, max_blocks_per_seq, block_size) -> _Carry:
+           num_blocks, max_seqs, max_blocks_per_seq, block_size, kv_dtype=None) -> _Carry:
     """Prefill every prompt and sample the first new token."""
     B = tokens.shape[0]
     pages, state = R.init_cache(model.config, num_blocks=num_blocks, max_seqs=max_seqs,
-                                block_size=block_size, max_blocks_per_seq=max_blocks_per_seq)
+                                block_size=block_size, max_blocks_per_seq=max_blocks_per_seq,
+                                dtype=kv_dtype)
     seq_ids = jnp.arange(B, dtype=jnp.int32)
     logits, pages, state = R.prefill(model, pages, state, tokens, seq_ids, lengths)
     tok = sample(logits, sp, row_keys(sp.seed, 0))
@@ -215,22 +222,22 @@ def _loop(model, carry: _Carry, sp: SamplingArrays, limit, max_new, eos_id, pad_
     return jax.lax.while_loop(cond, body, carry)
 
 
-_STATIC = ("graphdef", "out_len", "num_blocks", "max_seqs", "max_blocks_per_seq", "block_size")
+_STATIC = ("graphdef", "out_len", "num_blocks", "max_seqs", "max_blocks_per_seq", "block_size", "kv_dtype")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("mesh",))
 def _generate_jit(params, tokens, lengths, sp, max_new, eos_id, pad_id, *, graphdef, out_len,
-                  num_blocks, max_seqs, max_blocks_per_seq, block_size, mesh=None):
+                  num_blocks, max_seqs, max_blocks_per_seq, block_size, kv_dtype, mesh=None):
     _TRACES["generate"] += 1
     with use_mesh(mesh):  # tensor parallel: kernels run per device on its heads
         model = nnx.merge(graphdef, params)
         carry = _start(model, tokens, lengths, sp, max_new, eos_id, pad_id, out_len=out_len,
                        num_blocks=num_blocks, max_seqs=max_seqs, max_blocks_per_seq=max_blocks_per_seq,
-                       block_size=block_size)
-        if mesh is not None:  # the KV pool is split by KV head; allocator state stays replicated
+                       block_size=block_size, kv_dtype=kv_dtype)
+        if mesh is not None:  # the KV pool (and FP8 scales) split by KV head; allocator state replicated
             carry = carry._replace(
                 pages=jax.lax.with_sharding_constraint(
-                    carry.pages, jax.tree.map(lambda _: page_sharding(mesh), carry.pages)),
+                    carry.pages, jax.tree.map(lambda x: page_sharding(mesh, x.ndim), carry.pages)),
                 state=jax.lax.with_sharding_constraint(
                     carry.state, jax.tree.map(lambda _: replicated(mesh), carry.state)))
         carry = _loop(model, carry, sp, max_new, max_new, eos_id, pad_id)
@@ -239,12 +246,12 @@ def _generate_jit(params, tokens, lengths, sp, max_new, eos_id, pad_id, *, graph
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _start_jit(params, tokens, lengths, sp, max_new, eos_id, pad_id, *, graphdef, out_len,
-               num_blocks, max_seqs, max_blocks_per_seq, block_size):
+               num_blocks, max_seqs, max_blocks_per_seq, block_size, kv_dtype):
     _TRACES["start"] += 1
     model = nnx.merge(graphdef, params)
     return _start(model, tokens, lengths, sp, max_new, eos_id, pad_id, out_len=out_len,
                   num_blocks=num_blocks, max_seqs=max_seqs, max_blocks_per_seq=max_blocks_per_seq,
-                  block_size=block_size)
+                  block_size=block_size, kv_dtype=kv_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnums=(1,))
@@ -262,7 +269,7 @@ def _device_args(plan: GenerationPlan):
 def _static(graphdef, plan: GenerationPlan):
     return dict(graphdef=graphdef, out_len=plan.out_len, num_blocks=plan.num_blocks,
                 max_seqs=plan.max_seqs, max_blocks_per_seq=plan.max_blocks_per_seq,
-                block_size=plan.block_size)
+                block_size=plan.block_size, kv_dtype=plan.kv_dtype)
 
 
 def _check_status(status):
@@ -284,7 +291,8 @@ def _split(model):
 
 def generate(model, prompts, max_new_tokens: int, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
              *, eos_id: int | None = None, pad_id: int = 0, block_size: int = 16,
-             num_blocks: int | None = None, max_seqs: int | None = None, mesh=None):
+             num_blocks: int | None = None, max_seqs: int | None = None, mesh=None,
+             kv_cache_dtype=None):
     """Generate up to `max_new_tokens` tokens for each prompt, the loop on the device.
 
     model: a flashjax.models GPT. prompts: a list of token id sequences (any
@@ -296,12 +304,15 @@ def generate(model, prompts, max_new_tokens: int, sampling: SamplingParams | Seq
 
     mesh: a `flashjax.models.parallel.make_mesh(model=N)` mesh for tensor
     parallelism (heads and MLP split over N devices, KV pool split by KV head).
+    kv_cache_dtype: the pages' dtype (None / "auto": the model's; "bf16", "fp16",
+    "fp32", "fp8").
 
     Returns (tokens int32 [batch, max_new_tokens], lengths int32 [batch]) as
     numpy arrays.
     """
     plan = plan_generation(model.config, prompts, max_new_tokens, sampling, eos_id=eos_id, pad_id=pad_id,
-                           block_size=block_size, num_blocks=num_blocks, max_seqs=max_seqs)
+                           block_size=block_size, num_blocks=num_blocks, max_seqs=max_seqs,
+                           kv_cache_dtype=kv_cache_dtype)
     graphdef, params = _split(model)
     if mesh is not None:  # tensor parallel over mesh's "model" axis (flashjax.models.parallel)
         params = shard_like(params, param_shardings(params, mesh, tensor_parallel=True))
@@ -312,7 +323,7 @@ def generate(model, prompts, max_new_tokens: int, sampling: SamplingParams | Seq
 
 def generate_stream(model, prompts, max_new_tokens: int, sampling=None, *, eos_id: int | None = None,
                     chunk_tokens: int = 8, block_size: int = 16, num_blocks: int | None = None,
-                    max_seqs: int | None = None) -> Iterator[list[list[int]]]:
+                    max_seqs: int | None = None, kv_cache_dtype=None) -> Iterator[list[list[int]]]:
     """Like `generate`, but yields the new tokens of each row as they come.
 
     Runs the prefill, then jitted chunks of up to `chunk_tokens` decode steps
@@ -322,7 +333,8 @@ def generate_stream(model, prompts, max_new_tokens: int, sampling=None, *, eos_i
     the first item.
     """
     plan = plan_generation(model.config, prompts, max_new_tokens, sampling, eos_id=eos_id,
-                           block_size=block_size, num_blocks=num_blocks, max_seqs=max_seqs)
+                           block_size=block_size, num_blocks=num_blocks, max_seqs=max_seqs,
+                           kv_cache_dtype=kv_cache_dtype)
     chunk_tokens = _as_int("chunk_tokens", chunk_tokens, 1)
     graphdef, params = _split(model)
     return _stream(plan, graphdef, params, chunk_tokens)
@@ -349,7 +361,8 @@ def _stream(plan, graphdef, params, chunk_tokens):
 
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: SamplingParams | None = None,
-                *, stop_at_eot: bool = True, chunk_tokens: int = 8, block_size: int = 16) -> Iterator[str]:
+                *, stop_at_eot: bool = True, chunk_tokens: int = 8, block_size: int = 16,
+                kv_cache_dtype=None) -> Iterator[str]:
     """Yield text pieces of a continuation of `prompt` (one sequence).
 
     An empty prompt starts from the end-of-text token. If prompt +
@@ -369,7 +382,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, sampling: Sa
     # The prompt's ids give the first new word its context (a SentencePiece leading space).
     dec = tokenizer.stream_decoder(prompt_ids=ids if prompt else ())
     for chunk in generate_stream(model, [ids], max_new, sampling, eos_id=eos, chunk_tokens=chunk_tokens,
-                                 block_size=block_size):
+                                 block_size=block_size, kv_cache_dtype=kv_cache_dtype):
         for t in chunk[0]:
             if eos is not None and t == eos:
                 break

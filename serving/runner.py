@@ -11,6 +11,17 @@ up to one the decode kernel supports (16, 32, ..., 256); extra columns are 0.
 `state` is the allocator's `flashjax.kv_cache.KVCacheState`, shared by all
 layers. `init_cache(config, ...)` builds both.
 
+An FP8 cache (`dtype="fp8"`, see `flashjax.kv_cache.resolve_cache_dtype`)
+has four arrays per layer, `(k_pages, v_pages, k_scales, v_scales)`: pages in
+float8_e4m3fn and one float32 scale per token and KV head
+([kv_heads, num_blocks, block_size]). Every write quantizes
+(`kv_cache.write_kv_fp8`); decode hands the scales to the paged kernel, which
+dequantizes as it reads; chunked prefill and the sliding-window decode
+dequantize in the XLA gather of the pages (`gather_layer`), which feeds
+`flash_attention` (XLA fuses gather, conversion and scaling into one pass).
+Every per-layer array has the block axis second, so code that moves blocks
+(swap, copy) treats the tuples alike.
+
 Functions (pure: they take and return pages and state; `model` is the NNX
 GPT, e.g. `nnx.merge(graphdef, params)` inside a jitted function):
 
@@ -69,10 +80,12 @@ from flashjax.tensor_parallel import tp_flash_attention, tp_paged_decode_attenti
 
 __all__ = [
     "Pages", "page_head_dim", "init_pages", "init_cache", "prefill", "decode", "gather_layer",
-    "ModelRunner", "bucket", "pad_prompts", "check_block_size",
+    "ModelRunner", "bucket", "pad_prompts", "check_block_size", "cache_dtype", "is_fp8",
 ]
 
-Pages = tuple  # tuple[tuple[jax.Array, jax.Array], ...]: per layer (k_pages, v_pages)
+# tuple[tuple[jax.Array, ...], ...]: per layer (k_pages, v_pages), or for an FP8
+# cache (k_pages, v_pages, k_scales, v_scales)
+Pages = tuple
 
 
 # --------------------------------------------------------------------------
@@ -96,13 +109,32 @@ def check_block_size(block_size) -> int:
     return int(block_size)
 
 
+def cache_dtype(config, dtype=None):
+    """The page dtype of a cache for `config`: `dtype` (None or "auto": the model's
+    compute dtype; "bf16", "fp16", "fp32", "fp8", or a dtype); ValueError naming
+    kv_cache_dtype otherwise."""
+    return kv_cache.resolve_cache_dtype(dtype, config.dtype)
+
+
+def is_fp8(layer) -> bool:
+    """Whether a layer's cache tuple is an FP8 one (pages + scales)."""
+    return len(layer) == 4
+
+
 def init_pages(config, num_blocks: int, block_size: int, dtype=None) -> Pages:
-    """Zeroed per-layer (k_pages, v_pages) for `config` (a ModelConfig)."""
+    """Zeroed per-layer (k_pages, v_pages) for `config` (a ModelConfig); with an
+    FP8 `dtype`, per-layer (k_pages, v_pages, k_scales, v_scales)."""
     block_size = check_block_size(block_size)
-    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    dtype = cache_dtype(config, dtype)
     hd = page_head_dim(config.head_dim)
-    return tuple(kv_cache.init_pages(num_blocks, block_size, config.kv_heads, hd, dtype)
-                 for _ in range(config.n_layer))
+
+    def layer():
+        pages = kv_cache.init_pages(num_blocks, block_size, config.kv_heads, hd, dtype)
+        if dtype == kv_cache.FP8:
+            return pages + kv_cache.init_scales(num_blocks, block_size, config.kv_heads)
+        return pages
+
+    return tuple(layer() for _ in range(config.n_layer))
 
 
 def init_cache(config, *, num_blocks: int, max_seqs: int, block_size: int = 16,
@@ -133,16 +165,16 @@ def _window(config):
     return None if w is None or w >= config.max_seq_len else int(w)
 
 
-def _window_decode(q, k_pages, v_pages, state, seq_ids, kv_lengths, window, sm_scale):
+def _window_decode(q, layer, state, seq_ids, kv_lengths, window, sm_scale):
     """Decode attention over the last `window` keys of each row, from gathered pages (XLA).
 
     The paged kernel has no window; a sliding-window model decodes with this instead.
-    q [B, heads, d]; returns [B, heads, d] float32.
+    q [B, heads, d]; layer: the layer's cache tuple; returns [B, heads, d] float32.
     """
     B, h, d = q.shape
-    kvh = k_pages.shape[0]
+    kvh = layer[0].shape[0]
     kpos = kv_lengths[:, None] - window + jnp.arange(window, dtype=jnp.int32)[None, :]
-    kk, vv = gather_layer(k_pages, v_pages, state, seq_ids, kpos)  # [B, W, kvh, d]
+    kk, vv = gather_layer(*layer[:2], state, seq_ids, kpos, *layer[2:])  # [B, W, kvh, d]
     qg = q.reshape(B, kvh, h // kvh, d).astype(jnp.float32)
     sc = jnp.einsum("bhgd,bwhd->bhgw", qg, kk.astype(jnp.float32)) * sm_scale
     valid = (kpos >= 0) & (kpos < kv_lengths[:, None])
@@ -198,9 +230,12 @@ def _reserve(state: KVCacheState, seq_ids, counts, *, continuation: bool, alloca
     return out.replace(status=status), starts
 
 
-def gather_layer(k_pages, v_pages, state: KVCacheState, seq_ids, positions):
+def gather_layer(k_pages, v_pages, state: KVCacheState, seq_ids, positions, k_scales=None,
+                 v_scales=None, dtype=None):
     """K, V [B, P, kv_heads, page_head_dim] at `positions` [B, P] of sequences
-    `seq_ids` [B]; positions outside [0, length) (or rows with seq -1) give 0."""
+    `seq_ids` [B]; positions outside [0, length) (or rows with seq -1) give 0.
+    With an FP8 pool's k_scales / v_scales the values are dequantized, in `dtype`
+    (default float32); otherwise they keep the pages' dtype."""
     kvh, nb, bs, hd = k_pages.shape
     seq_ids = jnp.asarray(seq_ids, jnp.int32)
     s = jnp.clip(seq_ids, 0, state.max_seqs - 1)
@@ -212,12 +247,21 @@ def gather_layer(k_pages, v_pages, state: KVCacheState, seq_ids, positions):
     blk = jnp.clip(blk, 0, nb - 1)
     off = jnp.clip(positions, 0, None) % bs
 
-    def one(pages):
+    def one(pages, scales):
         g = pages[:, blk, off, :]  # [kvh, B, P, hd]
+        if scales is not None:
+            g = kv_cache.dequantize_fp8(g, scales[:, blk, off], jnp.float32 if dtype is None else dtype)
         g = jnp.moveaxis(g, 0, 2)
-        return jnp.where(valid[:, :, None, None], g, jnp.zeros((), pages.dtype))
+        return jnp.where(valid[:, :, None, None], g, jnp.zeros((), g.dtype))
 
-    return one(k_pages), one(v_pages)
+    return one(k_pages, k_scales), one(v_pages, v_scales)
+
+
+def _write_layer(layer, state, seq_ids, positions, k, v):
+    """Write new tokens' K, V into a layer's cache tuple (quantizing for FP8)."""
+    if is_fp8(layer):
+        return kv_cache.write_kv_fp8(*layer, state, seq_ids, positions, k, v)
+    return kv_cache.write_kv(*layer, state, seq_ids, positions, k, v)
 
 
 # --------------------------------------------------------------------------
@@ -275,13 +319,13 @@ def prefill(model, pages: Pages, state: KVCacheState, tokens, seq_ids, lengths, 
     x = model.embed(tokens, mpos)
     for i, block in enumerate(model.blocks):
         def attend(q, k, v, _i=i):
-            kp, vp = new_pages[_i]
-            kp, vp = kv_cache.write_kv(kp, vp, state, seq_ids[:, None], positions,
-                                       _pad_last(k, phd), _pad_last(v, phd))
-            new_pages[_i] = (kp, vp)
+            layer = _write_layer(new_pages[_i], state, seq_ids[:, None], positions,
+                                 _pad_last(k, phd), _pad_last(v, phd))
+            new_pages[_i] = layer
             if not continuation:
                 return tp_flash_attention(q, k, v, causal=True, **fk)
-            kk, vv = gather_layer(kp, vp, state, seq_ids, kpos)
+            # FP8: dequantized (to q's dtype) in the gather
+            kk, vv = gather_layer(*layer[:2], state, seq_ids, kpos, *layer[2:], dtype=q.dtype)
             kk, vv = kk[..., :hd].astype(q.dtype), vv[..., :hd].astype(q.dtype)
             return tp_flash_attention(q, kk, vv, causal=True, segment_ids=(q_seg, kv_seg), **fk)
 
@@ -331,15 +375,18 @@ def decode(model, pages: Pages, state: KVCacheState, tokens, seq_ids, *,
     x = model.embed(tokens[:, None], mpos)
     for i, block in enumerate(model.blocks):
         def attend(q, k, v, _i=i):
-            kp, vp = new_pages[_i]
-            kp, vp = kv_cache.write_kv(kp, vp, state, seq_ids, positions,
-                                       _pad_last(k[:, 0], phd), _pad_last(v[:, 0], phd))
-            new_pages[_i] = (kp, vp)
-            qp = _pad_last(q[:, 0], phd).astype(kp.dtype)
+            layer = _write_layer(new_pages[_i], state, seq_ids, positions,
+                                 _pad_last(k[:, 0], phd), _pad_last(v[:, 0], phd))
+            new_pages[_i] = layer
+            qp = _pad_last(q[:, 0], phd)
+            if not is_fp8(layer):  # the kernel computes in the pages' dtype (FP8: in q's)
+                qp = qp.astype(layer[0].dtype)
             if window is None:
-                o = tp_paged_decode_attention(qp, kp, vp, tables, kv_lengths, sm_scale=sm_scale, **dk)
+                scales = dict(k_scales=layer[2], v_scales=layer[3]) if is_fp8(layer) else {}
+                o = tp_paged_decode_attention(qp, layer[0], layer[1], tables, kv_lengths,
+                                              sm_scale=sm_scale, **scales, **dk)
             else:
-                o = _window_decode(qp, kp, vp, state, jnp.where(live, seq_ids, -1), kv_lengths, window,
+                o = _window_decode(qp, layer, state, jnp.where(live, seq_ids, -1), kv_lengths, window,
                                    sm_scale)
             return o[..., :hd].astype(q.dtype)[:, None]
 
@@ -402,7 +449,7 @@ class ModelRunner:
         self.max_seqs = int(max_seqs)
         self.max_blocks_per_seq = (-(-self.config.max_seq_len // self.block_size)
                                    if max_blocks_per_seq is None else int(max_blocks_per_seq))
-        self.dtype = jnp.dtype(self.config.dtype if dtype is None else dtype)
+        self.dtype = cache_dtype(self.config, dtype)
         self.graphdef, self.params = nnx.split(model)
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,),
                                 static_argnames=("continuation", "kv_len", "all_logits"))

@@ -760,6 +760,12 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             raise _bad("'model' must be a string", param="model", code="invalid_type")
         return body
 
+    async def disconnected(request: Request) -> None:
+        """Returns when the client has gone (the request body is read by then, so the
+        ASGI server's next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     async def run(request: Request, chat: bool):
         svc.require_engine()
         body = await read_json(request)
@@ -803,25 +809,34 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         created = int(time.time())
         if plan.stream:
             async def watch():  # cancel as soon as the client hangs up, whatever the ASGI server does
-                while not all(h.finished for h in handles):
-                    if await request.is_disconnected():
+                done = asyncio.ensure_future(asyncio.gather(*(h.wait_async() for h in handles)))
+                gone = asyncio.ensure_future(disconnected(request))
+                try:
+                    await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+                    if gone.done() and not done.done():
                         for h in handles:
                             h.cancel()
-                        return
-                    await asyncio.sleep(0.05)
+                finally:
+                    done.cancel()
+                    gone.cancel()
             task = asyncio.ensure_future(watch())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             return StreamingResponse(sse(handles, prompts, plan, rid, created),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        # non-streaming: wait, cancelling if the client goes away
-        while not all(h.finished for h in handles):
-            if await request.is_disconnected():
-                for h in handles:
-                    h.cancel()
-                raise ApiError(499, "client disconnected", code="client_closed")
-            await asyncio.sleep(0.02)
+        # non-streaming: wait, cancelling if the client goes away (both events, no polling)
+        done = asyncio.ensure_future(asyncio.gather(*(h.wait_async() for h in handles)))
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not done.done():
+            done.cancel()
+            for h in handles:
+                h.cancel()
+            raise ApiError(499, "client disconnected", code="client_closed")
         for h in handles:
             if h.error is not None:
                 raise ApiError(503, str(h.error), type="server_error", code="engine_error")
@@ -969,6 +984,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
+KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")  # --kv-cache-dtype (flashjax.kv_cache.resolve_cache_dtype)
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a `flashjax train` run/checkpoint dir or a Hugging Face model dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
@@ -987,6 +1005,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     p.add_argument("--attention", default=None, help="override the model's attention implementation")
     p.add_argument("--dtype", default=None, help="override the compute dtype")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="KV cache dtype: auto (the model's compute dtype, default), bf16, fp16, fp32, or fp8 "
+                        "(float8_e4m3fn pages with a float32 scale per token and KV head: about half the "
+                        "memory of bf16 per token)")
     return p
 
 
@@ -1013,7 +1035,8 @@ def build_engine(model, tokenizer, args) -> Any:
     return Engine(model, tokenizer=tokenizer, num_blocks=args.num_blocks or per_seq * max(args.max_seqs, 8),
                   max_seqs=args.max_seqs, block_size=bs, max_num_batched_tokens=args.max_num_batched_tokens,
                   prefill_rows=args.prefill_rows, preemption_mode=args.preemption,
-                  prefix_caching=not args.no_prefix_caching, max_waiting=args.max_waiting)
+                  prefix_caching=not args.no_prefix_caching, max_waiting=args.max_waiting,
+                  kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
 
 
 def run_server(app, host: str, port: int) -> int:

@@ -117,10 +117,13 @@ class PrefillBatch:
 
 
 class StepRunner:
-    """Owns the KV pages and `last_tok`; runs the jitted step (pages donated)."""
+    """Owns the KV pages and `last_tok`; runs the jitted step (pages donated).
+
+    kv_cache_dtype: the pages' dtype (None: the model's; "fp8": float8_e4m3fn pages
+    with per-token scales, see `flashjax.serving.runner`)."""
 
     def __init__(self, model, *, num_blocks: int, max_seqs: int, block_size: int, max_blocks_per_seq: int,
-                 logprobs_k: int, decode_kwargs: dict | None = None):
+                 logprobs_k: int, decode_kwargs: dict | None = None, kv_cache_dtype=None):
         self.config = model.config
         self.num_blocks = int(num_blocks)
         self.max_seqs = int(max_seqs)
@@ -129,7 +132,8 @@ class StepRunner:
         self.logprobs_k = int(logprobs_k)
         self.decode_kwargs = dict(decode_kwargs or {})
         self.graphdef, self.params = nnx.split(model)
-        self.pages = R.init_pages(self.config, self.num_blocks, self.block_size)
+        self.kv_cache_dtype = R.cache_dtype(self.config, kv_cache_dtype)
+        self.pages = R.init_pages(self.config, self.num_blocks, self.block_size, self.kv_cache_dtype)
         self.last_tok = jnp.zeros((self.max_seqs,), jnp.int32)
         vocab = self.config.vocab_size
         self.top_k = min(vocab, max(self.logprobs_k, MAX_LOGPROBS))
@@ -299,17 +303,19 @@ class StepRunner:
             vals, mode="drop")
         return bias.at[slot].set(row)
 
+    # Every per-layer array (pages, and an FP8 cache's scales) has the block axis second.
     def _gather_impl(self, pages, idx):
         self.trace_counts["swap_out"] += 1
         i = jnp.clip(idx, 0, self.num_blocks - 1)
-        return tuple((k[:, i], v[:, i]) for k, v in pages)
+        return tuple(tuple(x[:, i] for x in layer) for layer in pages)
 
     def _scatter_impl(self, pages, idx, data):
         self.trace_counts["swap_in"] += 1
         i = jnp.where(idx >= 0, idx, self.num_blocks)
-        return tuple((k.at[:, i].set(dk, mode="drop"), v.at[:, i].set(dv, mode="drop"))
-                     for (k, v), (dk, dv) in zip(pages, data))
+        return tuple(tuple(x.at[:, i].set(d, mode="drop") for x, d in zip(layer, saved))
+                     for layer, saved in zip(pages, data))
 
     def _copy_impl(self, pages, src, dst):
         self.trace_counts["copy"] += 1
-        return tuple(kv_cache.copy_blocks(k, v, kv_cache.BlockCopy(src, dst)) for k, v in pages)
+        return tuple(kv_cache.copy_blocks(*layer[:2], kv_cache.BlockCopy(src, dst), *layer[2:])
+                     for layer in pages)
