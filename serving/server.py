@@ -760,12 +760,6 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             raise _bad("'model' must be a string", param="model", code="invalid_type")
         return body
 
-    async def disconnected(request: Request) -> None:
-        """Returns when the client has gone (the request body is read by then, so the
-        ASGI server's next message is the disconnect)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
     async def run(request: Request, chat: bool):
         svc.require_engine()
         body = await read_json(request)
@@ -809,34 +803,25 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         created = int(time.time())
         if plan.stream:
             async def watch():  # cancel as soon as the client hangs up, whatever the ASGI server does
-                done = asyncio.ensure_future(asyncio.gather(*(h.wait_async() for h in handles)))
-                gone = asyncio.ensure_future(disconnected(request))
-                try:
-                    await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
-                    if gone.done() and not done.done():
+                while not all(h.finished for h in handles):
+                    if await request.is_disconnected():
                         for h in handles:
                             h.cancel()
-                finally:
-                    done.cancel()
-                    gone.cancel()
+                        return
+                    await asyncio.sleep(0.05)
             task = asyncio.ensure_future(watch())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             return StreamingResponse(sse(handles, prompts, plan, rid, created),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        # non-streaming: wait, cancelling if the client goes away (both events, no polling)
-        done = asyncio.ensure_future(asyncio.gather(*(h.wait_async() for h in handles)))
-        gone = asyncio.ensure_future(disconnected(request))
-        try:
-            await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not done.done():
-            done.cancel()
-            for h in handles:
-                h.cancel()
-            raise ApiError(499, "client disconnected", code="client_closed")
+        # non-streaming: wait, cancelling if the client goes away
+        while not all(h.finished for h in handles):
+            if await request.is_disconnected():
+                for h in handles:
+                    h.cancel()
+                raise ApiError(499, "client disconnected", code="client_closed")
+            await asyncio.sleep(0.02)
         for h in handles:
             if h.error is not None:
                 raise ApiError(503, str(h.error), type="server_error", code="engine_error")
