@@ -39,8 +39,22 @@ head_dim] cache):
                    (q pre-scaled by 1/sqrt(head_dim): the op does not scale logits)
   pallas_gqa       jax.experimental.pallas.ops.gpu.decode_attention.gqa
   xla              jnp.einsum over the dense cache (bf16 in, f32 accumulation)
+  ours_paged_fp8   flashjax.paged_decode_attention on the same pool stored in FP8
+                   (float8_e4m3fn, one float32 scale per token and KV head:
+                   flashjax.kv_cache.quantize_fp8 of the bf16 pool)
+  ours_contiguous_fp8  flashjax.decode_attention on the dense cache in FP8
 A peer that fails records an error string in its cell. Every output is
-checked against XLA on its first two sequences (max abs error in the JSON).
+checked against XLA on its first two sequences (max abs error in the JSON;
+for the FP8 peers that includes the quantization error, and
+`max_abs_err_vs_dequantized` compares with a float32 reference on the
+dequantized cache).
+
+Every GB/s and "% copy" is of the *logical* cache: the bytes of K and V in
+--dtype (bf16), also for the FP8 peers, which read about half of that
+(their cells add `physical_kv_bytes` and `physical_tb_s`: FP8 values plus
+scales actually read). So an FP8 cell at twice a bf16 cell's GB/s serves the
+same sequences in half the time; "fp8 x" columns are ours_paged / ours_paged_fp8
+(and contiguous) time ratios.
 Results: benchmarks/results/decode-<device>-<date>.json
 """
 
@@ -63,9 +77,21 @@ PEERS = {
     "pallas_paged": "jax.experimental.pallas.ops.gpu.paged_attention.paged_attention (defaults; q pre-scaled)",
     "pallas_gqa": "jax.experimental.pallas.ops.gpu.decode_attention.gqa (defaults)",
     "xla": "jnp.einsum over the dense cache (XLA)",
+    "ours_paged_fp8": "flashjax.paged_decode_attention on an FP8 (e4m3) pool with per-token scales "
+                      "(GB/s of the logical bf16 cache)",
+    "ours_contiguous_fp8": "flashjax.decode_attention on an FP8 (e4m3) dense cache with per-token scales "
+                           "(GB/s of the logical bf16 cache)",
 }
-PAGED_PEERS = ("ours_paged", "pallas_paged")
-DENSE_PEERS = ("ours_contiguous", "pallas_gqa", "xla")
+# Peers by the cache they read: (peers, paged, fp8).
+GROUPS = (
+    (("ours_paged", "pallas_paged"), True, False),
+    (("ours_contiguous", "pallas_gqa", "xla"), False, False),
+    (("ours_paged_fp8",), True, True),
+    (("ours_contiguous_fp8",), False, True),
+)
+PAGED_PEERS = GROUPS[0][0]
+DENSE_PEERS = GROUPS[1][0]
+FP8_PAIRS = (("ours_paged", "ours_paged_fp8"), ("ours_contiguous", "ours_contiguous_fp8"))
 
 BATCHES = (1, 8, 32, 64, 256)
 CONTEXTS = (1024, 4096, 16384, 32768, 131072)
@@ -104,6 +130,11 @@ def make_peer(name: str, *, interpret: bool, **kw):
         return lambda q, kp, vp, bt, ln: fd.paged_decode_attention(q, kp, vp, bt, ln, **kw)
     if name == "ours_contiguous":
         return lambda q, k, v, ln: fd.decode_attention(q, k, v, ln, **kw)
+    if name == "ours_paged_fp8":
+        return lambda q, kp, vp, ks, vs, bt, ln: fd.paged_decode_attention(
+            q, kp, vp, bt, ln, k_scales=ks, v_scales=vs, **kw)
+    if name == "ours_contiguous_fp8":
+        return lambda q, k, v, ks, vs, ln: fd.decode_attention(q, k, v, ln, k_scales=ks, v_scales=vs, **kw)
     if name == "pallas_paged":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -296,12 +327,30 @@ def make_inputs(seed, batch, ctx, heads, kv_heads, head_dim, block_size, dtype, 
 def dense_from_paged(k_pages, v_pages, tables):
     import jax.numpy as jnp
 
-    def one(p):  # [hkv, N, bs, d] -> [b, ctx, hkv, d]
-        g = p[:, tables]  # [hkv, b, nblk, bs, d]
-        hkv, b, nblk, bs, d = g.shape
-        return jnp.moveaxis(g.reshape(hkv, b, nblk * bs, d), 0, 2)
+    def one(p):  # [hkv, N, bs, (d)] -> [b, ctx, hkv, (d)]
+        g = p[:, tables]  # [hkv, b, nblk, bs, (d)]
+        hkv, b, nblk, bs = g.shape[:4]
+        return jnp.moveaxis(g.reshape(hkv, b, nblk * bs, *g.shape[4:]), 0, 2)
 
     return one(k_pages), one(v_pages)
+
+
+def to_fp8(kv, paged):
+    """The cache of `make_inputs` in FP8: (k8, v8, k_scales, v_scales[, tables])
+    (`flashjax.kv_cache.quantize_fp8`, one float32 scale per token and KV head)."""
+    import jax
+
+    from flashjax import kv_cache
+
+    quant = jax.jit(kv_cache.quantize_fp8)
+    (k8, ks), (v8, vs) = quant(kv[0]), quant(kv[1])
+    return (k8, v8, ks, vs, kv[2]) if paged else (k8, v8, ks, vs)
+
+
+def fp8_kv_bytes(batch, ctx, kv_heads, head_dim):
+    """Bytes an FP8 cache holds for K and V: one byte per value plus a float32 scale
+    per token and KV head."""
+    return batch * ctx * kv_heads * (head_dim + 4) * 2
 
 
 # ---------------------------------------------------------------------------
@@ -335,29 +384,35 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
     then timed in `rounds` interleaved rounds (each round times both chains of
     the plan, `reps` runs each; the cell reports the median of the per-round
     per-call slopes), so a slow
-    stretch of the GPU is shared by all peers instead of landing on one. Both
-    caches (paged and dense) stay resident when they fit in 80% of the device
-    memory; otherwise the paged and dense groups run one after the other."""
+    stretch of the GPU is shared by all peers instead of landing on one. All
+    caches (paged and dense, bf16 and FP8) stay resident when they fit in 80% of
+    the device memory; otherwise each group of peers runs on its own."""
     import statistics
 
     import jax
     import jax.numpy as jnp
 
+    import flashjax.decode as fd
+
     b, ctx = cfg["batch"], cfg["context"]
     heads, hkv, d, bs = dims["heads"], dims["kv_heads"], dims["head_dim"], dims["block_size"]
-    nbytes = kv_bytes(b, ctx, hkv, d, jnp.dtype(dtype).itemsize)
+    nbytes = kv_bytes(b, ctx, hkv, d, jnp.dtype(dtype).itemsize)  # logical: what GB/s refers to
+    fp8_bytes = fp8_kv_bytes(b, ctx, hkv, d)
     plan = timing_plan(nbytes, interpret)
+    # FP8 caches cycle through copies by their own (smaller) size, so they too read from HBM
+    plan_fp8 = (*plan[:2], kv_copies(fp8_bytes, interpret))
     xla = jax.jit(make_peer("xla", interpret=interpret))
     mem = common.device_memory_bytes()
-    together = interpret or (mem is not None and 2 * nbytes <= 0.8 * mem)
-    groups = [(p, is_paged) for group, is_paged in ((PAGED_PEERS, True), (DENSE_PEERS, False))
-              for p in [[p for p in peers if p in group]] if p]
+    groups = [(todo, paged, fp8) for group, paged, fp8 in GROUPS
+              for todo in [[p for p in peers if p in group]] if todo]
+    total = sum(fp8_bytes if fp8 else nbytes for _, _, fp8 in groups)
+    together = interpret or (mem is not None and total <= 0.8 * mem)
     phases = [groups] if together else [[g] for g in groups]
     cells = {}
 
     def run_phase(phase):  # a function, so the phase's caches are freed when it returns
-        ready = []  # (peer, {chain: compiled}, args)
-        for todo, is_paged in phase:
+        ready = []  # (peer, {chain: compiled}, args, timing plan)
+        for todo, is_paged, fp8 in phase:
             try:
                 q, kv, lengths = make_inputs(0, b, ctx, heads, hkv, d, bs, dtype, paged=is_paged)
                 # Reference for the correctness check: XLA on the first <= 2 sequences.
@@ -367,38 +422,54 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
                 else:
                     kd, vd = kv[0][:n], kv[1][:n]
                 ref = xla(q[:n], kd, vd, lengths[:n]).astype(jnp.float32)
+                ref_deq = None
+                if fp8:
+                    kv = to_fp8(kv, is_paged)  # the bf16 cache is freed here
+                    if is_paged:
+                        kd, vd = dense_from_paged(kv[0], kv[1], kv[4][:n])
+                        ksd, vsd = dense_from_paged(kv[2], kv[3], kv[4][:n])
+                    else:
+                        kd, vd, ksd, vsd = (x[:n] for x in kv)
+                    ref_deq = fd.decode_reference(q[:n], kd, vd, lengths[:n], k_scales=ksd, v_scales=vsd)
+                    del ksd, vsd
                 del kd, vd
             except Exception as e:  # noqa: BLE001
                 for p in todo:
                     cells[p] = {"error": common.describe_error(e)}
                 continue
-            args = with_copies(q, kv, lengths, plan[2])
+            args = with_copies(q, kv, lengths, (plan_fp8 if fp8 else plan)[2])
             for peer in todo:
                 try:
-                    execs, out, compile_s = compile_pair(make_peer(peer, interpret=interpret), args, plan)
+                    execs, out, compile_s = compile_pair(make_peer(peer, interpret=interpret), args,
+                                                         plan_fp8 if fp8 else plan)
                     err = float(jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref)))
+                    cells[peer] = {"compile_s": round(compile_s, 2), "chain": list(plan[:2]),
+                                   "reps": reps, "rounds": rounds, "max_abs_err_vs_xla": err}
+                    if fp8:
+                        cells[peer]["max_abs_err_vs_dequantized"] = float(
+                            jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref_deq)))
+                        cells[peer]["physical_kv_bytes"] = fp8_bytes
+                        cells[peer]["kv_copies"] = plan_fp8[2]
                     del out
                     for c in execs.values():
                         for _ in range(max(0, warmup - 1)):
                             jax.block_until_ready(c(*args))
-                    cells[peer] = {"compile_s": round(compile_s, 2), "chain": list(plan[:2]),
-                                   "reps": reps, "rounds": rounds, "max_abs_err_vs_xla": err}
-                    ready.append((peer, execs, args))
+                    ready.append((peer, execs, args, plan_fp8 if fp8 else plan))
                 except Exception as e:  # noqa: BLE001
                     cells[peer] = {"error": common.describe_error(e)}
-                    print(f"  b={b:<4d} ctx={ctx:<6d} {peer:16s} {fmt_cell(cells[peer])}", flush=True)
-            del q, kv, lengths, ref, args
-        medians = {p: [] for p, _, _ in ready}  # per-call ms of each round
-        walls = {p: [] for p, _, _ in ready}
+                    print(f"  b={b:<4d} ctx={ctx:<6d} {peer:19s} {fmt_cell(cells[peer])}", flush=True)
+            del q, kv, lengths, ref, ref_deq, args
+        medians = {p: [] for p, *_ in ready}  # per-call ms of each round
+        walls = {p: [] for p, *_ in ready}
         for _ in range(rounds):
-            for peer, execs, args in ready:
+            for peer, execs, args, peer_plan in ready:
                 try:
-                    ms, wall_ms = time_pair(execs, args, plan, warmup=0, reps=reps)
+                    ms, wall_ms = time_pair(execs, args, peer_plan, warmup=0, reps=reps)
                     medians[peer].append(ms)
                     walls[peer].append(wall_ms)
                 except Exception as e:  # noqa: BLE001
                     cells[peer] = {"error": common.describe_error(e)}
-        for peer, _, _ in ready:
+        for peer, *_ in ready:
             cell = cells[peer]
             if "error" in cell or not medians[peer]:
                 continue
@@ -406,9 +477,11 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
             cell["wall_ms"] = statistics.median(walls[peer])
             cell["round_ms"] = [round(x, 5) for x in medians[peer]]
             cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
+            if "physical_kv_bytes" in cell:
+                cell["physical_tb_s"] = cell["physical_kv_bytes"] / (cell["ms"] * 1e-3) / 1e12
             if copy_tb_s:
                 cell["frac_copy_bw"] = cell["tb_s"] / copy_tb_s
-            print(f"  b={b:<4d} ctx={ctx:<6d} {peer:16s} {fmt_cell(cell)}", flush=True)
+            print(f"  b={b:<4d} ctx={ctx:<6d} {peer:19s} {fmt_cell(cell)}", flush=True)
 
     for phase in phases:
         run_phase(phase)
@@ -416,8 +489,11 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
     overhead = None
     if all("ms" in c for c in ours):
         overhead = 100.0 * (ours[0]["ms"] / ours[1]["ms"] - 1.0)
-    return {**cfg, "kv_bytes": nbytes, "chain": list(plan[:2]), "kv_copies": plan[2],
-            "interleaved": bool(together), "peers": cells, "paged_overhead_pct": overhead}
+    speedup = {fp8: cells[bf]["ms"] / cells[fp8]["ms"] for bf, fp8 in FP8_PAIRS
+               if "ms" in cells.get(bf, {}) and "ms" in cells.get(fp8, {})}
+    return {**cfg, "kv_bytes": nbytes, "fp8_kv_bytes": fp8_bytes, "chain": list(plan[:2]),
+            "kv_copies": plan[2], "interleaved": bool(together), "peers": cells,
+            "paged_overhead_pct": overhead, "fp8_speedup": speedup}
 
 
 def fmt_cell(cell):
@@ -426,13 +502,17 @@ def fmt_cell(cell):
     s = f"{cell['ms'] * 1e3:9.1f} us  {cell['tb_s'] * 1e3:7.1f} GB/s"
     if "frac_copy_bw" in cell:
         s += f"  ({100 * cell['frac_copy_bw']:.0f}% copy)"
+    if "physical_tb_s" in cell:
+        s += f"  [read {cell['physical_tb_s'] * 1e3:.0f} GB/s]"
     if "max_abs_err_vs_xla" in cell:
         s += f"  err {cell['max_abs_err_vs_xla']:.1e}"
     return s
 
 
 def table(results, peers):
-    headers = ["batch", "context", "KV MB"] + [f"{p} GB/s (% copy)" for p in peers] + ["paged overhead"]
+    pairs = [(bf, fp8) for bf, fp8 in FP8_PAIRS if bf in peers and fp8 in peers]
+    headers = (["batch", "context", "KV MB"] + [f"{p} GB/s (% copy)" for p in peers] + ["paged overhead"]
+               + [f"{fp8.replace('ours_', '')} x" for _, fp8 in pairs])
     rows = []
     for r in results:
         row = [r["batch"], r["context"], f"{r['kv_bytes'] / 1e6:.0f}"]
@@ -445,6 +525,9 @@ def table(results, peers):
                 row.append(c.get("error", c.get("skipped", "-"))[:40])
         ov = r.get("paged_overhead_pct")
         row.append("-" if ov is None else f"{ov:+.1f}%")
+        for _, fp8 in pairs:
+            x = r.get("fp8_speedup", {}).get(fp8)
+            row.append("-" if x is None else f"{x:.2f}")
         rows.append(row)
     return common.markdown_table(headers, rows)
 
@@ -531,16 +614,25 @@ def run_sweep(args) -> dict:
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     reps = args.reps if args.reps is not None else (1 if args.quick else 7)
     nbytes = kv_bytes(b, ctx, dims["kv_heads"], dims["head_dim"], dtype.itemsize)
+    fp8 = bool(args.sweep_fp8)
     plan = timing_plan(nbytes, interpret)
+    if fp8:
+        plan = (*plan[:2], kv_copies(fp8_kv_bytes(b, ctx, dims["kv_heads"], dims["head_dim"]), interpret))
     copy = None if interpret else copy_bandwidth(2 << 30, warmup=2, reps=10)
     print(f"# decode sweep on {info['device']}: batch {b}, context {ctx}, KV {nbytes / 1e6:.0f} MB"
+          + (" (FP8 cache; GB/s of the logical bf16 bytes)" if fp8 else "")
           + (f", copy {copy['tb_s']:.3f} TB/s (torch memcpy {copy.get('torch_memcpy_tb_s', 'n/a')})"
              if copy else ""), flush=True)
     rows, results = [], []
     configs = QUICK_SWEEP if args.quick else SWEEP
+    if fp8 and not args.quick:  # FP8 tiles hold twice the tokens per byte: try 256-token tiles too
+        configs = configs + [dict(num_splits=sp, pages_per_block=16, num_warps=w, num_stages=st)
+                             for sp in (None, 64) for w, st in ((4, 3), (8, 3), (8, 4))]
     for paged in (True, False):
         q, kv, lengths = make_inputs(0, b, ctx, dims["heads"], dims["kv_heads"], dims["head_dim"],
                                      dims["block_size"], dtype, paged=paged)
+        if fp8:
+            kv = to_fp8(kv, paged)
         seen = set()
         for cfg in configs:
             kw = dict(cfg)
@@ -555,7 +647,7 @@ def run_sweep(args) -> dict:
             if key in seen:
                 continue
             seen.add(key)
-            name = "ours_paged" if paged else "ours_contiguous"
+            name = ("ours_paged" if paged else "ours_contiguous") + ("_fp8" if fp8 else "")
             try:
                 args_all = with_copies(q, kv, lengths, plan[2])
                 peer = make_peer(name, interpret=interpret, **kw,
@@ -581,12 +673,12 @@ def run_sweep(args) -> dict:
     print(md)
     ok = [r for r in results if "tb_s" in r]
     best = {}
-    for name in ("ours_paged", "ours_contiguous"):
+    for name in ("ours_paged", "ours_contiguous", "ours_paged_fp8", "ours_contiguous_fp8"):
         cand = [r for r in ok if r["peer"] == name]
         if cand:
             best[name] = max(cand, key=lambda r: r["tb_s"])
             print(f"best {name}: {best[name]}")
-    return {**info, "benchmark": "decode-sweep", "quick": bool(args.quick), "dtype": dtype.name,
+    return {**info, "benchmark": "decode-sweep", "quick": bool(args.quick), "dtype": dtype.name, "fp8": fp8,
             "shape": {**dims, "batch": b, "context": ctx}, "copy_bandwidth": copy,
             "results": results, "best": best, "markdown": md}
 
@@ -611,6 +703,8 @@ def parse_args(argv=None):
                    help="only time our kernel's (num_splits, pages_per_block, num_warps, num_stages)")
     p.add_argument("--sweep-batch", type=int, help="sweep batch (default 1)")
     p.add_argument("--sweep-context", type=int, help="sweep context (default 32768)")
+    p.add_argument("--sweep-fp8", action="store_true",
+                   help="sweep the kernels on an FP8 (e4m3) cache instead (GB/s of the logical bf16 bytes)")
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -61,6 +63,15 @@ def test_decode_quick(tmp_path):
         for peer in ("ours_paged", "ours_contiguous"):
             cell = row["peers"][peer]
             assert cell["ms"] > 0 and cell["max_abs_err_vs_xla"] < 0.05, (peer, cell)
+        # the FP8 cache: exact against its dequantized values, within e4m3 rounding of the bf16
+        # cache, and GB/s counted in logical bf16 bytes while it holds about half of them
+        for peer in ("ours_paged_fp8", "ours_contiguous_fp8"):
+            cell = row["peers"][peer]
+            assert cell["ms"] > 0 and cell["max_abs_err_vs_dequantized"] < 0.01, (peer, cell)
+            assert 1e-3 < cell["max_abs_err_vs_xla"] < 0.1, (peer, cell)
+            assert cell["tb_s"] == pytest.approx(row["kv_bytes"] / (cell["ms"] * 1e-3) / 1e12)
+            assert cell["physical_kv_bytes"] / row["kv_bytes"] == pytest.approx((32 + 4) / 64)
+        assert set(row["fp8_speedup"]) == {"ours_paged_fp8", "ours_contiguous_fp8"}
 
 
 def test_decode_sweep_quick(tmp_path):
