@@ -5,6 +5,7 @@
     python benchmarks/attention.py --plot --readme # also a PNG and the README section
     python benchmarks/attention.py --dtype float16 # float16 (the only dtype of JAX's Mosaic GPU op)
     python benchmarks/attention.py --sweep         # only: time flashjax block_sizes candidates
+    python benchmarks/attention.py --deterministic # also flashjax_det: the cost of deterministic=True
 
 Measures TFLOP/s of the forward and forward+backward passes, causal and not,
 bf16, over seq 512..16384 with batch*seq = 16384 tokens (batch = 16384 // seq;
@@ -13,7 +14,10 @@ head_dim 64 and 128 with heads*head_dim = 2048. All peers run in the same
 process on the same inputs. FLOPs: forward 4*b*h*sq*sk*d (x0.5 when causal);
 forward+backward 3.5x forward. Peak memory: XLA's compiled memory analysis
 (temp bytes) of each implementation's forward+backward. A peer that fails
-records an error string ("OOM", "unsupported: ...") in its cell.
+records an error string ("OOM", "unsupported: ...") in its cell. Each cell also
+records its compile time (`compile_s`: `jax.jit(f).lower(...).compile()`, timed
+apart from the runs). `--deterministic` adds the peer `flashjax_det`
+(`deterministic=True`) and a table of its time over `flashjax`'s per shape.
 Results: benchmarks/results/attention-<device>-<date>.json (+ .png with --plot).
 """
 
@@ -36,6 +40,8 @@ PEERS = {
                  "where they apply: causal/full, head_dim 64, bf16/f16, length a multiple of 128; "
                  "else Pallas Triton; interpret mode on CPU)"),
     "flashjax_triton": "flashjax.flash_attention(implementation='triton'): the Pallas Triton kernels",
+    "flashjax_det": ("flashjax.flash_attention(deterministic=True), implementation='auto': the "
+                     "fixed-order backward (on Hopper the Mosaic forward with the Triton backward)"),
     "cudnn": 'jax.nn.dot_product_attention(implementation="cudnn")',
     "pallas_mha": "jax.experimental.pallas.ops.gpu.attention.mha (JAX's bundled Pallas op, default blocks)",
     "pallas_mgpu": ("jax.experimental.pallas.ops.gpu.attention_mgpu.attention (JAX's bundled Mosaic GPU "
@@ -43,6 +49,8 @@ PEERS = {
                     "sm_scale since the op has no scale; blocks 64x128, 2 stages, backward 64x64)"),
     "xla": 'jax.nn.dot_product_attention(implementation="xla")',
 }
+# Run unless --peers names others; flashjax_det joins with --deterministic.
+DEFAULT_PEERS = tuple(p for p in PEERS if p != "flashjax_det")
 MODES = ("fwd", "fwd_bwd")
 MODE_LABEL = {"fwd": "forward", "fwd_bwd": "forward+backward"}
 FWD_BWD_FACTOR = 3.5
@@ -101,12 +109,14 @@ def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None
     """(q, k, v) -> o for one peer; q/k/v are [batch, seq, heads, head_dim]."""
     import jax
 
-    if peer in ("flashjax", "flashjax_triton"):
+    if peer in ("flashjax", "flashjax_triton", "flashjax_det"):
         import flashjax
 
         extra = {} if block_sizes is None else {"block_sizes": block_sizes}
         if peer == "flashjax_triton":
             extra["implementation"] = "triton"
+        if peer == "flashjax_det":
+            extra["deterministic"] = True
         return lambda q, k, v: flashjax.flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, **extra)
     if peer in ("cudnn", "xla"):
         return lambda q, k, v: jax.nn.dot_product_attention(
@@ -214,7 +224,7 @@ def run_benchmark(args) -> tuple[dict, str]:
     dtype = jnp.dtype(args.dtype)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     reps = args.reps if args.reps is not None else (2 if args.quick else 10)
-    peers = args.peers or list(PEERS)
+    peers = selected_peers(args)
     mem_limit = info["device_memory_bytes"]
     cfgs = configs(args)
     path = args.out or common.results_path(results_kind(dtype.name), info["device"], quick=args.quick)
@@ -294,7 +304,36 @@ def run_benchmark(args) -> tuple[dict, str]:
 
     data["partial"] = False
     data["wall_s"] = round(time.perf_counter() - start, 1)
+    if "flashjax_det" in peers:
+        data["deterministic_cost"] = deterministic_cost(data)
     return data, str(common.write_json(data, path))
+
+
+def selected_peers(args) -> list[str]:
+    """--peers (default: DEFAULT_PEERS), plus flashjax and flashjax_det with --deterministic."""
+    peers = list(args.peers or DEFAULT_PEERS)
+    if getattr(args, "deterministic", False):
+        peers += [p for p in ("flashjax", "flashjax_det") if p not in peers]
+    return peers
+
+
+def deterministic_cost(data: dict) -> list[dict]:
+    """Per shape and mode: flashjax_det's time over flashjax's (1.0: free)."""
+    by_shape: dict[tuple, dict] = {}
+    for e in data["results"]:
+        by_shape.setdefault((e["head_dim"], e["causal"], e["seq"], e["batch"], e["heads"]), {})[e["peer"]] = e
+    rows = []
+    for shape, peers in sorted(by_shape.items()):
+        base, det = peers.get("flashjax"), peers.get("flashjax_det")
+        if not base or not det:
+            continue
+        row = dict(zip(("head_dim", "causal", "seq", "batch", "heads"), shape))
+        for mode in MODES:
+            a, b = base.get(mode, {}), det.get(mode, {})
+            if "ms" in a and "ms" in b:
+                row[f"{mode}_ratio"] = round(b["ms"] / a["ms"], 3)
+        rows.append(row)
+    return rows
 
 
 def _shape_label(e) -> str:
@@ -365,7 +404,24 @@ def tables(data: dict) -> str:
         parts.append(f"{title}:\n\n" + common.markdown_table(headers, rows(_cell, mode)))
     parts.append("Forward+backward temp memory (MiB, XLA memory analysis):\n\n"
                  + common.markdown_table(headers, rows(_mib, "fwd_bwd")))
+    for mode in MODES:
+        parts.append(f"Compile seconds, {MODE_LABEL[mode]} (jax.jit(f).lower(...).compile()):\n\n"
+                     + common.markdown_table(headers, rows(_compile_s, mode)))
+    det = data.get("deterministic_cost") or []
+    if det:
+        parts.append("deterministic=True: flashjax_det time / flashjax time (1.00 = free):\n\n"
+                     + common.markdown_table(
+                         ["head_dim", "mask", "seq", "batch", *MODE_LABEL.values()],
+                         [[str(r["head_dim"]), "causal" if r["causal"] else "full", str(r["seq"]),
+                           str(r["batch"]), *(f"{r[f'{m}_ratio']:.2f}" if f"{m}_ratio" in r else "-"
+                                              for m in MODES)] for r in det]))
     return "\n\n".join(parts)
+
+
+def _compile_s(cell: dict | None) -> str:
+    if not cell or "compile_s" not in cell:
+        return _short_error(cell["error"]) if cell and "error" in cell else "-"
+    return f"{cell['compile_s']:.1f}"
 
 
 def results_kind(dtype: str) -> str:
@@ -506,7 +562,11 @@ def run_sweep(args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
-    p.add_argument("--peers", nargs="+", choices=list(PEERS), help="subset of peers (default: all)")
+    p.add_argument("--peers", nargs="+", choices=list(PEERS),
+                   help=f"subset of peers (default: {' '.join(DEFAULT_PEERS)})")
+    p.add_argument("--deterministic", action="store_true",
+                   help="also run flashjax_det (deterministic=True) beside flashjax and report "
+                        "its time over flashjax's per shape")
     p.add_argument("--seqs", nargs="+", type=int, help="sequence lengths (default: 512..16384)")
     p.add_argument("--head-dims", nargs="+", type=int, help="head dims (default: 128 64)")
     p.add_argument("--causal", choices=["both", "true", "false"], default="both")

@@ -855,9 +855,13 @@ def choose_implementation(implementation: str, call: Call) -> tuple[str, str]:
     raise ValueError("no implementation runs this call: " + "; ".join(reasons))
 
 
-def _xla_attention(q, k, v, *, return_lse, **kw):
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "window", "softcap",
+                                             "sparse_block_size", "return_lse"))
+def _xla_attention(q, k, v, q_lengths, kv_lengths, segment_ids, block_mask, *, return_lse, **kw):
     """The "xla" entry: the plain-XLA reference in float32, cast back to q's dtype."""
-    out = attention_reference(q, k, v, return_lse=return_lse, **kw)
+    out = attention_reference(q, k, v, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                              segment_ids=segment_ids, block_mask=block_mask,
+                              return_lse=return_lse, **kw)
     if return_lse:
         o, lse = out
         return o.astype(q.dtype), lse
@@ -1045,10 +1049,10 @@ def flash_attention(
 
     if fwd_impl == "xla":
         return _xla_attention(
-            q, k, v, causal=bool(causal), sm_scale=sm_scale, q_lengths=aux.get("q_lengths"),
-            kv_lengths=aux.get("kv_lengths"), segment_ids=aux.get("segment_ids"), window=win,
-            softcap=softcap, block_mask=block_mask, sparse_block_size=sparse_block_size,
-            return_lse=bool(return_lse))
+            q, k, v, aux.get("q_lengths"), aux.get("kv_lengths"), aux.get("segment_ids"),
+            None if block_mask is None else jnp.asarray(block_mask, bool), causal=bool(causal),
+            sm_scale=sm_scale, window=win, softcap=softcap,
+            sparse_block_size=int(sparse_block_size), return_lse=bool(return_lse))
 
     spec = _Spec(
         q_len=q_len, kv_len=kv_len, q_pad=q_pad, kv_pad=kv_pad, heads=heads,

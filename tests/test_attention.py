@@ -255,6 +255,95 @@ def test_lse_gradient(request):
         assert_close(g, w, GRAD_TOL[jnp.float32], "lse grad")
 
 
+# --------------------------------------------------------------------------- combinations (issue 19, item 2)
+
+
+@pytest.mark.parametrize("combo", ["mqa_window_softcap_lengths", "gqa_segments_qlengths"])
+def test_chunked_prefill_combinations(request, combo):
+    """The Triton path with several options at once, as chunked prefill of a Llama/Gemma
+    model meets them: q_len < kv_len (bottom-right causal), neither a multiple of the
+    tile, GQA/MQA read through the head index, plus a window, soft-cap, lengths or
+    packed segments; outputs, lse and gradients against the reference."""
+    q_len, kv_len = S(21, 200), S(45, 333)
+    if combo == "mqa_window_softcap_lengths":
+        check(request, batch=1, q_len=q_len, kv_len=kv_len, heads=2, kv_heads=1, head_dim=16,
+              causal=True, window=S(9, 70), softcap=2.0, implementation="triton",
+              kv_lengths=jnp.array([kv_len - S(7, 50)], jnp.int32))
+    else:
+        rng = np.random.default_rng(SEED + 3)
+        kv_seg = np.sort(rng.integers(0, 3, size=(2, kv_len)), axis=1).astype(np.int32)
+        q_seg = kv_seg[:, kv_len - q_len:]  # the chunk is the last q_len tokens
+        check(request, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=2, head_dim=16, causal=True,
+              segment_ids=(jnp.asarray(q_seg), jnp.asarray(kv_seg)), dtype=jnp.bfloat16,
+              q_lengths=jnp.array([q_len - S(4, 30), q_len], jnp.int32), implementation="triton")
+
+
+def _shapes_in(fn, *args):
+    """Every array shape in fn's jaxpr, inner jaxprs (kernels, vjp) included."""
+    shapes = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            shapes.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_gqa_does_not_repeat_kv(kv_heads):
+    """GQA/MQA read K/V through the head index: no array in the forward+backward is larger
+    than the largest input (a K/V repeated to the query heads, or any q_len x kv_len
+    array, would be)."""
+    q = jax.ShapeDtypeStruct((1, 32, 4, 16), jnp.float32)  # no tile padding on CPU
+    k = jax.ShapeDtypeStruct((1, 64, kv_heads, 16), jnp.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(flash_attention(q, k, v, causal=True, implementation="triton"))
+
+    biggest = max(math.prod(q.shape), math.prod(k.shape))
+    shapes = _shapes_in(jax.grad(loss, argnums=(0, 1, 2)), q, k, k)
+    assert shapes
+    too_big = {s for s in shapes if math.prod(s) > biggest}
+    assert not too_big, too_big
+    # The check can tell: a repeated K is bigger than every input here.
+    assert math.prod((1, 64, 4, 16)) > biggest
+
+
+# --------------------------------------------------------------------------- deterministic backward
+
+
+def test_deterministic_backward_is_bit_exact(request):
+    """deterministic=True: two runs (two separate compiles) give bit-identical gradients,
+    which match the reference. On a Hopper GPU this shape takes the Mosaic forward; the
+    deterministic backward is then the Triton one."""
+    dtype = S(jnp.float32, jnp.bfloat16)
+    q, k, v = make_qkv(_key(request), 1, S(32, 256), S(32, 256), S(2, 4), S(1, 2), S(16, 64), dtype)
+    ct = jax.random.normal(jax.random.fold_in(_key(request), 1), q.shape, jnp.float32).astype(dtype)
+
+    def grads(deterministic):
+        def f(q, k, v, ct):
+            _, vjp = jax.vjp(lambda q, k, v: flash_attention(
+                q, k, v, causal=True, deterministic=deterministic), q, k, v)
+            return vjp(ct)
+        return [np.asarray(g.astype(jnp.float32)) for g in jax.jit(f)(q, k, v, ct)]
+
+    first, second = grads(True), grads(True)
+    for name, a, b in zip("qkv", first, second):
+        assert np.array_equal(a, b), f"d{name} differs between two runs: max {np.abs(a - b).max()}"
+    want = reference_grads(q, k, v, ct, causal=True)
+    for name, g, w in zip("qkv", first, want):
+        assert_close(g, w, GRAD_TOL[dtype], f"d{name}")
+    if not HOPPER:  # the Triton backward is deterministic anyway: the option changes nothing
+        for name, a, b in zip("qkv", first, grads(False)):
+            assert np.array_equal(a, b), f"d{name}"
+
+
 # --------------------------------------------------------------------------- Mosaic GPU kernels (Hopper)
 
 HOPPER = compute_capability() == "9.0"
@@ -329,6 +418,66 @@ def test_sm90_supports_names_each_limit():
                           ({"masked": True}, "padding"), ({"sparse": True}, "block-sparsity")]:
         why = supports(**{**ok, **change})
         assert why is not None and words in why, (change, why)
+
+
+def _hopper_call(**kw):
+    from flashjax.attention import Call
+
+    base = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.dtype(jnp.bfloat16), causal=True,
+                window=False, softcap=None, masked=False, sparse=False, padded=False,
+                deterministic=False, interpret=False)
+    return Call(**{**base, **kw})
+
+
+def test_dispatch_table(monkeypatch):
+    """The choice of kernels is the table's: auto takes the first entry that supports the
+    call; deterministic=True pairs the Mosaic forward with the Triton backward; a named
+    entry that cannot run the call raises naming what it does not support."""
+    from flashjax import attention as A
+
+    assert [impl.name for impl in A.IMPLEMENTATIONS] == ["mosaic", "triton", "xla"]
+    monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
+    choose = A.choose_implementation
+    assert choose("auto", _hopper_call()) == ("mosaic", "mosaic")
+    assert choose("auto", _hopper_call(deterministic=True)) == ("mosaic", "triton")
+    assert choose("auto", _hopper_call(dtype=jnp.dtype(jnp.float32))) == ("triton", "triton")
+    assert choose("auto", _hopper_call(head_dim=96, deterministic=True)) == ("triton", "triton")
+    assert choose("auto", _hopper_call(interpret=True)) == ("triton", "triton")
+    assert choose("triton", _hopper_call(deterministic=True)) == ("triton", "triton")
+    assert choose("xla", _hopper_call()) == ("xla", "xla")
+    with pytest.raises(ValueError, match=r"implementation='mosaic' cannot run this call: "
+                                         r"deterministic=True \(its backward adds dQ"):
+        choose("mosaic", _hopper_call(deterministic=True))
+    with pytest.raises(ValueError, match=r"implementation='xla' cannot run this call: "
+                                         r"deterministic=True \(XLA autotunes"):
+        choose("xla", _hopper_call(deterministic=True))
+    with pytest.raises(ValueError, match="cannot run this call: window"):
+        choose("mosaic", _hopper_call(window=True))
+    with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'mosaic', "
+                                         r"'triton', 'xla'\)"):
+        choose("cudnn", _hopper_call())
+    monkeypatch.setattr(A, "compute_capability", lambda: "8.0")
+    with pytest.raises(ValueError, match="compute capability 8.0"):
+        choose("mosaic", _hopper_call())
+
+
+def test_deterministic_takes_the_triton_backward_on_a_claimed_hopper(monkeypatch):
+    """Traced on CPU with a Hopper GPU claimed: with deterministic=True the gradient has the
+    Mosaic forward and the Triton dQ and dK/dV kernels; without, the Mosaic backward."""
+    from flashjax import attention as A
+
+    monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
+    x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+
+    def jaxpr(**kw):
+        loss = lambda q: jnp.sum(flash_attention(q, q, q, causal=True, interpret=False, **kw)
+                                 .astype(jnp.float32))
+        return str(jax.make_jaxpr(jax.grad(loss))(x))
+
+    fast, det = jaxpr(), jaxpr(deterministic=True)
+    assert fast.count("mpmd_map") == 2 and "flashjax_bwd_dq" not in fast
+    assert det.count("mpmd_map") == 1  # the forward
+    assert "flashjax_bwd_dq" in det and "flashjax_bwd_dkdv" in det and "flashjax_fwd" not in det
 
 
 def test_mosaic_path_traces_under_shard_map(monkeypatch):
@@ -432,6 +581,20 @@ def test_implementation_option_errors():
     assert flash_attention(q, k, v).shape == q.shape
 
 
+def test_xla_implementation(request):
+    """implementation="xla": the plain-XLA reference behind flash_attention's own checks and
+    options (lengths, segments, window, soft-cap, lse), in q's dtype, with gradients."""
+    q_len, kv_len = 20, 33
+    rng = np.random.default_rng(SEED + 5)
+    kv_seg = np.sort(rng.integers(0, 3, size=(2, kv_len)), axis=1).astype(np.int32)
+    check(request, q_len=q_len, kv_len=kv_len, causal=True, window=9, softcap=3.0,
+          kv_lengths=jnp.array([kv_len, 25], jnp.int32), dtype=jnp.bfloat16,
+          segment_ids=(jnp.asarray(kv_seg[:, kv_len - q_len:]), jnp.asarray(kv_seg)),
+          implementation="xla")
+    with pytest.raises(ValueError, match="q_segment_ids must have shape"):
+        flash_attention(*_ok(), segment_ids=jnp.zeros((1, 31), jnp.int32), implementation="xla")
+
+
 # --------------------------------------------------------------------------- transformations
 
 
@@ -505,6 +668,83 @@ def test_memory_grows_linearly_with_sequence():
     ref = lambda q, k, v: attention_reference(q, k, v, causal=True)
     ref_ratio = _temp_bytes(ref, large) / max(1, _temp_bytes(ref, small))
     assert ref_ratio > 10, ref_ratio  # the plain path really is quadratic: the test can tell
+
+
+# --------------------------------------------------------------------------- float32 compile time
+
+
+def _kernel_dots(fn, *args):
+    """(precision, m*n*k, operand dtype) of every dot inside the Pallas kernels of fn."""
+    out = []
+
+    def walk(jaxpr, in_kernel):
+        for eqn in jaxpr.eqns:
+            if in_kernel and eqn.primitive.name == "dot_general":
+                (a, b), ((ca, cb), _) = eqn.invars, eqn.params["dimension_numbers"]
+                m, kk = (a.aval.shape[1 - ca[0]], a.aval.shape[ca[0]])
+                n = b.aval.shape[1 - cb[0]]
+                out.append((eqn.params["precision"], m * n * kk, a.aval.dtype))
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner, in_kernel or eqn.primitive.name == "pallas_call")
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, False)
+    return out
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_float32_kernels_use_tensor_core_dots_and_bounded_tiles(head_dim):
+    """The cause of float32's long compiles (issue 19): Precision.HIGHEST lowered to Triton's
+    "ieee" dot, fully unrolled FMAs per tile, on 16-bit-sized tiles. Compiled float32
+    kernels (traced here, interpret=False) must use FLOAT32_DOT (bf16 tensor-core passes)
+    and tiles no bigger than the 16-bit ones at head_dim 64."""
+    from flashjax import attention as A
+
+    q = jax.ShapeDtypeStruct((1, 200, 4, head_dim), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, 520, 1, head_dim), jnp.float32)
+    loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, causal=True, interpret=False,
+                                                   implementation="triton"))
+    dots = _kernel_dots(jax.grad(loss, argnums=(0, 1, 2)), q, k, k)
+    assert len(dots) >= 2 + 3 + 4  # forward, dQ, dK/dV (a loop body per band part)
+    for precision, volume, dtype in dots:
+        assert dtype == jnp.float32 and precision == A.FLOAT32_DOT, precision
+        assert volume <= 64 * 128 * 64, volume  # the 16-bit head_dim-64 forward's q.k^T
+    # Interpret mode stays exact float32; 16-bit inputs take the default.
+    interp = _kernel_dots(jax.grad(lambda *a: jnp.sum(flash_attention(*a, interpret=True))),
+                          jax.ShapeDtypeStruct((1, 32, 2, 16), jnp.float32), *[
+                              jax.ShapeDtypeStruct((1, 32, 2, 16), jnp.float32)] * 2)
+    highest = (jax.lax.Precision.HIGHEST,) * 2
+    assert interp and all(p == highest for p, _, _ in interp)
+    half = _kernel_dots(lambda *a: flash_attention(*a, interpret=False),
+                        *[jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)] * 3)
+    assert half and all(p is None for p, _, _ in half)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_float32_compile_time_is_bounded(request, head_dim):
+    """The case that did not finish compiling in 75 s on an H200: float32, MQA, q_len <
+    kv_len, causal, forward+backward. Under 60 s (the issue's target), and accurate."""
+    import time
+
+    q, k, v = make_qkv(_key(request), 2, 200, 520, 8, 1, head_dim, jnp.float32)
+    ct = jax.random.normal(jax.random.fold_in(_key(request), 2), q.shape, jnp.float32)
+
+    def f(q, k, v, ct):
+        o, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True,
+                                                         implementation="triton"), q, k, v)
+        return (o, *vjp(ct))
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(f).lower(q, k, v, ct).compile()
+    seconds = time.perf_counter() - t0
+    assert seconds < 60, f"float32 head_dim {head_dim} forward+backward compiled in {seconds:.0f} s"
+    o, *grads = compiled(q, k, v, ct)
+    assert_close(o, reference(q, k, v, causal=True), TOL[jnp.float32], "output")
+    for name, g, w in zip("qkv", grads, reference_grads(q, k, v, ct, causal=True)):
+        assert_close(g, w, GRAD_TOL[jnp.float32], f"d{name}")
 
 
 # --------------------------------------------------------------------------- bad input
