@@ -78,8 +78,9 @@ _DQ_DEFAULTS = {"block_q_dq": "block_q_bwd", "block_k_dq": "block_k_bwd",
 class BlockSizes:
     """Tile sizes and launch parameters of the kernels.
 
-    ``None`` picks a default for the head dimension. Every tile is clamped to
-    the (power-of-two rounded) sequence length, so short inputs work as is.
+    ``None`` picks the default for the head dimension and dtype (`default_tiles`,
+    one table; float32 gets smaller tiles). Every tile is clamped to the
+    (power-of-two rounded) sequence length, so short inputs work as is.
     """
 
     block_q: int | None = None  # forward: query rows per program
