@@ -271,11 +271,12 @@ def test_chunked_prefill_combinations(request, combo):
               kv_lengths=jnp.array([kv_len - S(7, 50)], jnp.int32))
     else:
         rng = np.random.default_rng(SEED + 3)
-        kv_seg = np.sort(rng.integers(0, 3, size=(2, kv_len)), axis=1).astype(np.int32)
+        kv_seg = np.sort(rng.integers(0, 3, size=(1, kv_len)), axis=1).astype(np.int32)
         q_seg = kv_seg[:, kv_len - q_len:]  # the chunk is the last q_len tokens
-        check(request, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=2, head_dim=16, causal=True,
-              segment_ids=(jnp.asarray(q_seg), jnp.asarray(kv_seg)), dtype=jnp.bfloat16,
-              q_lengths=jnp.array([q_len - S(4, 30), q_len], jnp.int32), implementation="triton")
+        check(request, batch=1, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=2, head_dim=16,
+              causal=True, segment_ids=(jnp.asarray(q_seg), jnp.asarray(kv_seg)),
+              dtype=jnp.bfloat16, q_lengths=jnp.array([q_len - S(4, 30)], jnp.int32),
+              implementation="triton")
 
 
 def _shapes_in(fn, *args):
@@ -340,8 +341,11 @@ def test_deterministic_backward_is_bit_exact(request):
     for name, g, w in zip("qkv", first, want):
         assert_close(g, w, GRAD_TOL[dtype], f"d{name}")
     if not HOPPER:  # the Triton backward is deterministic anyway: the option changes nothing
-        for name, a, b in zip("qkv", first, grads(False)):
-            assert np.array_equal(a, b), f"d{name}"
+        def jaxpr(det):
+            loss = lambda q: jnp.sum(flash_attention(q, k, v, causal=True, deterministic=det))
+            return str(jax.make_jaxpr(jax.grad(loss))(q))
+
+        assert jaxpr(True) == jaxpr(False)
 
 
 # --------------------------------------------------------------------------- Mosaic GPU kernels (Hopper)
