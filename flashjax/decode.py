@@ -185,8 +185,8 @@ class DecodeConfig:
         3; tuned with the sweep). The `num_stages=` keyword overrides it.
       tile_bytes: bytes of K (and the same again of V) per inner-loop tile when
         the tile size is not given (`pages_per_block` / `block_k` = None):
-        default 16 KiB, i.e. 64 tokens at head_dim 128 in bf16 (tiles are a
-        power of two of 16..128 tokens).
+        default 16 KiB, i.e. 64 tokens at head_dim 128 in bf16 and 128 in FP8
+        (bytes of the cache as stored; tiles are a power of two of 16..128 tokens).
       long_split_tile_bytes: the tile size instead when each split covers at
         least `long_split_tokens` positions (default 32 KiB). A program that
         streams a long stretch of KV hides scattered page reads better with
