@@ -15,6 +15,8 @@
 #                                sees a GPU; in system-site mode hf only when the
 #                                interpreter already has torch and transformers, and
 #                                otherwise only with FLASHJAX_HF_MIN_FREE_GB (12) free)
+#   FLASHJAX_WHEELS=DIR          wheels to install from before the index (default .whl/
+#                                when it exists: carried to machines that cannot download)
 #   FLASHJAX_SYSTEM_SITE=0|1     build .venv with --system-site-packages
 #                                (default: 1 when the interpreter already has
 #                                jax 0.11.2, e.g. the preinstalled CUDA jax on
@@ -163,7 +165,8 @@ choose_setup() {
         want_extras="test"
         # serve: fastapi, uvicorn, httpx for the HTTP server and tests/test_server.py
         # (small, pure Python; a system-site interpreter gets it only if it has them).
-        if [ "$system_site" = 0 ] || "$py" -c 'import fastapi, uvicorn, httpx' >/dev/null 2>&1; then
+        if [ "$system_site" = 0 ] || "$py" -c 'import fastapi, uvicorn, httpx' >/dev/null 2>&1 \
+            || ls "${FLASHJAX_WHEELS:-$ROOT/.whl}"/fastapi-*.whl >/dev/null 2>&1; then
             want_extras="$want_extras,serve"
         fi
         if want_hf "$py" "$system_site"; then
@@ -238,13 +241,35 @@ pyproject=$(cksum < pyproject.toml)"
     fi
     say "Installing flashjax[$want_extras] into .venv (first time: downloads jax etc., a minute or two; log: .venv/pip-install.log)"
     rm -f "$STAMP"
+    # Wheels carried to a machine that cannot download (the GPU machines): a `.whl/`
+    # folder next to this script (or FLASHJAX_WHEELS=DIR) is searched before the index.
+    local wheels="${FLASHJAX_WHEELS:-$ROOT/.whl}"
+    [ -d "$wheels" ] && pip_args+=(--find-links "$wheels")
     if ! {
         # setuptools in the venv lets tests build the package offline (tests/test_install.py).
         "$VENV/bin/python" -m pip install "${pip_args[@]}" "setuptools>=68" \
             && "$VENV/bin/python" -m pip install "${pip_args[@]}" -e ".[$want_extras]"
     } >"$log" 2>&1; then
-        tail -n 30 "$log" >&2
-        die "pip install failed (full log: $log)"
+        if [ "$system_site" != 1 ]; then
+            tail -n 30 "$log" >&2
+            die "pip install failed (full log: $log)"
+        fi
+        # Offline with a preinstalled jax: install flashjax itself, then each extra's
+        # requirement that can be had; the tests of what is missing skip (and say so).
+        say "Some extras are not installable here (offline?); installing flashjax and what is available"
+        "$VENV/bin/python" -m pip install "${pip_args[@]}" --no-deps -e . >>"$log" 2>&1 \
+            || { tail -n 30 "$log" >&2; die "pip install failed (full log: $log)"; }
+        local req missing=()
+        for req in $("$VENV/bin/python" - "$want_extras" <<'PYEOF'
+import sys, tomllib
+extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+for e in sys.argv[1].split(","):
+    print(*[r.replace(" ", "") for r in extras.get(e, [])], sep="\n")
+PYEOF
+        ); do
+            "$VENV/bin/python" -m pip install "${pip_args[@]}" "$req" >>"$log" 2>&1 || missing+=("$req")
+        done
+        [ ${#missing[@]} -eq 0 ] || say "Not installed (their tests skip): ${missing[*]}"
     fi
     printf '%s\n' "$stamp_now" >"$STAMP"
     say "Installed: $("$VENV/bin/python" -c 'import jax, flashjax; print(f"flashjax {flashjax.__version__}, jax {jax.__version__}, backend {jax.default_backend()}")' 2>/dev/null)"

@@ -24,6 +24,46 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
+def device_idle(log_dir, lo=0.25, hi=0.9):
+    """The device's idle share of a traced run: kernel intervals on the GPU streams of the
+    newest perfetto_trace.json.gz under `log_dir`, their union over the stretch from
+    `lo` to `hi` of the GPU span (the steady decode part; prefill is at the start)."""
+    import glob
+    import gzip
+
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        return {"idle_error": f"no perfetto_trace.json.gz under {log_dir}"}
+    with gzip.open(files[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in names.items() if "GPU" in n.upper() and "HOST" not in n.upper()}
+    iv = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                if e.get("ph") == "X" and e.get("pid") in gpu and e.get("dur", 0) > 0)
+    if not iv:
+        return {"idle_error": "no GPU kernel events", "processes": sorted(set(names.values()))}
+    t0, t1 = iv[0][0], max(b for _, b in iv)
+    s0, s1 = t0 + lo * (t1 - t0), t0 + hi * (t1 - t0)
+    busy, cur_a, cur_b = 0.0, None, None
+    for a_, b_ in iv:
+        a_, b_ = max(a_, s0), min(b_, s1)
+        if b_ <= a_:
+            continue
+        if cur_b is None or a_ > cur_b:
+            if cur_b is not None:
+                busy += cur_b - cur_a
+            cur_a, cur_b = a_, b_
+        else:
+            cur_b = max(cur_b, b_)
+    if cur_b is not None:
+        busy += cur_b - cur_a
+    return {"trace": files[-1], "stretch_ms": (s1 - s0) / 1e3, "device_busy_ms": busy / 1e3,
+            "device_idle_frac": 1 - busy / (s1 - s0), "gpu_processes": sorted(names[p] for p in gpu)}
+
+
 def main(argv=None):
     import jax
     import numpy as np
@@ -40,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--variants", default="8:1,8:0,32:1,1:1", help="K:overlap,...")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_diag-<device>-<date>.json)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also trace one more run of the first variant with jax.profiler into DIR and "
+                         "report the device's idle share of the steady decode stretch")
     a = ap.parse_args(argv)
     data = {**common.env_info(), "benchmark": "engine_diag", "config": vars(a), "lines": []}
     path = a.out or common.results_path("engine_diag", data["device"])
@@ -90,6 +133,12 @@ def main(argv=None):
         emit({"variant": v, "total_s": total, "tok_s": a.batch * a.new_tokens / total,
               "calls": eng.stats_counters["device_calls"] - c0,
               **{k: round(x, 4) for k, x in eng.host_timing.items()}})
+        if a.profile and v == a.variants.split(",")[0]:
+            hs = [eng.add_request(p, params) for p in prompts]
+            jax.profiler.start_trace(a.profile, create_perfetto_trace=True)
+            eng.run_until_done()
+            jax.profiler.stop_trace()
+            emit({"variant": v, "profile": a.profile, **device_idle(a.profile)})
         eng.pages = None
         del eng
     print(f"results: {common.write_json(data, path)}")
