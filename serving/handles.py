@@ -52,10 +52,47 @@ class CompletionOutput:
     num_cached_prompt_tokens: int = 0
 
 
+class _LoopPost:
+    """Hands items from the engine thread to an asyncio loop with one wake-up per burst.
+
+    A step delivers to hundreds of handles at once; waking the loop once per item
+    (`call_soon_threadsafe` writes to its self-pipe every time) costs a system call
+    and a loop iteration each. Items posted while a wake-up is pending join it."""
+
+    _lock = threading.Lock()
+    _pending: dict[asyncio.AbstractEventLoop, list] = {}
+
+    @classmethod
+    def post(cls, loop: asyncio.AbstractEventLoop, fn, arg) -> None:
+        with cls._lock:
+            items = cls._pending.get(loop)
+            if items is not None:
+                items.append((fn, arg))
+                return
+            cls._pending[loop] = [(fn, arg)]
+        try:
+            loop.call_soon_threadsafe(cls._run, loop)
+        except RuntimeError:  # loop closed: nobody to deliver to
+            with cls._lock:
+                cls._pending.pop(loop, None)
+
+    @classmethod
+    def _run(cls, loop: asyncio.AbstractEventLoop) -> None:
+        with cls._lock:
+            items = cls._pending.pop(loop, [])
+        for fn, arg in items:
+            fn(arg)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class RequestHandle:
     """What `Engine.add_request` returns: streams and collects one request's outputs.
 
-    Iterate it (blocking) for `StreamEvent`s, `await handle.result_async()`,
+    Iterate it (blocking) for `StreamEvent`s, `await handle.wait_async()` then `result()`,
     or use `async for ev in handle.aiter()` from an asyncio loop.
     """
 
@@ -80,16 +117,15 @@ class RequestHandle:
         self.cancelled = False
         self.error: BaseException | None = None
         self._async: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self._done_futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._futures_lock = threading.Lock()
         self.seqs: list[Request] = []
 
     # engine side
     def _emit(self, ev: StreamEvent | None) -> None:
         self.events.put(ev)
         for loop, q in list(self._async):
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, ev)
-            except RuntimeError:  # loop closed
-                pass
+            _LoopPost.post(loop, q.put_nowait, ev)
         if ev is not None and self.callback is not None:
             self.callback(ev)
 
@@ -97,6 +133,10 @@ class RequestHandle:
         if not self._done.is_set():
             self._done.set()
             self._emit(None)
+            with self._futures_lock:
+                waiting = list(self._done_futures)
+            for loop, fut in waiting:
+                _LoopPost.post(loop, _resolve, fut)
 
     # user side
     @property
@@ -135,6 +175,24 @@ class RequestHandle:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
+
+    async def wait_async(self) -> None:
+        """Wait for the request to finish from an asyncio loop (no polling: the engine
+        thread wakes the loop once, when the request is done)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._futures_lock:
+            if self._done.is_set():
+                return
+            self._done_futures.append((loop, fut))
+        try:
+            await fut
+        finally:
+            with self._futures_lock:
+                try:
+                    self._done_futures.remove((loop, fut))
+                except ValueError:
+                    pass
 
     def result(self, timeout: float | None = None) -> CompletionOutput:
         if not self._done.wait(timeout):

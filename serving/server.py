@@ -58,12 +58,14 @@ import json
 import logging
 import math
 import secrets
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+ENGINE_SWITCH_INTERVAL_S = 0.0005  # sys.setswitchinterval while serving (see run_server)
 RETRY_AFTER_SECONDS = 1  # the Retry-After of a 429 (queue full): the queue drains at decode speed
 CHARS_PER_TOKEN_LIMIT = 32  # default max_prompt_chars = this * the context length
 COMPLETION_MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
@@ -760,6 +762,16 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             raise _bad("'model' must be a string", param="model", code="invalid_type")
         return body
 
+    async def all_finished(handles) -> None:
+        for h in handles:
+            await h.wait_async()
+
+    async def disconnected(request: Request) -> None:
+        """Returns when the client has gone (the request body is read by then, so the
+        ASGI server's next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     async def run(request: Request, chat: bool):
         svc.require_engine()
         body = await read_json(request)
@@ -803,25 +815,34 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
         created = int(time.time())
         if plan.stream:
             async def watch():  # cancel as soon as the client hangs up, whatever the ASGI server does
-                while not all(h.finished for h in handles):
-                    if await request.is_disconnected():
+                done = asyncio.ensure_future(all_finished(handles))
+                gone = asyncio.ensure_future(disconnected(request))
+                try:
+                    await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+                    if gone.done() and not done.done():
                         for h in handles:
                             h.cancel()
-                        return
-                    await asyncio.sleep(0.05)
+                finally:
+                    done.cancel()
+                    gone.cancel()
             task = asyncio.ensure_future(watch())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             return StreamingResponse(sse(handles, prompts, plan, rid, created),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        # non-streaming: wait, cancelling if the client goes away
-        while not all(h.finished for h in handles):
-            if await request.is_disconnected():
-                for h in handles:
-                    h.cancel()
-                raise ApiError(499, "client disconnected", code="client_closed")
-            await asyncio.sleep(0.02)
+        # non-streaming: wait, cancelling if the client goes away (both events, no polling)
+        done = asyncio.ensure_future(all_finished(handles))
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not done.done():
+            done.cancel()
+            for h in handles:
+                h.cancel()
+            raise ApiError(499, "client disconnected", code="client_closed")
         for h in handles:
             if h.error is not None:
                 raise ApiError(503, str(h.error), type="server_error", code="engine_error")
@@ -1036,6 +1057,10 @@ def run_server(app, host: str, port: int) -> int:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    # The engine thread and the event loop share the interpreter lock. After waiting
+    # for the device the engine thread must get the lock back before it can dispatch
+    # the next step; by default a busy loop thread keeps it for up to 5 ms.
+    sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
 
     def on_engine_failure(cause):
         server.should_exit = True
