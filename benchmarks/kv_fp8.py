@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--init-std", type=float, default=None, help="random models' init_std (default: the preset's)")
     p.add_argument("--block-size", type=int, default=16, help="KV block size (default 16)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine's greedy runs")
+    p.add_argument("--caches", nargs="+", choices=CACHES, default=list(CACHES),
+                   help="caches to run (default all: fp32 bf16 fp8); comparisons need both of their caches")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kv_fp8-<device>-<date>.json)")
     args = p.parse_args(argv)
     d = QUICK if args.quick else FULL
@@ -89,6 +91,12 @@ def parse_args(argv=None):
         p.error("--new-tokens must be >= 2")
     if not args.presets and not args.checkpoint:
         p.error("nothing to measure: give --presets and/or --checkpoint")
+    args.caches = [c for c in CACHES if c in args.caches]
+    args.comparisons = [(c, ref) for c, ref in COMPARISONS if c in args.caches and ref in args.caches]
+    if "bf16" not in args.caches:
+        p.error("--caches must include bf16 (its greedy tokens are the teacher-forced continuation)")
+    if not args.comparisons:
+        p.error(f"--caches {' '.join(args.caches)}: nothing to compare (give two of fp32 bf16 fp8)")
     return args
 
 
@@ -160,14 +168,14 @@ def teacher_forced(model, prompts, continuation, args):
     _teacher_forced, _compare = _jitted()
     tokens = jnp.asarray(np.concatenate([prompts, continuation], 1), jnp.int32)
     logits = {}
-    for cache in CACHES:
+    for cache in args.caches:
         lg, status = _teacher_forced(params, tokens, graphdef=graphdef, prompt_len=prompts.shape[1],
                                      cache=cache, block_size=args.block_size)
         if int(status) != 0:
             raise RuntimeError(f"KV cache allocation failed in the {cache} run (status {int(status)})")
         logits[cache] = jax.block_until_ready(lg)
     out = {}
-    for cache, ref in COMPARISONS:
+    for cache, ref in args.comparisons:
         m = jax.device_get(_compare(logits[cache], logits[ref]))
         out[f"{cache}_vs_{ref}"] = {
             "max_abs": float(m["max_abs"].max()), "rel_l2_mean": float(m["rel_l2"].mean()),
@@ -194,7 +202,7 @@ def greedy_loop(model, prompts, args):
     from flashjax.serving.generate import generate
 
     return {c: generate(model, prompts, args.new_tokens, block_size=args.block_size, kv_cache_dtype=c)[0]
-            for c in CACHES}
+            for c in args.caches}
 
 
 def greedy_engine(model, prompts, args):
@@ -207,7 +215,7 @@ def greedy_engine(model, prompts, args):
     per_seq = -(-(P + args.new_tokens) // bs) + 1
     chunk = max(16, min(128, 1 << max(0, (P - 1).bit_length() - 1)))  # >= 2 chunks per prompt
     out = {}
-    for c in CACHES:
+    for c in args.caches:
         eng = Engine(model, kv_cache_dtype=c, num_blocks=per_seq * B + 8, max_seqs=B, block_size=bs,
                      max_num_batched_tokens=4 * chunk + B, prefill_rows=4, max_chunk=chunk, chunk_buckets=(chunk,),
                      prefix_caching=False)
@@ -243,11 +251,11 @@ def measure(name, model, prompts, args, extra):
          "memory": memory(cfg, args.block_size)}
     r["diversity"] = {"distinct": float(np.mean([len(set(row.tolist())) for row in ref_toks])),
                       "echo": float(np.mean(ref_toks[:, 0] == prompts[:, -1]))}
-    r["greedy_loop"] = {f"{c}_vs_{ref}": agreement(loop[c], loop[ref]) for c, ref in COMPARISONS}
+    r["greedy_loop"] = {f"{c}_vs_{ref}": agreement(loop[c], loop[ref]) for c, ref in args.comparisons}
     r["teacher_forced"] = teacher_forced(model, prompts, ref_toks, args)
     if not args.no_engine:
         eng, chunk = greedy_engine(model, prompts, args)
-        r["greedy_engine"] = {f"{c}_vs_{ref}": agreement(eng[c], eng[ref]) for c, ref in COMPARISONS}
+        r["greedy_engine"] = {f"{c}_vs_{ref}": agreement(eng[c], eng[ref]) for c, ref in args.comparisons}
         r["greedy_engine"]["chunk"] = chunk
         r["greedy_engine"]["engine_vs_loop_bf16"] = agreement(eng["bf16"], loop["bf16"])
     r["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -304,6 +312,8 @@ def table(data) -> str:
         mem = r["memory"]
         for c, ref in COMPARISONS:
             key = f"{c}_vs_{ref}"
+            if key not in r["teacher_forced"]:
+                continue
             tf = r["teacher_forced"][key]
             gl = r["greedy_loop"][key]
             ge = r.get("greedy_engine", {}).get(key)
@@ -326,8 +336,8 @@ def run(args):
     info = common.env_info()
     data = {**info, "benchmark": "kv_fp8", "quick": bool(args.quick),
             "config": {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                       "block_size": args.block_size, "caches": list(CACHES), "sampling": "greedy, no EOS",
-                       "comparisons": [f"{c} vs {ref}" for c, ref in COMPARISONS]},
+                       "block_size": args.block_size, "caches": list(args.caches), "sampling": "greedy, no EOS",
+                       "comparisons": [f"{c} vs {ref}" for c, ref in args.comparisons]},
             "models": []}
     path = args.out or common.results_path("kv_fp8", info["device"], quick=args.quick)
     print(f"kv_fp8 accuracy on {info['device']} ({jax.default_backend()}), jax {jax.__version__}: batch "
@@ -361,9 +371,10 @@ def run(args):
         if "error" in r:
             print(f"  {what}: {r['error']}", flush=True)
         else:
-            tf = r["teacher_forced"]["fp8_vs_bf16"]
-            print(f"  {what}: fp8 vs bf16 cache: logit rel err {100 * tf['rel_l2_mean']:.2f}%, top-1 (forced) "
-                  f"{100 * tf['top1']:.1f}%, greedy agreement {100 * r['greedy_loop']['fp8_vs_bf16']['agree']:.1f}% "
+            c, ref = args.comparisons[-1]  # fp8 vs bf16 when both ran
+            tf = r["teacher_forced"][f"{c}_vs_{ref}"]
+            print(f"  {what}: {c} vs {ref} cache: logit rel err {100 * tf['rel_l2_mean']:.2f}%, top-1 (forced) "
+                  f"{100 * tf['top1']:.1f}%, greedy agreement {100 * r['greedy_loop'][f'{c}_vs_{ref}']['agree']:.1f}% "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
         common.write_json(data, path)  # partial results survive a crash
     data["markdown"] = table(data)

@@ -74,6 +74,21 @@ def test_decode_quick(tmp_path):
         assert set(row["fp8_speedup"]) == {"ours_paged_fp8", "ours_contiguous_fp8"}
 
 
+def test_kv_fp8_quick(tmp_path):
+    # the cheapest run: two caches, no engine (the engine on FP8 is tests/test_kv_fp8.py's)
+    data, stdout = run_quick("kv_fp8", tmp_path, "--no-engine", "--caches", "bf16", "fp8", "--batch", "2",
+                             "--new-tokens", "4")
+    assert data["device"] and data["config"]["comparisons"] == ["fp8 vs bf16"]
+    [m] = data["models"]
+    tf = m["teacher_forced"]["fp8_vs_bf16"]
+    assert tf["positions"] == 2 * (16 + 4 - 1)
+    assert 1e-4 < tf["rel_l2_mean"] < 0.1 and 0 < tf["kl_mean"] < 0.01 and tf["top1"] >= 0.5, tf
+    assert m["greedy_loop"]["fp8_vs_bf16"]["agree"] >= 0.5  # the one-jit loop on an FP8 cache
+    mem = m["memory"]["kv_bytes_per_token"]
+    assert mem["fp8"] / mem["bf16"] == (16 + 4) / 32  # head_dim 16 + a float32 scale, vs 2 bytes each
+    assert "fp8 vs bf16" in stdout
+
+
 def test_decode_sweep_quick(tmp_path):
     out = tmp_path / "sweep.json"
     r = subprocess.run([sys.executable, str(BENCH / "decode.py"), "--sweep", "--quick", "--out", str(out)],

@@ -380,7 +380,7 @@ def test_generate_takes_kv_cache_dtype():
     """The one-jit loop builds its cache from kv_cache_dtype (a static of its jit) and
     checks the value before compiling anything. (Its prefill and decode are the runner's,
     which the engine test above runs on FP8 pages; a full FP8 generate compiles for ~10 s
-    on CPU, so it runs in benchmarks/kv_fp8.py --quick instead.)"""
+    on CPU, so it runs once, in tests/test_benchmarks.py::test_kv_fp8_quick.)"""
     from flashjax.serving.generate import generate, plan_generation
 
     cfg = _model(1).config
