@@ -76,7 +76,10 @@ async def run_client(base, reqs, metrics_every=0.05):
     util = []
     done = asyncio.Event()
 
-    async with httpx.AsyncClient(base_url=base, timeout=600) as c:
+    # No connection limit: httpx's default pool (100 connections) would queue the
+    # requests past the hundredth in the client, where the server cannot see them.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as c:
         async def poll():
             while not done.is_set():
                 try:
@@ -299,6 +302,9 @@ def main(argv=None):
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--decode-steps", type=int, default=8, help="engine: most decode steps per device call")
+    p.add_argument("--static-batch", type=int, default=None,
+                   help="batch of the static-batching baseline (default --max-seqs; the one-jit loop "
+                        "prefills its whole batch at once, so a 7B model needs a smaller one)")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--out", default=None)
@@ -351,7 +357,7 @@ def main(argv=None):
             f"KV util {s['kv_utilization_mean']}")
         write_json(res, out)
         if not a.no_baselines:
-            run["static_batching"] = static_baseline(model, reqs, a.max_seqs, a.block_size)
+            run["static_batching"] = static_baseline(model, reqs, a.static_batch or a.max_seqs, a.block_size)
             log(f"  static batching: {run['static_batching']['throughput_tok_s']:.1f} tok/s")
             write_json(res, out)
             if not a.no_hf:
