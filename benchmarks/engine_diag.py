@@ -41,27 +41,42 @@ def device_idle(log_dir, lo=0.25, hi=0.9):
     names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, n in names.items() if "GPU" in n.upper() and "HOST" not in n.upper()}
-    iv = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
-                if e.get("ph") == "X" and e.get("pid") in gpu and e.get("dur", 0) > 0)
-    if not iv:
+    threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in gpu}
+    spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and e.get("dur", 0) > 0]
+    # XLA's per-executable line ("XLA Modules"): one span per device call; the gaps
+    # between them are the idle time *between* steps (kernel launch gaps inside a
+    # step count as busy there, and as idle in the kernel-level figure)
+    modules = [e for e in spans if "module" in threads.get((e["pid"], e["tid"]), "").lower()]
+    kernels = [e for e in spans if "module" not in threads.get((e["pid"], e["tid"]), "").lower()]
+    if not kernels:
         return {"idle_error": "no GPU kernel events", "processes": sorted(set(names.values()))}
-    t0, t1 = iv[0][0], max(b for _, b in iv)
+    t0 = min(e["ts"] for e in kernels)
+    t1 = max(e["ts"] + e["dur"] for e in kernels)
     s0, s1 = t0 + lo * (t1 - t0), t0 + hi * (t1 - t0)
-    busy, cur_a, cur_b = 0.0, None, None
-    for a_, b_ in iv:
-        a_, b_ = max(a_, s0), min(b_, s1)
-        if b_ <= a_:
-            continue
-        if cur_b is None or a_ > cur_b:
-            if cur_b is not None:
-                busy += cur_b - cur_a
-            cur_a, cur_b = a_, b_
-        else:
-            cur_b = max(cur_b, b_)
-    if cur_b is not None:
-        busy += cur_b - cur_a
-    return {"trace": files[-1], "stretch_ms": (s1 - s0) / 1e3, "device_busy_ms": busy / 1e3,
-            "device_idle_frac": 1 - busy / (s1 - s0), "gpu_processes": sorted(names[p] for p in gpu)}
+
+    def union(evs):
+        busy, cur_a, cur_b = 0.0, None, None
+        for a_, b_ in sorted((e["ts"], e["ts"] + e["dur"]) for e in evs):
+            a_, b_ = max(a_, s0), min(b_, s1)
+            if b_ <= a_:
+                continue
+            if cur_b is None or a_ > cur_b:
+                if cur_b is not None:
+                    busy += cur_b - cur_a
+                cur_a, cur_b = a_, b_
+            else:
+                cur_b = max(cur_b, b_)
+        return busy + (cur_b - cur_a if cur_b is not None else 0.0)
+
+    busy = union(kernels)
+    out = {"trace": files[-1], "stretch_ms": (s1 - s0) / 1e3, "kernel_busy_ms": busy / 1e3,
+           "kernel_idle_frac": 1 - busy / (s1 - s0), "gpu_processes": sorted(names[p] for p in gpu),
+           "gpu_threads": sorted(set(threads.values()))}
+    if modules:
+        mbusy = union(modules)
+        out.update(module_busy_ms=mbusy / 1e3, between_steps_idle_frac=1 - mbusy / (s1 - s0))
+    return out
 
 
 def main(argv=None):

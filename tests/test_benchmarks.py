@@ -289,3 +289,28 @@ def test_train_benchmark_rejects_bad_counts(capsys):
         assert msg in capsys.readouterr().err
     args = train.parse_args(["--quick", "--warmup", "0"])
     assert (args.warmup, args.reps, args.rounds) == (0, 2, 2)
+
+
+def test_engine_diag_device_idle_reads_a_trace(tmp_path):
+    """The idle figure of engine_diag --profile on a synthetic trace with known gaps."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("engine_diag", BENCH / "engine_diag.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "XLA Modules"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "Stream #7"}}]
+    for i in range(10):  # calls of 100 us every 125 us; kernels fill 80 us of each (the stretch ends with the last kernel, at 1221 us)
+        ev.append({"ph": "X", "pid": 1, "tid": 1, "ts": 125 * i, "dur": 100, "name": "jit_step"})
+        ev += [{"ph": "X", "pid": 1, "tid": 2, "ts": 125 * i + 20 * j, "dur": 16, "name": "k"} for j in range(5)]
+    ev.append({"ph": "X", "pid": 2, "tid": 9, "ts": 0, "dur": 5000, "name": "host"})  # not the device
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    out = mod.device_idle(str(tmp_path), lo=0.0, hi=1.0)
+    assert abs(out["between_steps_idle_frac"] - (1 - 996 / 1221)) < 1e-6, out
+    assert abs(out["kernel_idle_frac"] - (1 - 800 / 1221)) < 1e-6, out
