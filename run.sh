@@ -245,6 +245,12 @@ pyproject=$(cksum < pyproject.toml)"
     # folder next to this script (or FLASHJAX_WHEELS=DIR) is searched before the index.
     local wheels="${FLASHJAX_WHEELS:-$ROOT/.whl}"
     [ -d "$wheels" ] && pip_args+=(--find-links "$wheels")
+    if [ "$system_site" = 1 ] && [ -z "${PIP_INDEX_URL:-}${HTTPS_PROXY:-}${https_proxy:-}" ] && ! "$VENV/bin/python" -c \
+        'import socket; socket.create_connection(("pypi.org", 443), timeout=5).close()' >/dev/null 2>&1; then
+        # No index to reach: say so to pip at once (it would retry every lookup for minutes)
+        say "pypi.org is out of reach: installing from what is here${wheels:+ (and $wheels)}"
+        pip_args+=(--no-index)
+    fi
     if ! {
         # setuptools in the venv lets tests build the package offline (tests/test_install.py).
         "$VENV/bin/python" -m pip install "${pip_args[@]}" "setuptools>=68" \
