@@ -303,6 +303,13 @@ def _resolve(a: TrainArgs) -> tuple[TrainArgs, ModelConfig, Path, Path | None, d
                 setattr(a, name, saved[name])
     else:
         if a.resume and existing is None:
+            if out.exists():  # a damaged checkpoint is an error, never something to train over
+                try:
+                    ckpt.require_checkpoint(out)
+                except ValueError as e:
+                    if "not a complete checkpoint" in str(e):
+                        raise ValueError(f"--resume: {e}; nothing was overwritten (repair it, or pass "
+                                         f"--overwrite without --resume to start over)") from None
             print(f"note: --resume given but {out} holds no checkpoint; starting a new run", file=sys.stderr)
             a.resume = False
         config = config_from_preset(a.preset or "nano", **overrides)

@@ -169,3 +169,18 @@ def test_damaged_state_as_a_process_prints_one_line(good, tmp_path):
                                                                           "JAX_PLATFORMS": "cpu"})
     _assert_one_line(r.returncode, r.stderr, "generate",
                      "checkpoint/state (the checkpoint's arrays) could not be read")
+
+
+def test_resume_of_a_damaged_checkpoint_overwrites_nothing(good, tmp_path):
+    """`flashjax train --resume` on a run whose checkpoint lost its config.json is an error
+    naming the file; before, it said "no checkpoint" and trained over the saved state."""
+    from flashjax.models.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(good, run)
+    ck = ckpt.find_checkpoint(run)
+    (ck / "config.json").unlink()
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    with pytest.raises(ValueError, match=r"config\.json missing.*nothing was overwritten"):
+        train(out=str(run), resume=True, steps=1)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
