@@ -1066,7 +1066,10 @@ def run_server(app, host: str, port: int) -> int:
         server.should_exit = True
 
     app.state.on_engine_failure = on_engine_failure
-    server.run()
+    try:
+        server.run()  # returns after SIGINT/SIGTERM once open requests are answered
+    finally:
+        app.state.service.engine.stop()  # finish the steps in flight, end the engine thread
     cause = app.state.service.engine_failure
     if cause is not None:
         print(f"flashjax serve: error: the engine failed ({cause}); shutting down with status 1",

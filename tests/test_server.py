@@ -654,3 +654,22 @@ def test_chat_page_in_headless_chromium(server):
     assert user == "hello"
     assert status == "done" and "[error" not in reply, reply
     assert reply, "the streamed reply is empty"
+
+
+def test_run_server_stops_the_engine_after_shutdown(monkeypatch):
+    """After uvicorn returns (SIGINT/SIGTERM, once open requests are answered), `flashjax serve`
+    stops the engine: its steps in flight finish and its thread ends."""
+    import types
+
+    import uvicorn
+
+    from flashjax.serving import server as srv
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # an immediate shutdown
+    monkeypatch.setattr(sys, "setswitchinterval", lambda interval: None)
+    stopped = []
+    engine = types.SimpleNamespace(stop=lambda: stopped.append(True))
+    app = types.SimpleNamespace(state=types.SimpleNamespace(
+        service=types.SimpleNamespace(engine=engine, engine_failure=None), on_engine_failure=None))
+    assert srv.run_server(app, "127.0.0.1", 0) == 0
+    assert stopped == [True]
