@@ -69,8 +69,13 @@ LOG2E = 1.4426950408889634
 
 @dataclasses.dataclass(frozen=True)
 class FwdConfig:
-    block_k: int = 128  # keys per step (a multiple of 64)
+    block_k: int = 128  # keys per step (a multiple of 64: wgmma's K for P V)
     stages: int = 2  # depth of the K/V ring
+    # Where the softmax row sum goes relative to the ping-pong hand-over: "before" it,
+    # "pinned" before it behind an optimization barrier, or "after" it (overlapping
+    # the other warpgroup's matmuls). jax's attention_mgpu found "pinned" faster up to
+    # head_dim 128 and "after" above.
+    row_sum: str = "before"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +85,8 @@ class BwdConfig:
     do_stages: int = 2  # depth of the dO (+ delta) ring
 
 
-FWD_CONFIGS = {64: FwdConfig(128, 2), 128: FwdConfig(128, 2), 256: FwdConfig(64, 2)}
+FWD_CONFIGS = {64: FwdConfig(128, 2), 128: FwdConfig(128, 2, "pinned"),
+               256: FwdConfig(64, 2, "after")}
 BWD_CONFIGS = {64: BwdConfig("keys", 2, 2), 128: BwdConfig("keys", 2, 2),
                256: BwdConfig("dim", 2, 1)}
 
@@ -208,7 +214,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
     row_vec = plgpu.Layout.WGMMA.reduce(1)
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars):
-        q_smem, k_smem, v_smem, lse_smem = smem
+        q_smem, k_smem, v_smem = smem
         q_bar, k_bar, v_bar, k_free, v_free, turn = bars
         rendezvous = functools.partial(_rendezvous, turn)
         b = lax.axis_index("batch")
@@ -284,13 +290,19 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
                 alpha = jnp.exp2(m - m_use)
                 p = jnp.exp2((s * scale_log2 if fold_scale else s)
                              - lax.broadcast_in_dim(m_use, s.shape, [0]))
-                l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
+                l = l * alpha
+                if cfg.row_sum != "after":
+                    l = l + p.sum(axis=1)
+                    if cfg.row_sum == "pinned":  # keep the compiler from sinking it
+                        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                 # Softmax done; wait until the other one has issued its matmuls.
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_wait(turn)
+                if cfg.row_sum == "after":  # overlaps the other warpgroup's matmuls
+                    l = l + p.sum(axis=1)
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -320,10 +332,9 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
             else:
                 lse = m + jnp.log2(l)
             q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-            lse_smem.at[wg][...] = lse
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, rows, h], commit_group=False)
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, rows, h])
+            lse_ref.at[b, h, rows][...] = lse  # straight from registers: 64 floats
             plgpu.wait_smem_to_gmem(0)
 
     def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
@@ -331,7 +342,6 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
             plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype, transforms=tr),  # Q, then O
             plgpu.SMEM((stages, bk, d), dtype, transforms=tr),  # K ring
             plgpu.SMEM((stages, bk, d), dtype, transforms=tr),  # V ring
-            plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),  # lse
         )
         bars = (
             plgpu.Barrier(num_barriers=COMPUTE_WGS),
@@ -345,8 +355,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
                       smem, bars, collective_axes="wg")
 
     o_type = jax.ShapeDtypeStruct(q.shape, dtype)
-    # The log-sum-exp leaves as whole 64-row pieces (a 1-D bulk copy is not clipped at
-    # the end of a row); its padding is cut off below.
+    # The log-sum-exp is written in whole 64-row pieces; the padding is cut off below.
     lse_pad = n_qb * rows_per_cta
     lse_type = jax.ShapeDtypeStruct((batch, heads, lse_pad), jnp.float32)
     if poison:
