@@ -762,15 +762,29 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             raise _bad("'model' must be a string", param="model", code="invalid_type")
         return body
 
-    async def all_finished(handles) -> None:
-        for h in handles:
-            await h.wait_async()
+    async def finish_or_cancel(request: Request, handles) -> bool:
+        """Wait until every handle has finished or the client has gone, whichever is
+        first (both are awaited events: no polling). If the client went first, the
+        handles are cancelled and this returns False."""
+        async def finished():
+            for h in handles:
+                await h.wait_async()
 
-    async def disconnected(request: Request) -> None:
-        """Returns when the client has gone (the request body is read by then, so the
-        ASGI server's next message is the disconnect)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        async def gone():  # the body is read by now, so the next message is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        waits = [asyncio.ensure_future(finished()), asyncio.ensure_future(gone())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waits:
+                t.cancel()
+        if waits[0].done() and not waits[0].cancelled():
+            return True
+        for h in handles:
+            h.cancel()
+        return False
 
     async def run(request: Request, chat: bool):
         svc.require_engine()
@@ -814,34 +828,15 @@ def create_app(engine, tokenizer=None, *, model_name: str = "flashjax", start_en
             raise _bad(str(e), param=plan.names.get(name, name) or prompts[0][2], code="invalid_value") from None
         created = int(time.time())
         if plan.stream:
-            async def watch():  # cancel as soon as the client hangs up, whatever the ASGI server does
-                done = asyncio.ensure_future(all_finished(handles))
-                gone = asyncio.ensure_future(disconnected(request))
-                try:
-                    await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
-                    if gone.done() and not done.done():
-                        for h in handles:
-                            h.cancel()
-                finally:
-                    done.cancel()
-                    gone.cancel()
-            task = asyncio.ensure_future(watch())
+            # cancel as soon as the client hangs up, whatever the ASGI server does
+            task = asyncio.ensure_future(finish_or_cancel(request, handles))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             return StreamingResponse(sse(handles, prompts, plan, rid, created),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        # non-streaming: wait, cancelling if the client goes away (both events, no polling)
-        done = asyncio.ensure_future(all_finished(handles))
-        gone = asyncio.ensure_future(disconnected(request))
-        try:
-            await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not done.done():
-            done.cancel()
-            for h in handles:
-                h.cancel()
+        # non-streaming: wait, cancelling if the client goes away
+        if not await finish_or_cancel(request, handles):
             raise ApiError(499, "client disconnected", code="client_closed")
         for h in handles:
             if h.error is not None:
