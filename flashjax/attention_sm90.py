@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flashjax import _backend
+from flashjax._attention_common import LOG2E
 
 BLOCK_Q = 64  # query rows per step (wgmma M for dQ)
 WG_KEYS = 64  # keys per compute warpgroup (wgmma M for S^T, dV, dP^T, dK)
@@ -106,7 +107,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False):
     dtype = q.dtype
     rows_per_cta = WG_KEYS * COMPUTE_WGS  # 64 query rows per warpgroup
     n_kv = seq // BLOCK_K
-    scale_log2 = float(sm_scale) * 1.4426950408889634
+    scale_log2 = float(sm_scale) * LOG2E
     fold_scale = scale_log2 > 0  # max(s) * c is max(s * c) only for c > 0
     tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     row_vec = plgpu.Layout.WGMMA.reduce(1)
@@ -264,7 +265,7 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
     dtype = q.dtype
     n_q = seq // BLOCK_Q
     n_kv = seq // BLOCK_K
-    scale_log2 = float(sm_scale) * 1.4426950408889634
+    scale_log2 = float(sm_scale) * LOG2E
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     wgmma_row = plgpu.Layout.WGMMA.reduce(0)  # a [BLOCK_Q] vector along S^T's columns

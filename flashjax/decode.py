@@ -80,6 +80,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flashjax import _backend
+from flashjax._attention_common import LN2, LOG2E
 
 __all__ = [
     "DecodeConfig",
@@ -91,8 +92,6 @@ __all__ = [
 ]
 
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
