@@ -34,10 +34,18 @@ staging + K/V rings; bwd: K, V, Q ring, dO ring, dS^T, dQ staging)::
   128       128 x 2               160 KB     keys, 128 keys, 2+2    225 KB
   256       64 x 2                192 KB     dim, 64 keys, 2+1      208 KB
 
+(block_k must be a multiple of 64, wgmma's K for P V; head_dim 128 also fits a
+3-stage ring, 224 KB, and 256 a 128 x 1 one: `FwdConfig`/`BwdConfig` take them.)
+
 (fwd accumulators per compute warpgroup: 64 x head_dim float32 = head_dim / 2
 registers per thread plus the 64 x block_k score tile; bwd ``keys``: dK and dV of
 64 x head_dim float32, ``dim``: 64 x 128 each.) dK and dV leave through the K and V
-buffers (or, float32 with GQA, the dQ staging), so they cost no extra shared memory.
+buffers, the dS^T buffer or the dQ staging, so they cost no extra shared memory.
+
+With GQA a backward program takes the query heads of its KV head in turn and sums
+their dK/dV in registers (written once, in the input dtype); only when that leaves
+fewer than two programs per SM are the heads split over programs that write float32
+partial sums (``BwdConfig.head_splits``). K and V are never repeated in HBM.
 
 Both cover causal (bottom-right aligned when the lengths differ) or full attention,
 head_dim 64/128/256, bf16/f16, any GQA grouping, no window, padding, segments,
@@ -83,6 +91,11 @@ class BwdConfig:
     split: str = "keys"  # "keys": each compute warpgroup owns 64 keys; "dim": half of head_dim
     q_stages: int = 2  # depth of the Q (+ lse) ring
     do_stages: int = 2  # depth of the dO (+ delta) ring
+    # GQA: programs per KV head and key block. Each takes group // head_splits query
+    # heads in turn, summing their dK/dV in registers; with more than one split each
+    # writes float32 partial sums that are added up afterwards. None: the fewest splits
+    # that still give every SM two programs.
+    head_splits: int | None = None
 
 
 FWD_CONFIGS = {64: FwdConfig(128, 2), 128: FwdConfig(128, 2, "pinned"),
@@ -409,25 +422,45 @@ def _causal_q_range(k0, block_k: int, off: int, n_qt: int):
     return first, full_from
 
 
-def _bwd_outputs(q, k, out_dtype, poison):
-    batch, kv_len, _, d = k.shape
-    heads = q.shape[2]
-    dkv_type = jax.ShapeDtypeStruct((batch, kv_len, heads if out_dtype == jnp.float32
-                                     else k.shape[2], d), out_dtype)
+def _head_splits(cfg: BwdConfig, *, batch, kv_heads, group, n_kb) -> int:
+    if cfg.head_splits is not None:
+        if group % cfg.head_splits:
+            raise ValueError(f"head_splits {cfg.head_splits} must divide the GQA group {group}")
+        return cfg.head_splits
+    want = 2 * _backend.num_multiprocessors()
+    for splits in range(1, group + 1):
+        if group % splits == 0 and batch * kv_heads * splits * n_kb >= want:
+            return splits
+    return group
+
+
+def _bwd_heads(splits: int, group: int):
+    """In a backward program: the first query head it takes, and its dK/dV head."""
+    hs = lax.axis_index("heads")
+    kh = lax.div(hs, jnp.int32(splits))
+    h0 = kh * group + lax.rem(hs, jnp.int32(splits)) * (group // splits)
+    return kh, h0, hs
+
+
+def _bwd_outputs(q, k, splits, poison):
+    """dQ's float32 accumulator and dK/dV: in k's dtype with one split, else float32
+    partial sums [batch, kv_len, kv_heads * splits, head_dim]."""
+    batch, kv_len, kv_heads, d = k.shape
+    out_dtype = k.dtype if splits == 1 else jnp.float32
+    dkv_type = jax.ShapeDtypeStruct((batch, kv_len, kv_heads * splits, d), out_dtype)
     dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
     if poison:
         refs = (jax.new_ref(jnp.full(dkv_type.shape, jnp.nan, out_dtype)),
                 jax.new_ref(jnp.full(dkv_type.shape, jnp.nan, out_dtype)))
-        return dq_acc, refs, refs, ()
-    return dq_acc, None, (), [dkv_type, dkv_type]
+        return out_dtype, dq_acc, refs, refs, ()
+    return out_dtype, dq_acc, None, (), [dkv_type, dkv_type]
 
 
-def _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale):
+def _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale, splits):
     batch, kv_len, kv_heads, d = k.shape
-    group = q.shape[2] // kv_heads
     dq = (dq_acc[...] * sm_scale).astype(q.dtype)
-    if group > 1:
-        shape = (batch, kv_len, kv_heads, group, d)
+    if splits > 1:
+        shape = (batch, kv_len, kv_heads, splits, d)
         dk = dk.reshape(shape).sum(axis=3)
         dv = dv.reshape(shape).sum(axis=3)
     return (_vary_like(dq, q), _vary_like(dk.astype(k.dtype), k),
@@ -450,7 +483,9 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
     f32_tr = _tiles(plgpu, jnp.float32)
     wgmma_row = plgpu.Layout.WGMMA.reduce(0)  # a [BLOCK_Q] vector along S^T's columns
     # With GQA each query head writes its own dK/dV (float32), summed over the group after.
-    out_dtype = dtype if group == 1 else jnp.float32
+    splits = _head_splits(cfg, batch=batch, kv_heads=k.shape[2], group=group, n_kb=n_kb)
+    hpc = group // splits  # query heads per program
+    out_dtype, dq_acc, refs, outs, out_type = _bwd_outputs(q, k, splits, poison)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref,
              smem, bars):
@@ -458,11 +493,9 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
         (k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, q_free, do_free, ds_ready, ds_free,
          done) = bars
         b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
         kb = lax.axis_index("kv")
         wg = lax.axis_index("wg")
-        kh = lax.div(h, jnp.int32(group))
-        h_out = h if group > 1 else kh
+        kh, h0, h_out = _bwd_heads(splits, group)
         k0 = kb * block_k
         if causal:
             first, full_from = _causal_q_range(k0, block_k, off, n_qt)
@@ -471,14 +504,17 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
         n_steps = n_qt - first
         n_masked = full_from - first  # the first steps cross the diagonal: masked
 
-        def q_tiles(t):
+        def q_tiles(u):  # step u: query tile t of head h0 + g
+            g = lax.div(u, n_steps) if hpc > 1 else 0
+            t = u - g * n_steps
+            h = h0 + g
             rows = pl.ds((first + t) * BLOCK_Q, BLOCK_Q)
             return [(qs, q_free, q_ref.at[b, rows, h], q_smem, q_bar),
                     (qs, None, lse_ref.at[b, h, rows], lse_smem, lse_bar),
                     (dos, do_free, do_ref.at[b, rows, h], do_smem, do_bar),
                     (dos, None, delta_ref.at[b, h, rows], delta_smem, delta_bar)]
 
-        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, q_tiles))
+        pl.when(wg == COMPUTE_WGS)(lambda: _produce(hpc * n_steps, q_tiles))
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
@@ -494,10 +530,12 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
             v_own = v_smem.at[own]
             zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
 
-            def step(t, carry, masked: bool):
+            def step(t, carry, masked: bool, g):
                 dk_acc, dv_acc = carry
-                q_slot = lax.rem(t, jnp.int32(qs))
-                do_slot = lax.rem(t, jnp.int32(dos))
+                u = g * n_steps + t  # the step's place in the rings
+                h = h0 + g
+                q_slot = lax.rem(u, jnp.int32(qs))
+                do_slot = lax.rem(u, jnp.int32(dos))
                 q_tile = first + t
                 plgpu.barrier_wait(q_bar.at[q_slot])
                 plgpu.barrier_wait(lse_bar.at[q_slot])
@@ -539,9 +577,9 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
                 plgpu.barrier_arrive(q_free.at[q_slot])
 
                 # Hand this warpgroup's half of dS^T to the tile's dQ owner.
-                dslot = lax.rem(t, jnp.int32(2))
+                dslot = lax.rem(u, jnp.int32(2))
 
-                @pl.when(t >= 2)
+                @pl.when(u >= 2)
                 def _():
                     plgpu.barrier_wait(ds_free.at[dslot])
 
@@ -568,13 +606,16 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
 
                 return dk_acc, dv_acc
 
+            def head(g, carry):  # all query tiles of query head h0 + g
+                unmasked = functools.partial(step, masked=False, g=g)
+                if causal:
+                    carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True, g=g),
+                                          carry)
+                    return lax.fori_loop(n_masked, n_steps, unmasked, carry)
+                return lax.fori_loop(0, n_steps, unmasked, carry)
+
             carry = (zeros, zeros)
-            if causal:
-                carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True), carry)
-                carry = lax.fori_loop(n_masked, n_steps, functools.partial(step, masked=False),
-                                      carry)
-            else:
-                carry = lax.fori_loop(0, n_steps, functools.partial(step, masked=False), carry)
+            carry = head(0, carry) if hpc == 1 else lax.fori_loop(0, hpc, head, carry)
             dk_acc, dv_acc = carry
             plgpu.wait_smem_to_gmem(0)  # this warpgroup's dQ reductions are done with dq_smem
             if out_dtype == dtype:
@@ -627,18 +668,17 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
                                  dq_ref, dk_ref, dv_ref, *scoped),
             smem, bars, collective_axes="wg")
 
-    dq_acc, refs, outs, out_type = _bwd_outputs(q, k, out_dtype, poison)
     res = plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(heads, n_kb, batch),
+        grid=(k.shape[2] * splits, n_kb, batch),
         grid_names=("heads", "kv", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, do, lse2, delta, dq_acc, *outs)
     dk, dv = (refs[0][...], refs[1][...]) if poison else res
-    return _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale)
+    return _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale, splits)
 
 
 def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: BwdConfig):
@@ -660,18 +700,18 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
     tr = _tiles(plgpu, dtype)
     f32_tr = _tiles(plgpu, jnp.float32)
     wgmma_row = plgpu.Layout.WGMMA.reduce(0)
-    out_dtype = dtype if group == 1 else jnp.float32
+    splits = _head_splits(cfg, batch=batch, kv_heads=k.shape[2], group=group, n_kb=n_kb)
+    hpc = group // splits  # query heads per program
+    out_dtype, dq_acc, refs, outs, out_type = _bwd_outputs(q, k, splits, poison)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref,
              smem, bars):
         k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, delta_smem = smem
         (kv_bar, q_bar, do_bar, lse_bar, delta_bar, q_free, do_free) = bars
         b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
         kb = lax.axis_index("kv")
         wg = lax.axis_index("wg")
-        kh = lax.div(h, jnp.int32(group))
-        h_out = h if group > 1 else kh
+        kh, h0, h_out = _bwd_heads(splits, group)
         k0 = kb * block_k
         key_rows = pl.ds(k0, block_k)
         if causal:
@@ -681,14 +721,17 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
         n_steps = n_qt - first
         n_masked = full_from - first
 
-        def q_tiles(t):
+        def q_tiles(u):  # step u: query tile t of head h0 + g
+            g = lax.div(u, n_steps) if hpc > 1 else 0
+            t = u - g * n_steps
+            h = h0 + g
             rows = pl.ds((first + t) * BLOCK_Q, BLOCK_Q)
             return [(qs, q_free, q_ref.at[b, rows, h], q_smem, q_bar),
                     (qs, None, lse_ref.at[b, h, rows], lse_smem, lse_bar),
                     (dos, do_free, do_ref.at[b, rows, h], do_smem, do_bar),
                     (dos, None, delta_ref.at[b, h, rows], delta_smem, delta_bar)]
 
-        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, q_tiles))
+        pl.when(wg == COMPUTE_WGS)(lambda: _produce(hpc * n_steps, q_tiles))
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
@@ -711,10 +754,12 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
             ds_own = ds_smem.at[wg]
             stage = dq_smem.at[wg]
 
-            def step(t, carry, masked: bool):
+            def step(t, carry, masked: bool, g):
                 dk_acc, dv_acc = carry
-                q_slot = lax.rem(t, jnp.int32(qs))
-                do_slot = lax.rem(t, jnp.int32(dos))
+                u = g * n_steps + t  # the step's place in the rings
+                h = h0 + g
+                q_slot = lax.rem(u, jnp.int32(qs))
+                do_slot = lax.rem(u, jnp.int32(dos))
                 q_tile = first + t
                 plgpu.barrier_wait(q_bar.at[q_slot])
                 plgpu.barrier_wait(lse_bar.at[q_slot])
@@ -775,13 +820,16 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
                         reduction_op="add")
                 return dk_acc, dv_acc
 
+            def head(g, carry):  # all query tiles of query head h0 + g
+                unmasked = functools.partial(step, masked=False, g=g)
+                if causal:
+                    carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True, g=g),
+                                          carry)
+                    return lax.fori_loop(n_masked, n_steps, unmasked, carry)
+                return lax.fori_loop(0, n_steps, unmasked, carry)
+
             carry = (zeros, zeros)
-            if causal:
-                carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True), carry)
-                carry = lax.fori_loop(n_masked, n_steps, functools.partial(step, masked=False),
-                                      carry)
-            else:
-                carry = lax.fori_loop(0, n_steps, functools.partial(step, masked=False), carry)
+            carry = head(0, carry) if hpc == 1 else lax.fori_loop(0, hpc, head, carry)
             dk_acc, dv_acc = carry
             plgpu.wait_smem_to_gmem(0)
             # dK and dV leave 64 columns at a time (a TMA source must be contiguous in
@@ -825,15 +873,14 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
                                  dq_ref, dk_ref, dv_ref, *scoped),
             smem, bars, collective_axes="wg")
 
-    dq_acc, refs, outs, out_type = _bwd_outputs(q, k, out_dtype, poison)
     res = plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(heads, n_kb, batch),
+        grid=(k.shape[2] * splits, n_kb, batch),
         grid_names=("heads", "kv", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, do, lse2, delta, dq_acc, *outs)
     dk, dv = (refs[0][...], refs[1][...]) if poison else res
-    return _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale)
+    return _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale, splits)

@@ -10,6 +10,7 @@ and q_len != kv_len (bottom-right causal).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -48,6 +49,19 @@ def test_sm90_kernels_lower_for_cuda(head_dim, causal, shape):
                                                          sm_scale=0.1), q, kv, kv, q, rows, rows)
 
 
+@pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_sm90_backward_head_splits_lower_for_cuda(head_dim, splits):
+    """GQA 4:1 backward: each program takes 4 // splits query heads in turn."""
+    q = jax.ShapeDtypeStruct((1, 384, 8, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 384, 2, head_dim), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((1, 8, 384), jnp.float32)
+    cfg = dataclasses.replace(sm90.BWD_CONFIGS[head_dim], head_splits=splits)
+    _lower(lambda q, k, v, do, lse, delta: sm90.backward(q, k, v, do, lse, delta, causal=True,
+                                                         sm_scale=0.1, config=cfg),
+           q, kv, kv, q, rows, rows)
+
+
 def test_sm90_supports_head_dims():
     ok = dict(q_len=256, kv_len=256, dtype=jnp.bfloat16, window=False, softcap=None,
               masked=False, sparse=False)
@@ -59,7 +73,7 @@ def test_sm90_supports_head_dims():
         assert why is not None and f"head_dim {d}" in why
 
 
-def _sm90_attention(causal, scale):
+def _sm90_attention(causal, scale, bcfg=None):
     """attention(q, k, v) through the sm90 kernels (any head dim they have)."""
 
     @jax.custom_vjp
@@ -73,7 +87,8 @@ def _sm90_attention(causal, scale):
     def bwd(res, do):
         q, k, v, o, lse2 = res
         delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-        return sm90.backward(q, k, v, do, lse2, delta, causal=causal, sm_scale=scale, poison=True)
+        return sm90.backward(q, k, v, do, lse2, delta, causal=causal, sm_scale=scale, poison=True,
+                             config=bcfg)
 
     attn.defvjp(fwd, bwd)
     return attn
@@ -84,14 +99,14 @@ def _close(got, want, tol, what):
                                atol=tol[0], rtol=tol[1], err_msg=what)
 
 
-def _check(b, sq, sk, h, hk, d, causal, dtype, seed=0):
+def _check(b, sq, sk, h, hk, d, causal, dtype, seed=0, bcfg=None):
     ks = jax.random.split(jax.random.key(seed), 4)
     q, k, v, do = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in zip(
         ks, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d)]))
     scale = 1.0 / math.sqrt(d)
     o, lse2 = jax.jit(lambda q, k, v: sm90.forward(q, k, v, causal=causal, sm_scale=scale,
                                                    poison=True))(q, k, v)
-    o2, vjp = jax.vjp(_sm90_attention(causal, scale), q, k, v)
+    o2, vjp = jax.vjp(_sm90_attention(causal, scale, bcfg), q, k, v)
     dq, dk, dv = vjp(do)
     args = [x.astype(jnp.float32) for x in (q, k, v)]
     (ro, rlse), rvjp = jax.vjp(lambda q, k, v: attention_reference(
@@ -123,6 +138,16 @@ def test_sm90_tails_and_unequal_lengths(head_dim, sq, sk, causal):
     """Lengths off the tiles (masked in the last tile, no padding copies) and
     q_len != kv_len, causal aligned bottom-right (rows that see no key: O = 0)."""
     _check(1, sq, sk, 4, 2, head_dim, causal, jnp.bfloat16, seed=1)
+
+
+@hopper
+@pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_sm90_backward_head_splits(head_dim, splits):
+    """GQA 4:1: one program per KV head summing its 4 query heads in registers (1), or
+    float32 partial sums over 2 or 4 programs: the same gradients."""
+    cfg = dataclasses.replace(sm90.BWD_CONFIGS[head_dim], head_splits=splits)
+    _check(2, 384, 384, 8, 2, head_dim, True, jnp.bfloat16, seed=3, bcfg=cfg)
 
 
 @hopper
