@@ -69,9 +69,9 @@ WG_ROWS = 64  # rows per compute warpgroup: wgmma's M
 COMPUTE_WGS = 2
 BLOCK_Q = WG_ROWS  # query rows per backward step (wgmma M for dQ)
 HEAD_DIMS = (64, 128, 256)  # the kernels' head dims
-# The head dims `supports` accepts, so that flash_attention's "auto" takes these kernels.
-# 128 and 256 stay behind this gate until .scratch/sm90_check.py passes on a Hopper GPU.
-SUPPORTED_HEAD_DIMS = (64,)
+# The head dims `supports` accepts, so that flash_attention's "auto" takes these kernels
+# (set it back to (64,) to keep 128 and 256 on the Triton kernels).
+SUPPORTED_HEAD_DIMS = HEAD_DIMS
 LOG2E = 1.4426950408889634
 
 
@@ -103,7 +103,10 @@ FWD_CONFIGS = {64: FwdConfig(128, 2), 128: FwdConfig(128, 2, "pinned"),
 BWD_CONFIGS = {64: BwdConfig("keys", 2, 2), 128: BwdConfig("keys", 2, 2),
                256: BwdConfig("dim", 2, 1)}
 
-# The lengths the kernels take: both a multiple of this (and equal).
+# The lengths `supports` accepts: multiples of this, q_len and kv_len independently
+# (causal masks align bottom-right). The kernels take any multiple of 8 (the last tile
+# masked), but flash_attention pads other lengths to its Triton tiles, and the Mosaic
+# kernels take unpadded arrays only.
 LENGTH_MULTIPLE = 128
 
 
@@ -173,8 +176,8 @@ def supports(*, q_len, kv_len, head_dim, dtype, window, softcap, masked, sparse)
         return f"dtype {jnp.dtype(dtype).name} (bf16/f16 only)"
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {head_dim} ({'/'.join(map(str, SUPPORTED_HEAD_DIMS))} only)"
-    if q_len != kv_len or q_len % LENGTH_MULTIPLE:
-        return f"lengths {q_len}/{kv_len} (equal multiples of {LENGTH_MULTIPLE} only)"
+    if q_len % LENGTH_MULTIPLE or kv_len % LENGTH_MULTIPLE:
+        return f"lengths {q_len}/{kv_len} (multiples of {LENGTH_MULTIPLE} only)"
     if window or softcap is not None or masked or sparse:
         return "window, soft-cap, padding/segment masks or block-sparsity"
     return None
