@@ -48,8 +48,11 @@ fewer than two programs per SM are the heads split over programs that write floa
 partial sums (``BwdConfig.head_splits``). K and V are never repeated in HBM.
 
 Both cover causal (bottom-right aligned when the lengths differ) or full attention,
-head_dim 64/128/256, bf16/f16, any GQA grouping, no window, padding, segments,
-block-sparsity or soft-cap. `supports` says whether a call qualifies;
+head_dim 64/128/256, bf16/f16, any GQA grouping, q_len and kv_len any multiples of 8
+(a tail tile is masked; TMA reads past the end as zeros and drops writes past it, so
+nothing is padded or copied), no window, padding, segments, block-sparsity or
+soft-cap. `supports` says whether a call qualifies (lengths: multiples of 128, since
+flash_attention pads other lengths for its Triton tiles);
 :mod:`flashjax.attention` uses the Triton kernels otherwise.
 """
 
