@@ -1,33 +1,64 @@
 """FlashAttention for Hopper (sm_90) in Pallas's Mosaic GPU dialect: wgmma and TMA.
 
 Forward: one program per 128 query rows of a (batch, head). Warpgroup 2 streams
-128-key tiles of K and V through a ring of shared-memory slots with TMA;
-warpgroups 0 and 1 each own 64 rows and run S = Q K^T, the online softmax and
-O += P V with wgmma, taking turns on the tensor cores (ping-pong) so one's
-exponentials hide behind the other's matmuls. It writes O and the log2-domain
-log-sum-exp that the Triton forward in :mod:`flashjax.attention` writes.
+key tiles of K and V through a ring of shared-memory slots with TMA; warpgroups 0
+and 1 each own 64 rows and run S = Q K^T, the online softmax and O += P V with
+wgmma, taking turns on the tensor cores (ping-pong) so one's exponentials hide
+behind the other's matmuls. It writes O and the log2-domain log-sum-exp that the
+Triton forward in :mod:`flashjax.attention` writes (+inf for a row that sees no key).
 
 Backward: the Triton backward runs two kernels, one for dK/dV and one for dQ,
 which recomputes the scores and dP: seven matmuls per tile pair. This one does
-five. One program per 128-key block of a (batch, head):
+five. One program per key block of a (batch, head):
 
-* warpgroup 2 streams query tiles (Q, dO, log-sum-exp, delta) through a ring of
+* warpgroup 2 streams query tiles (Q, dO, log-sum-exp, delta) through rings of
   shared-memory slots with TMA;
-* warpgroups 0 and 1 each own 64 of the block's keys. Per query tile each computes
-  S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T and dK += dS^T Q with wgmma;
-  both then write their half of dS^T to shared memory, and one of them (the two
-  alternate by tile) computes dQ_tile = dS K over all 128 keys and adds it into a
-  float32 dQ in HBM with a bulk TMA reduction (``cp.reduce.async.bulk``), one
-  64 x head_dim tile at a time, instead of element-wise atomics.
+* head_dim 64 and 128 (``split="keys"``): warpgroups 0 and 1 each own 64 of the
+  block's 128 keys. Per query tile each computes S^T = K Q^T, P^T, dV += P^T dO,
+  dP^T = V dO^T, dS^T and dK += dS^T Q with wgmma; both then write their half of
+  dS^T to shared memory, and one of them (the two alternate by tile) computes
+  dQ_tile = dS K over all 128 keys and adds it into a float32 dQ in HBM with a bulk
+  TMA reduction (``cp.reduce.async.bulk``) instead of element-wise atomics;
+* head_dim 256 (``split="dim"``): the dK and dV accumulators of 64 keys x 256 are
+  too many registers for one warpgroup, so warpgroups 0 and 1 share a block of 64
+  keys and each owns half of the head dimension: each computes S^T and dP^T (full
+  contraction over head_dim) and its own columns of dV, dK and dQ. That repeats
+  the two score matmuls (seven instead of five per tile) but needs no exchange
+  between the warpgroups.
 
-Both cover what training a causal or bidirectional model needs: equal query and key
-lengths that are multiples of 128, head_dim 64, bf16/f16, any GQA grouping, no
-window, padding, segments, block-sparsity or soft-cap. `supports` says whether a call
-qualifies; :mod:`flashjax.attention` uses the Triton kernels otherwise.
+Shared memory (227 KB per block) and registers per head_dim (bf16/f16; fwd: Q/O
+staging + K/V rings; bwd: K, V, Q ring, dO ring, dS^T, dQ staging)::
+
+  head_dim  fwd block_k x stages  fwd smem   bwd layout             bwd smem
+  64        128 x 2               80 KB      keys, 128 keys, 2+2    128 KB
+  128       128 x 2               160 KB     keys, 128 keys, 2+2    225 KB
+  256       64 x 2                192 KB     dim, 64 keys, 2+1      208 KB
+
+(block_k must be a multiple of 64, wgmma's K for P V; head_dim 128 also fits a
+3-stage ring, 224 KB, and 256 a 128 x 1 one: `FwdConfig`/`BwdConfig` take them.)
+
+(fwd accumulators per compute warpgroup: 64 x head_dim float32 = head_dim / 2
+registers per thread plus the 64 x block_k score tile; bwd ``keys``: dK and dV of
+64 x head_dim float32, ``dim``: 64 x 128 each.) dK and dV leave through the K and V
+buffers, the dS^T buffer or the dQ staging, so they cost no extra shared memory.
+
+With GQA a backward program takes the query heads of its KV head in turn and sums
+their dK/dV in registers (written once, in the input dtype); only when that leaves
+fewer than two programs per SM are the heads split over programs that write float32
+partial sums (``BwdConfig.head_splits``). K and V are never repeated in HBM.
+
+Both cover causal (bottom-right aligned when the lengths differ) or full attention,
+head_dim 64/128/256, bf16/f16, any GQA grouping, q_len and kv_len any multiples of 8
+(a tail tile is masked; TMA reads past the end as zeros and drops writes past it, so
+nothing is padded or copied), no window, padding, segments, block-sparsity or
+soft-cap. `supports` says whether a call qualifies (lengths: multiples of 128, since
+flash_attention pads other lengths for its Triton tiles);
+:mod:`flashjax.attention` uses the Triton kernels otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,18 +69,68 @@ from jax.experimental import pallas as pl
 from flashjax import _backend
 from flashjax._attention_common import LOG2E
 
-BLOCK_Q = 64  # query rows per step (wgmma M for dQ)
-WG_KEYS = 64  # keys per compute warpgroup (wgmma M for S^T, dV, dP^T, dK)
+WG_ROWS = 64  # rows per compute warpgroup: wgmma's M
 COMPUTE_WGS = 2
-BLOCK_K = WG_KEYS * COMPUTE_WGS
-HEAD_DIM = 64
-STAGES = 2  # depth of the K/V (forward) and query-tile (backward) rings
+BLOCK_Q = WG_ROWS  # query rows per backward step (wgmma M for dQ)
+HEAD_DIMS = (64, 128, 256)  # the kernels' head dims
+# The head dims `supports` accepts, so that flash_attention's "auto" takes these kernels
+# (set it back to (64,) to keep 128 and 256 on the Triton kernels).
+SUPPORTED_HEAD_DIMS = HEAD_DIMS
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdConfig:
+    block_k: int = 128  # keys per step (a multiple of 64: wgmma's K for P V)
+    stages: int = 2  # depth of the K/V ring
+    # Where the softmax row sum goes relative to the ping-pong hand-over: "before" it,
+    # "pinned" before it behind an optimization barrier, or "after" it (overlapping
+    # the other warpgroup's matmuls). jax's attention_mgpu found "pinned" faster up to
+    # head_dim 128 and "after" above.
+    row_sum: str = "before"
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+    split: str = "keys"  # "keys": each compute warpgroup owns 64 keys; "dim": half of head_dim
+    q_stages: int = 2  # depth of the Q (+ lse) ring
+    do_stages: int = 2  # depth of the dO (+ delta) ring
+    # GQA: programs per KV head and key block. Each takes group // head_splits query
+    # heads in turn, summing their dK/dV in registers; with more than one split each
+    # writes float32 partial sums that are added up afterwards. None: the fewest splits
+    # that still give every SM two programs.
+    head_splits: int | None = None
+
+
+FWD_CONFIGS = {64: FwdConfig(128, 2), 128: FwdConfig(128, 2, "pinned"),
+               256: FwdConfig(64, 2, "after")}
+BWD_CONFIGS = {64: BwdConfig("keys", 2, 2), 128: BwdConfig("keys", 2, 2),
+               256: BwdConfig("dim", 2, 1)}
+
+# The lengths `supports` accepts: multiples of this, q_len and kv_len independently
+# (causal masks align bottom-right). The kernels take any multiple of 8 (the last tile
+# masked), but flash_attention pads other lengths to its Triton tiles, and the Mosaic
+# kernels take unpadded arrays only.
+LENGTH_MULTIPLE = 128
 
 
 def _plgpu():
     import jax.experimental.pallas.mosaic_gpu as plgpu  # noqa: PLC0415 (GPU-only dialect)
 
     return plgpu
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _tcdiv(x, b: int):
+    """ceil(max(x, 0) / b) of a traced int32."""
+    return lax.div(jnp.maximum(x, 0) + (b - 1), jnp.int32(b))
+
+
+def _tfloor(x, b: int):
+    """floor(max(x, 0) / b) of a traced int32."""
+    return lax.div(jnp.maximum(x, 0), jnp.int32(b))
 
 
 def _vary_like(x, like):
@@ -61,87 +142,129 @@ def _vary_like(x, like):
 
 
 def _produce(n_steps, copies):
-    """The producer warpgroup's loop: fill ring slot ``t % STAGES`` for each step t.
+    """The producer warpgroup's loop: fill the ring slots for each step t.
 
-    ``copies(t, slot)`` lists ``(free barrier or None, gmem source, smem slot, ready
-    barrier)`` in issue order; once the ring has wrapped (t >= STAGES) a copy first
-    waits for its free barrier (the compute warpgroups' arrival on that slot)."""
+    ``copies(t)`` lists ``(stages, free barriers or None, gmem source, smem ring,
+    ready barriers)`` in issue order; slot ``t % stages`` of each ring is filled, and
+    once that ring has wrapped (t >= stages) a copy with free barriers first waits
+    for the compute warpgroups' arrival on its slot."""
     plgpu = _plgpu()
     plgpu.set_max_registers(40, action="decrease")
 
     @pl.loop(0, n_steps)
     def _(t):
-        slot = lax.rem(t, jnp.int32(STAGES))
-        for free, src, dst, ready in copies(t, slot):
+        for stages, free, src, ring, ready in copies(t):
+            slot = lax.rem(t, jnp.int32(stages))
             if free is not None:
-                pl.when(t >= STAGES)(lambda free=free: plgpu.barrier_wait(free))
-            plgpu.copy_gmem_to_smem(src, dst, ready)
+                pl.when(t >= stages)(lambda free=free, slot=slot: plgpu.barrier_wait(free.at[slot]))
+            plgpu.copy_gmem_to_smem(src, ring.at[slot], ready.at[slot])
+
+
+def _rendezvous(barrier):
+    """Both compute warpgroups reach this point (a barrier with COMPUTE_WGS arrivals)."""
+    plgpu = _plgpu()
+    plgpu.barrier_arrive(barrier)
+    plgpu.barrier_wait(barrier)
+
+
+def _tiles(plgpu, dtype):
+    """smem transforms of a [rows, cols] tile: 128-byte swizzled rows of 128 bytes."""
+    cols = 128 // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(128))
 
 
 def supports(*, q_len, kv_len, head_dim, dtype, window, softcap, masked, sparse) -> str | None:
     """None when the call can run here; otherwise the reason it cannot (for logs/tests)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype).name} (bf16/f16 only)"
-    if head_dim != HEAD_DIM:
-        return f"head_dim {head_dim} (64 only)"
-    if q_len != kv_len or q_len % BLOCK_K:
-        return f"lengths {q_len}/{kv_len} (equal multiples of {BLOCK_K} only)"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {head_dim} ({'/'.join(map(str, SUPPORTED_HEAD_DIMS))} only)"
+    if q_len % LENGTH_MULTIPLE or kv_len % LENGTH_MULTIPLE:
+        return f"lengths {q_len}/{kv_len} (multiples of {LENGTH_MULTIPLE} only)"
     if window or softcap is not None or masked or sparse:
         return "window, soft-cap, padding/segment masks or block-sparsity"
     return None
 
 
-def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False):
-    """O and the log2-domain log-sum-exp [batch, heads, seq] (float32) of attention.
+def _check_shapes(q, k, v):
+    batch, q_len, heads, d = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim {d}: the sm90 kernels take {HEAD_DIMS}")
+    if k.shape != (batch, kv_len, kv_heads, d) or v.shape != k.shape or heads % kv_heads:
+        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}")
+    if q_len % 8 or kv_len % 8:  # TMA views the rows as tiles of 8
+        raise ValueError(f"lengths {q_len}/{kv_len}: the sm90 kernels need multiples of 8")
+
+
+def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
+            config: FwdConfig | None = None):
+    """O and the log2-domain log-sum-exp [batch, heads, q_len] (float32) of attention.
 
     One program per 128 query rows of a (batch, head): warpgroups 0 and 1 each own 64
     rows and run S = Q K^T, the online softmax and O += P V with wgmma; warpgroup 2
-    streams 128-key tiles of K and V through a ring of shared-memory slots with TMA.
+    streams key tiles of K and V through a ring of shared-memory slots with TMA.
     The two compute warpgroups take turns on the tensor cores (ping-pong): one issues
     its matmuls while the other runs its softmax (a rendezvous barrier orders them),
     so the exponentials hide behind the other warpgroup's wgmma.
+
+    Causal masks are aligned bottom-right (query i sees keys <= i + kv_len - q_len);
+    lengths that are not a multiple of the tiles are masked in the last tile (TMA
+    reads past the end as zeros and drops writes past it). A row that sees no key
+    gets O = 0 and log-sum-exp +inf.
     """
     plgpu = _plgpu()
-    batch, seq, heads, d = q.shape
+    _check_shapes(q, k, v)
+    batch, q_len, heads, d = q.shape
+    kv_len = k.shape[1]
     group = heads // k.shape[2]
     dtype = q.dtype
-    rows_per_cta = WG_KEYS * COMPUTE_WGS  # 64 query rows per warpgroup
-    n_kv = seq // BLOCK_K
+    cfg = config or FWD_CONFIGS[d]
+    bk, stages = cfg.block_k, cfg.stages
+    rows_per_cta = WG_ROWS * COMPUTE_WGS
+    n_qb = _cdiv(q_len, rows_per_cta)
+    n_kv, n_kv_full = _cdiv(kv_len, bk), kv_len // bk
+    kv_tail = kv_len % bk != 0
+    off = kv_len - q_len  # bottom-right causal alignment
+    empty_rows = causal and off < 0  # rows that see no key at all
     scale_log2 = float(sm_scale) * LOG2E
     fold_scale = scale_log2 > 0  # max(s) * c is max(s * c) only for c > 0
-    tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    tr = _tiles(plgpu, dtype)
     row_vec = plgpu.Layout.WGMMA.reduce(1)
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars):
-        q_smem, k_smem, v_smem, lse_smem = smem
+        q_smem, k_smem, v_smem = smem
         q_bar, k_bar, v_bar, k_free, v_free, turn = bars
-
-        def rendezvous():  # both compute warpgroups reach this point
-            plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(turn)
+        rendezvous = functools.partial(_rendezvous, turn)
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
         qc = lax.axis_index("q")
         if causal:  # heaviest query blocks launch first
-            qc = (seq // rows_per_cta - 1) - qc
+            qc = (n_qb - 1) - qc
         wg = lax.axis_index("wg")
         kh = lax.div(h, jnp.int32(group))
-        # Causal: key tiles up to the one holding the CTA's last row (128-aligned, so
-        # both warpgroups end on the same tile, the diagonal one, which is masked).
-        n_steps = (qc + 1) * (rows_per_cta // BLOCK_K) if causal else jnp.int32(n_kv)
+        r0 = qc * rows_per_cta
+        if causal:
+            # Key tiles up to the one holding the key the CTA's last row sees (both
+            # warpgroups run the same steps); tiles every row of the CTA sees in full
+            # come first and skip the mask.
+            n_steps = jnp.minimum(_tcdiv(r0 + rows_per_cta + off, bk), n_kv)
+            n_full = jnp.minimum(_tfloor(r0 + off + 1, bk), n_kv_full)
+        else:
+            n_steps, n_full = n_kv, n_kv_full
 
-        def kv_tiles(t, slot):
-            keys = pl.ds(t * BLOCK_K, BLOCK_K)
-            return [(k_free.at[slot], k_ref.at[b, keys, kh], k_smem.at[slot], k_bar.at[slot]),
-                    (v_free.at[slot], v_ref.at[b, keys, kh], v_smem.at[slot], v_bar.at[slot])]
+        def kv_tiles(t):
+            keys = pl.ds(t * bk, bk)
+            return [(stages, k_free, k_ref.at[b, keys, kh], k_smem, k_bar),
+                    (stages, v_free, v_ref.at[b, keys, kh], v_smem, v_bar)]
 
         pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, kv_tiles))
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            q0 = qc * rows_per_cta + wg * WG_KEYS
-            rows = pl.ds(q0, WG_KEYS)
+            q0 = r0 + wg * WG_ROWS
+            rows = pl.ds(q0, WG_ROWS)
             q_tile = q_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_tile, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
@@ -150,7 +273,7 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False):
 
             def step(t, carry, masked: bool):
                 acc, m, l = carry
-                slot = lax.rem(t, jnp.int32(STAGES))
+                slot = lax.rem(t, jnp.int32(stages))
                 plgpu.barrier_wait(k_bar.at[slot])
 
                 def qk(acc_ref):
@@ -158,32 +281,47 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False):
                     rendezvous()  # the other warpgroup may issue its matmuls now
                     return acc_ref[...]
 
-                s = pl.run_scoped(qk, plgpu.ACC((WG_KEYS, BLOCK_K), jnp.float32))
+                s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 if not fold_scale:
                     s = s * scale_log2
                 if masked:  # after any scaling: -inf times a scale <= 0 is not -inf
-                    q_pos = q0 + plgpu.broadcasted_iota(
-                        jnp.int32, (WG_KEYS, BLOCK_K), 0, layout=plgpu.Layout.WGMMA)
-                    k_pos = t * BLOCK_K + plgpu.broadcasted_iota(
-                        jnp.int32, (WG_KEYS, BLOCK_K), 1, layout=plgpu.Layout.WGMMA)
-                    s = jnp.where(q_pos >= k_pos, s, -jnp.inf)
+                    k_pos = t * bk + plgpu.broadcasted_iota(
+                        jnp.int32, (WG_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
+                    visible = None
+                    if kv_tail:
+                        visible = k_pos < kv_len
+                    if causal:
+                        q_pos = (q0 + off) + plgpu.broadcasted_iota(
+                            jnp.int32, (WG_ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
+                        c = q_pos >= k_pos
+                        visible = c if visible is None else jnp.logical_and(visible, c)
+                    s = jnp.where(visible, s, -jnp.inf)
                 # m is kept in scaled log2 units. With a positive scale it folds into
                 # exp2's argument: one fused multiply-add per score instead of two ops.
                 if fold_scale:
                     m_new = jnp.maximum(m, s.max(axis=1) * scale_log2)
                 else:
                     m_new = jnp.maximum(m, s.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
+                # A row with no visible key yet keeps m = -inf: use 0 there so that
+                # exp2 gives 0 rather than NaN (only masked tiles can do that).
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                alpha = jnp.exp2(m - m_use)
                 p = jnp.exp2((s * scale_log2 if fold_scale else s)
-                             - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                l = l * alpha + p.sum(axis=1)
+                             - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
+                l = l * alpha
+                if cfg.row_sum != "after":
+                    l = l + p.sum(axis=1)
+                    if cfg.row_sum == "pinned":  # keep the compiler from sinking it
+                        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                 # Softmax done; wait until the other one has issued its matmuls.
                 plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_wait(turn)
+                if cfg.row_sum == "after":  # overlaps the other warpgroup's matmuls
+                    l = l + p.sum(axis=1)
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -193,44 +331,52 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False):
                 return acc, m_new, l
 
             carry = (
-                plgpu.layout_cast(jnp.zeros((WG_KEYS, d), jnp.float32), plgpu.Layout.WGMMA),
-                plgpu.layout_cast(jnp.full((WG_KEYS,), -jnp.inf, jnp.float32), row_vec),
-                plgpu.layout_cast(jnp.zeros((WG_KEYS,), jnp.float32), row_vec),
+                plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_vec),
+                plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_vec),
             )
-            if causal:
-                carry = lax.fori_loop(0, n_steps - 1, functools.partial(step, masked=False), carry)
-                carry = step(n_steps - 1, carry, masked=True)
+            unmasked = functools.partial(step, masked=False)
+            if causal or kv_tail:
+                carry = lax.fori_loop(0, n_full, unmasked, carry)
+                carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True),
+                                      carry)
             else:
-                carry = lax.fori_loop(0, n_steps, functools.partial(step, masked=False), carry)
+                carry = lax.fori_loop(0, n_steps, unmasked, carry)
             pl.when(wg == 0)(rendezvous)  # balances warpgroup 1's first one
             acc, m, l = carry
+            if empty_rows:  # O = 0 and lse = +inf where no key was seen
+                live = l > 0.0
+                l = jnp.where(live, l, 1.0)
+                lse = jnp.where(live, m + jnp.log2(l), jnp.inf)
+            else:
+                lse = m + jnp.log2(l)
             q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-            lse_smem.at[wg][...] = m + jnp.log2(l)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, rows, h], commit_group=False)
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, rows, h])
+            lse_ref.at[b, h, rows][...] = lse  # straight from registers: 64 floats
             plgpu.wait_smem_to_gmem(0)
 
     def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
         smem = (
-            plgpu.SMEM((COMPUTE_WGS, WG_KEYS, d), dtype, transforms=tr),  # Q, then O
-            plgpu.SMEM((STAGES, BLOCK_K, d), dtype, transforms=tr),  # K ring
-            plgpu.SMEM((STAGES, BLOCK_K, d), dtype, transforms=tr),  # V ring
-            plgpu.SMEM((COMPUTE_WGS, WG_KEYS), jnp.float32),  # lse
+            plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype, transforms=tr),  # Q, then O
+            plgpu.SMEM((stages, bk, d), dtype, transforms=tr),  # K ring
+            plgpu.SMEM((stages, bk, d), dtype, transforms=tr),  # V ring
         )
         bars = (
             plgpu.Barrier(num_barriers=COMPUTE_WGS),
-            plgpu.Barrier(num_barriers=STAGES),
-            plgpu.Barrier(num_barriers=STAGES),
-            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=STAGES),
-            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=STAGES),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # ping-pong turns
         )
         pl.run_scoped(lambda *scoped: body(q_ref, k_ref, v_ref, o_ref, lse_ref, *scoped),
                       smem, bars, collective_axes="wg")
 
     o_type = jax.ShapeDtypeStruct(q.shape, dtype)
-    lse_type = jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)
+    # The log-sum-exp is written in whole 64-row pieces; the padding is cut off below.
+    lse_pad = n_qb * rows_per_cta
+    lse_type = jax.ShapeDtypeStruct((batch, heads, lse_pad), jnp.float32)
     if poison:
         refs = (jax.new_ref(jnp.full(o_type.shape, jnp.nan, dtype)),
                 jax.new_ref(jnp.full(lse_type.shape, jnp.nan, jnp.float32)))
@@ -240,65 +386,147 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False):
     res = plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(heads, seq // rows_per_cta, batch),
+        grid=(heads, n_qb, batch),
         grid_names=("heads", "q", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, *outs)
     o, lse = (refs[0][...], refs[1][...]) if poison else res
+    if lse_pad != q_len:
+        lse = lse[:, :, :q_len]
     return _vary_like(o, q), _vary_like(lse, q)
 
 
-def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison: bool = False):
+def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison: bool = False,
+             config: BwdConfig | None = None):
     """dQ, dK, dV of softmax(q k^T * sm_scale) v.
 
-    q, do: [batch, seq, heads, 64]; k, v: [batch, seq, kv_heads, 64];
-    lse2: [batch, heads, seq] float32 log-sum-exp of the scaled scores in log2 units
-    (as the forward writes it); delta: [batch, heads, seq] float32 rowsum(dO * O).
+    q, do: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
+    lse2: [batch, heads, q_len] float32 log-sum-exp of the scaled scores in log2 units
+    (as the forward writes it: +inf for a row that sees no key); delta: [batch, heads,
+    q_len] float32 rowsum(dO * O).
     poison: dK/dV start as NaN buffers (a testing aid: an unwritten row stays NaN).
     """
+    _check_shapes(q, k, v)
+    d = q.shape[-1]
+    cfg = config or BWD_CONFIGS[d]
+    if cfg.split == "keys":
+        return _backward_keys(q, k, v, do, lse2, delta, causal=causal, sm_scale=sm_scale,
+                              poison=poison, cfg=cfg)
+    if cfg.split == "dim":
+        return _backward_dim(q, k, v, do, lse2, delta, causal=causal, sm_scale=sm_scale,
+                             poison=poison, cfg=cfg)
+    raise ValueError(f"BwdConfig.split {cfg.split!r}")
+
+
+def _causal_q_range(k0, block_k: int, off: int, n_qt: int):
+    """For the keys [k0, k0 + block_k): the first query tile that sees any of them and
+    the first from which every row sees all of them (causal, bottom-right aligned)."""
+    first = jnp.minimum(_tfloor(k0 - off, BLOCK_Q), n_qt)
+    full_from = jnp.clip(_tcdiv(k0 + block_k - 1 - off, BLOCK_Q), first, n_qt)
+    return first, full_from
+
+
+def _head_splits(cfg: BwdConfig, *, batch, kv_heads, group, n_kb) -> int:
+    if cfg.head_splits is not None:
+        if group % cfg.head_splits:
+            raise ValueError(f"head_splits {cfg.head_splits} must divide the GQA group {group}")
+        return cfg.head_splits
+    want = 2 * _backend.num_multiprocessors()
+    for splits in range(1, group + 1):
+        if group % splits == 0 and batch * kv_heads * splits * n_kb >= want:
+            return splits
+    return group
+
+
+def _bwd_heads(splits: int, group: int):
+    """In a backward program: the first query head it takes, and its dK/dV head."""
+    hs = lax.axis_index("heads")
+    kh = lax.div(hs, jnp.int32(splits))
+    h0 = kh * group + lax.rem(hs, jnp.int32(splits)) * (group // splits)
+    return kh, h0, hs
+
+
+def _bwd_outputs(q, k, splits, poison):
+    """dQ's float32 accumulator and dK/dV: in k's dtype with one split, else float32
+    partial sums [batch, kv_len, kv_heads * splits, head_dim]."""
+    batch, kv_len, kv_heads, d = k.shape
+    out_dtype = k.dtype if splits == 1 else jnp.float32
+    dkv_type = jax.ShapeDtypeStruct((batch, kv_len, kv_heads * splits, d), out_dtype)
+    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+    if poison:
+        refs = (jax.new_ref(jnp.full(dkv_type.shape, jnp.nan, out_dtype)),
+                jax.new_ref(jnp.full(dkv_type.shape, jnp.nan, out_dtype)))
+        return out_dtype, dq_acc, refs, refs, ()
+    return out_dtype, dq_acc, None, (), [dkv_type, dkv_type]
+
+
+def _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale, splits):
+    batch, kv_len, kv_heads, d = k.shape
+    dq = (dq_acc[...] * sm_scale).astype(q.dtype)
+    if splits > 1:
+        shape = (batch, kv_len, kv_heads, splits, d)
+        dk = dk.reshape(shape).sum(axis=3)
+        dv = dv.reshape(shape).sum(axis=3)
+    return (_vary_like(dq, q), _vary_like(dk.astype(k.dtype), k),
+            _vary_like(dv.astype(v.dtype), v))
+
+
+def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: BwdConfig):
+    """head_dim <= 128: each compute warpgroup owns 64 of the program's 128 keys."""
     plgpu = _plgpu()
-    batch, seq, heads, d = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
+    batch, q_len, heads, d = q.shape
+    kv_len = k.shape[1]
+    group = heads // k.shape[2]
     dtype = q.dtype
-    n_q = seq // BLOCK_Q
-    n_kv = seq // BLOCK_K
+    block_k = WG_ROWS * COMPUTE_WGS
+    n_qt, n_kb = _cdiv(q_len, BLOCK_Q), _cdiv(kv_len, block_k)
+    off = kv_len - q_len
+    qs, dos = cfg.q_stages, cfg.do_stages
     scale_log2 = float(sm_scale) * LOG2E
-    tiling = plgpu.TilingTransform((8, 64))
-    swizzle = plgpu.SwizzleTransform(128)
+    tr = _tiles(plgpu, dtype)
+    f32_tr = _tiles(plgpu, jnp.float32)
     wgmma_row = plgpu.Layout.WGMMA.reduce(0)  # a [BLOCK_Q] vector along S^T's columns
+    # With GQA each query head writes its own dK/dV (float32), summed over the group after.
+    splits = _head_splits(cfg, batch=batch, kv_heads=k.shape[2], group=group, n_kb=n_kb)
+    hpc = group // splits  # query heads per program
+    out_dtype, dq_acc, refs, outs, out_type = _bwd_outputs(q, k, splits, poison)
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref,
              smem, bars):
-        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, out_smem = smem
-        (k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, consumed, ds_ready, ds_free) = bars
+        k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, delta_smem = smem
+        (k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, q_free, do_free, ds_ready, ds_free,
+         done) = bars
         b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
         kb = lax.axis_index("kv")
         wg = lax.axis_index("wg")
-        kh = lax.div(h, jnp.int32(group))
-        k0 = kb * BLOCK_K
-        # Causal: start at the first query tile that sees any key of the block (the
-        # first BLOCK_K // BLOCK_Q tiles from there cross the diagonal: masked).
-        first = lax.div(k0, jnp.int32(BLOCK_Q)) if causal else jnp.int32(0)
-        n_steps = n_q - first
+        kh, h0, h_out = _bwd_heads(splits, group)
+        k0 = kb * block_k
+        if causal:
+            first, full_from = _causal_q_range(k0, block_k, off, n_qt)
+        else:
+            first = full_from = jnp.int32(0)
+        n_steps = n_qt - first
+        n_masked = full_from - first  # the first steps cross the diagonal: masked
 
-        def q_tiles(t, slot):  # the slot is free once both compute warpgroups consumed it
+        def q_tiles(u):  # step u: query tile t of head h0 + g
+            g = lax.div(u, n_steps) if hpc > 1 else 0
+            t = u - g * n_steps
+            h = h0 + g
             rows = pl.ds((first + t) * BLOCK_Q, BLOCK_Q)
-            return [(consumed.at[slot], q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot]),
-                    (None, lse_ref.at[b, h, rows], lse_smem.at[slot], lse_bar.at[slot]),
-                    (None, do_ref.at[b, rows, h], do_smem.at[slot], do_bar.at[slot]),
-                    (None, delta_ref.at[b, h, rows], delta_smem.at[slot], delta_bar.at[slot])]
+            return [(qs, q_free, q_ref.at[b, rows, h], q_smem, q_bar),
+                    (qs, None, lse_ref.at[b, h, rows], lse_smem, lse_bar),
+                    (dos, do_free, do_ref.at[b, rows, h], do_smem, do_bar),
+                    (dos, None, delta_ref.at[b, h, rows], delta_smem, delta_bar)]
 
-        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, q_tiles))
+        pl.when(wg == COMPUTE_WGS)(lambda: _produce(hpc * n_steps, q_tiles))
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            own = pl.ds(wg * WG_KEYS, WG_KEYS)
-            key_rows = pl.ds(k0 + wg * WG_KEYS, WG_KEYS)
+            own = pl.ds(wg * WG_ROWS, WG_ROWS)
+            key_rows = pl.ds(k0 + wg * WG_ROWS, WG_ROWS)
             plgpu.copy_gmem_to_smem(k_ref.at[b, key_rows, kh], k_smem.at[own], k_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[b, key_rows, kh], v_smem.at[own], v_bar.at[wg])
             for w in range(COMPUTE_WGS):  # dQ reads both halves of K
@@ -306,54 +534,58 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
             plgpu.barrier_wait(v_bar.at[wg])
             k_own = k_smem.at[own]
             v_own = v_smem.at[own]
-            zeros = plgpu.layout_cast(jnp.zeros((WG_KEYS, d), jnp.float32), plgpu.Layout.WGMMA)
+            zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
 
-            def step(t, carry, masked: bool):
+            def step(t, carry, masked: bool, g):
                 dk_acc, dv_acc = carry
-                slot = lax.rem(t, jnp.int32(STAGES))
+                u = g * n_steps + t  # the step's place in the rings
+                h = h0 + g
+                q_slot = lax.rem(u, jnp.int32(qs))
+                do_slot = lax.rem(u, jnp.int32(dos))
                 q_tile = first + t
-                plgpu.barrier_wait(q_bar.at[slot])
-                plgpu.barrier_wait(lse_bar.at[slot])
+                plgpu.barrier_wait(q_bar.at[q_slot])
+                plgpu.barrier_wait(lse_bar.at[q_slot])
 
                 def scores(acc_ref):
-                    plgpu.wgmma(acc_ref, k_own, q_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, k_own, q_smem.at[q_slot].transpose((1, 0)))
                     return acc_ref[...]
 
-                s_t = pl.run_scoped(scores, plgpu.ACC((WG_KEYS, BLOCK_Q), jnp.float32))
-                lse = plgpu.load(lse_smem.at[slot], layout=wgmma_row)
+                s_t = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, BLOCK_Q), jnp.float32))
+                lse = plgpu.load(lse_smem.at[q_slot], layout=wgmma_row)
                 p_t = jnp.exp2(s_t * scale_log2
-                               - lax.broadcast_in_dim(lse, (WG_KEYS, BLOCK_Q), [1]))
+                               - lax.broadcast_in_dim(lse, (WG_ROWS, BLOCK_Q), [1]))
                 if masked:
-                    key_pos = (k0 + wg * WG_KEYS) + plgpu.broadcasted_iota(
-                        jnp.int32, (WG_KEYS, BLOCK_Q), 0, layout=plgpu.Layout.WGMMA)
-                    q_pos = q_tile * BLOCK_Q + plgpu.broadcasted_iota(
-                        jnp.int32, (WG_KEYS, BLOCK_Q), 1, layout=plgpu.Layout.WGMMA)
+                    key_pos = (k0 + wg * WG_ROWS) + plgpu.broadcasted_iota(
+                        jnp.int32, (WG_ROWS, BLOCK_Q), 0, layout=plgpu.Layout.WGMMA)
+                    q_pos = (q_tile * BLOCK_Q + off) + plgpu.broadcasted_iota(
+                        jnp.int32, (WG_ROWS, BLOCK_Q), 1, layout=plgpu.Layout.WGMMA)
                     p_t = jnp.where(q_pos >= key_pos, p_t, 0.0)
-                plgpu.barrier_wait(do_bar.at[slot])
+                plgpu.barrier_wait(do_bar.at[do_slot])
 
                 def dv_dp(refs):
                     dv_ref_, dp_ref_ = refs
-                    plgpu.wgmma(dv_ref_, p_t.astype(dtype), do_smem.at[slot])
-                    plgpu.wgmma(dp_ref_, v_own, do_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dv_ref_, p_t.astype(dtype), do_smem.at[do_slot])
+                    plgpu.wgmma(dp_ref_, v_own, do_smem.at[do_slot].transpose((1, 0)))
 
                 dv_acc, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(
-                    plgpu.layout_cast(jnp.zeros((WG_KEYS, BLOCK_Q), jnp.float32),
+                    plgpu.layout_cast(jnp.zeros((WG_ROWS, BLOCK_Q), jnp.float32),
                                       plgpu.Layout.WGMMA))))
-                plgpu.barrier_wait(delta_bar.at[slot])
-                delta = plgpu.load(delta_smem.at[slot], layout=wgmma_row)
-                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (WG_KEYS, BLOCK_Q), [1]))
+                plgpu.barrier_wait(delta_bar.at[do_slot])
+                delta = plgpu.load(delta_smem.at[do_slot], layout=wgmma_row)
+                plgpu.barrier_arrive(do_free.at[do_slot])
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (WG_ROWS, BLOCK_Q), [1]))
                 ds16 = ds_t.astype(dtype)
 
                 def dk_step(acc_ref):
-                    plgpu.wgmma(acc_ref, ds16, q_smem.at[slot])
+                    plgpu.wgmma(acc_ref, ds16, q_smem.at[q_slot])
 
                 dk_acc = pl.run_state(dk_step)(plgpu.ACC.init(dk_acc))
-                plgpu.barrier_arrive(consumed.at[slot])
+                plgpu.barrier_arrive(q_free.at[q_slot])
 
                 # Hand this warpgroup's half of dS^T to the tile's dQ owner.
-                dslot = lax.rem(t, jnp.int32(2))
+                dslot = lax.rem(u, jnp.int32(2))
 
-                @pl.when(t >= 2)
+                @pl.when(u >= 2)
                 def _():
                     plgpu.barrier_wait(ds_free.at[dslot])
 
@@ -380,79 +612,281 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
 
                 return dk_acc, dv_acc
 
+            def head(g, carry):  # all query tiles of query head h0 + g
+                unmasked = functools.partial(step, masked=False, g=g)
+                if causal:
+                    carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True, g=g),
+                                          carry)
+                    return lax.fori_loop(n_masked, n_steps, unmasked, carry)
+                return lax.fori_loop(0, n_steps, unmasked, carry)
+
             carry = (zeros, zeros)
-            if causal:
-                n_masked = jnp.minimum(n_steps, BLOCK_K // BLOCK_Q)
-                carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True), carry)
-                carry = lax.fori_loop(n_masked, n_steps, functools.partial(step, masked=False),
-                                      carry)
-            else:
-                carry = lax.fori_loop(0, n_steps, functools.partial(step, masked=False), carry)
+            carry = head(0, carry) if hpc == 1 else lax.fori_loop(0, hpc, head, carry)
             dk_acc, dv_acc = carry
-            plgpu.wait_smem_to_gmem(0)
-            out_smem.at[0, own][...] = (dk_acc * sm_scale).astype(out_smem.dtype)
-            out_smem.at[1, own][...] = dv_acc.astype(out_smem.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[0, own], dk_ref.at[b, key_rows, h],
-                                    commit_group=False)
-            plgpu.copy_smem_to_gmem(out_smem.at[1, own], dv_ref.at[b, key_rows, h])
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0)  # this warpgroup's dQ reductions are done with dq_smem
+            if out_dtype == dtype:
+                # dK and dV leave through this warpgroup's rows of the K and V buffers once
+                # the other warpgroup's dQ matmuls are done reading K.
+                _rendezvous(done)
+                k_own[...] = (dk_acc * sm_scale).astype(dtype)
+                v_own[...] = dv_acc.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(k_own, dk_ref.at[b, key_rows, h_out], commit_group=False)
+                plgpu.copy_smem_to_gmem(v_own, dv_ref.at[b, key_rows, h_out])
+                plgpu.wait_smem_to_gmem(0)
+            else:  # float32: one after the other through this warpgroup's dQ staging
+                stage = dq_smem.at[wg]
+                stage[...] = dk_acc * sm_scale
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(stage, dk_ref.at[b, key_rows, h_out])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                stage[...] = dv_acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(stage, dv_ref.at[b, key_rows, h_out])
+                plgpu.wait_smem_to_gmem(0)
 
     def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref):
-        tr = (tiling, swizzle)
-        smem = (
-            plgpu.SMEM((BLOCK_K, d), dtype, transforms=tr),  # K
-            plgpu.SMEM((BLOCK_K, d), dtype, transforms=tr),  # V
-            plgpu.SMEM((STAGES, BLOCK_Q, d), dtype, transforms=tr),  # Q ring
-            plgpu.SMEM((STAGES, BLOCK_Q, d), dtype, transforms=tr),  # dO ring
-            plgpu.SMEM((STAGES, BLOCK_Q), jnp.float32),  # lse ring
-            plgpu.SMEM((STAGES, BLOCK_Q), jnp.float32),  # delta ring
-            plgpu.SMEM((2, BLOCK_K, BLOCK_Q), dtype, transforms=tr),  # dS^T, two tiles
-            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, d), jnp.float32, transforms=dq_tr),  # dQ tiles
-            plgpu.SMEM((2, BLOCK_K, d), out_dtype, transforms=out_tr),  # dK, dV out
+        smem = (  # the swizzled buffers first: each stays 1024-byte aligned
+            plgpu.SMEM((block_k, d), dtype, transforms=tr),  # K (then dK out)
+            plgpu.SMEM((block_k, d), dtype, transforms=tr),  # V (then dV out)
+            plgpu.SMEM((qs, BLOCK_Q, d), dtype, transforms=tr),  # Q ring
+            plgpu.SMEM((dos, BLOCK_Q, d), dtype, transforms=tr),  # dO ring
+            plgpu.SMEM((2, block_k, BLOCK_Q), dtype, transforms=tr),  # dS^T, two tiles
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, d), jnp.float32, transforms=f32_tr),  # dQ tiles
+            plgpu.SMEM((qs, BLOCK_Q), jnp.float32),  # lse ring
+            plgpu.SMEM((dos, BLOCK_Q), jnp.float32),  # delta ring
         )
         bars = (
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K halves
             plgpu.Barrier(num_barriers=COMPUTE_WGS),  # V halves
-            plgpu.Barrier(num_barriers=STAGES),  # Q
-            plgpu.Barrier(num_barriers=STAGES),  # dO
-            plgpu.Barrier(num_barriers=STAGES),  # lse
-            plgpu.Barrier(num_barriers=STAGES),  # delta
-            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=STAGES),  # slot consumed
+            plgpu.Barrier(num_barriers=qs),  # Q
+            plgpu.Barrier(num_barriers=dos),  # dO
+            plgpu.Barrier(num_barriers=qs),  # lse
+            plgpu.Barrier(num_barriers=dos),  # delta
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=qs),  # Q slot consumed
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=dos),  # dO slot consumed
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),  # dS^T tile written
             plgpu.Barrier(num_arrivals=1, num_barriers=2),  # dS^T tile read by dQ
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # both done with K (epilogue)
         )
         pl.run_scoped(
             lambda *scoped: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                                  dq_ref, dk_ref, dv_ref, *scoped),
             smem, bars, collective_axes="wg")
 
-    # With GQA each query head writes its own dK/dV (float32), summed over the group below.
-    out_dtype = dtype if group == 1 else jnp.float32
-    out_tr = (tiling, swizzle) if group == 1 else (plgpu.TilingTransform((8, 32)), swizzle)
-    dkv_type = jax.ShapeDtypeStruct((batch, seq, heads, d), out_dtype)
-    dq_tr = (plgpu.TilingTransform((8, 32)), swizzle)  # swizzled: fewer bank conflicts
-    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
-    if poison:
-        dk_ref = jax.new_ref(jnp.full(dkv_type.shape, jnp.nan, out_dtype))
-        dv_ref = jax.new_ref(jnp.full(dkv_type.shape, jnp.nan, out_dtype))
-        outs, out_type = (dk_ref, dv_ref), ()
-    else:
-        outs, out_type = (), [dkv_type, dkv_type]
     res = plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(heads, n_kv, batch),
+        grid=(k.shape[2] * splits, n_kb, batch),
         grid_names=("heads", "kv", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, do, lse2, delta, dq_acc, *outs)
-    dk, dv = (dk_ref[...], dv_ref[...]) if poison else res
-    dq = (dq_acc[...] * sm_scale).astype(dtype)
-    if group > 1:
-        shape = (batch, seq, kv_heads, group, d)
-        dk = dk.reshape(shape).sum(axis=3)
-        dv = dv.reshape(shape).sum(axis=3)
-    return (_vary_like(dq, q), _vary_like(dk.astype(k.dtype), k),
-            _vary_like(dv.astype(v.dtype), v))
+    dk, dv = (refs[0][...], refs[1][...]) if poison else res
+    return _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale, splits)
+
+
+def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: BwdConfig):
+    """head_dim 256: both compute warpgroups take the program's 64 keys, each owning
+    half of the head dimension of dK, dV and dQ (so its accumulators fit in registers).
+    """
+    plgpu = _plgpu()
+    batch, q_len, heads, d = q.shape
+    kv_len = k.shape[1]
+    group = heads // k.shape[2]
+    dtype = q.dtype
+    block_k = WG_ROWS
+    half = d // COMPUTE_WGS  # head-dim columns per warpgroup
+    chunk = 64  # dQ columns per TMA reduction (its float32 staging is 16 KB)
+    n_qt, n_kb = _cdiv(q_len, BLOCK_Q), _cdiv(kv_len, block_k)
+    off = kv_len - q_len
+    qs, dos = cfg.q_stages, cfg.do_stages
+    scale_log2 = float(sm_scale) * LOG2E
+    tr = _tiles(plgpu, dtype)
+    f32_tr = _tiles(plgpu, jnp.float32)
+    wgmma_row = plgpu.Layout.WGMMA.reduce(0)
+    splits = _head_splits(cfg, batch=batch, kv_heads=k.shape[2], group=group, n_kb=n_kb)
+    hpc = group // splits  # query heads per program
+    out_dtype, dq_acc, refs, outs, out_type = _bwd_outputs(q, k, splits, poison)
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref,
+             smem, bars):
+        k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, delta_smem = smem
+        (kv_bar, q_bar, do_bar, lse_bar, delta_bar, q_free, do_free) = bars
+        b = lax.axis_index("batch")
+        kb = lax.axis_index("kv")
+        wg = lax.axis_index("wg")
+        kh, h0, h_out = _bwd_heads(splits, group)
+        k0 = kb * block_k
+        key_rows = pl.ds(k0, block_k)
+        if causal:
+            first, full_from = _causal_q_range(k0, block_k, off, n_qt)
+        else:
+            first = full_from = jnp.int32(0)
+        n_steps = n_qt - first
+        n_masked = full_from - first
+
+        def q_tiles(u):  # step u: query tile t of head h0 + g
+            g = lax.div(u, n_steps) if hpc > 1 else 0
+            t = u - g * n_steps
+            h = h0 + g
+            rows = pl.ds((first + t) * BLOCK_Q, BLOCK_Q)
+            return [(qs, q_free, q_ref.at[b, rows, h], q_smem, q_bar),
+                    (qs, None, lse_ref.at[b, h, rows], lse_smem, lse_bar),
+                    (dos, do_free, do_ref.at[b, rows, h], do_smem, do_bar),
+                    (dos, None, delta_ref.at[b, h, rows], delta_smem, delta_bar)]
+
+        pl.when(wg == COMPUTE_WGS)(lambda: _produce(hpc * n_steps, q_tiles))
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            c0 = wg * half
+            cols = pl.ds(c0, half)
+            # Warpgroup 0 fetches K, warpgroup 1 V; both read all of both.
+            @pl.when(wg == 0)
+            def _():
+                plgpu.copy_gmem_to_smem(k_ref.at[b, key_rows, kh], k_smem, kv_bar.at[0])
+
+            @pl.when(wg == 1)
+            def _():
+                plgpu.copy_gmem_to_smem(v_ref.at[b, key_rows, kh], v_smem, kv_bar.at[1])
+
+            plgpu.barrier_wait(kv_bar.at[0])
+            plgpu.barrier_wait(kv_bar.at[1])
+            zeros = plgpu.layout_cast(jnp.zeros((block_k, half), jnp.float32),
+                                      plgpu.Layout.WGMMA)
+            ds_own = ds_smem.at[wg]
+            stage = dq_smem.at[wg]
+
+            def step(t, carry, masked: bool, g):
+                dk_acc, dv_acc = carry
+                u = g * n_steps + t  # the step's place in the rings
+                h = h0 + g
+                q_slot = lax.rem(u, jnp.int32(qs))
+                do_slot = lax.rem(u, jnp.int32(dos))
+                q_tile = first + t
+                plgpu.barrier_wait(q_bar.at[q_slot])
+                plgpu.barrier_wait(lse_bar.at[q_slot])
+
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem, q_smem.at[q_slot].transpose((1, 0)))
+                    return acc_ref[...]
+
+                s_t = pl.run_scoped(scores, plgpu.ACC((block_k, BLOCK_Q), jnp.float32))
+                lse = plgpu.load(lse_smem.at[q_slot], layout=wgmma_row)
+                p_t = jnp.exp2(s_t * scale_log2
+                               - lax.broadcast_in_dim(lse, (block_k, BLOCK_Q), [1]))
+                if masked:
+                    key_pos = k0 + plgpu.broadcasted_iota(
+                        jnp.int32, (block_k, BLOCK_Q), 0, layout=plgpu.Layout.WGMMA)
+                    q_pos = (q_tile * BLOCK_Q + off) + plgpu.broadcasted_iota(
+                        jnp.int32, (block_k, BLOCK_Q), 1, layout=plgpu.Layout.WGMMA)
+                    p_t = jnp.where(q_pos >= key_pos, p_t, 0.0)
+                plgpu.barrier_wait(do_bar.at[do_slot])
+
+                def dv_dp(refs):
+                    dv_ref_, dp_ref_ = refs
+                    plgpu.wgmma(dv_ref_, p_t.astype(dtype), do_smem.at[do_slot, :, cols])
+                    plgpu.wgmma(dp_ref_, v_smem, do_smem.at[do_slot].transpose((1, 0)))
+
+                dv_acc, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv_acc), plgpu.ACC.init(
+                    plgpu.layout_cast(jnp.zeros((block_k, BLOCK_Q), jnp.float32),
+                                      plgpu.Layout.WGMMA))))
+                plgpu.barrier_wait(delta_bar.at[do_slot])
+                delta = plgpu.load(delta_smem.at[do_slot], layout=wgmma_row)
+                plgpu.barrier_arrive(do_free.at[do_slot])
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (block_k, BLOCK_Q), [1]))
+                ds16 = ds_t.astype(dtype)
+
+                def dk_step(acc_ref):
+                    plgpu.wgmma(acc_ref, ds16, q_smem.at[q_slot, :, cols])
+
+                dk_acc = pl.run_state(dk_step)(plgpu.ACC.init(dk_acc))
+                plgpu.barrier_arrive(q_free.at[q_slot])
+
+                # dQ[:, own columns] = dS K[:, own columns], in chunks of 64 columns,
+                # each added into the float32 dQ in HBM by a bulk TMA reduction.
+                ds_own[...] = ds16  # the previous tile's dQ matmuls are done with it
+                plgpu.commit_smem()
+                for c in range(half // chunk):
+                    def dq_step(acc_ref, c=c):
+                        plgpu.wgmma(acc_ref, ds_own.transpose((1, 0)),
+                                    k_smem.at[:, pl.ds(c0 + c * chunk, chunk)])
+                        return acc_ref[...]
+
+                    dq = pl.run_scoped(dq_step, plgpu.ACC((BLOCK_Q, chunk), jnp.float32))
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # staging free again
+                    stage[...] = dq
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        stage, dq_ref.at[b, pl.ds(q_tile * BLOCK_Q, BLOCK_Q), h,
+                                         pl.ds(c0 + c * chunk, chunk)],
+                        reduction_op="add")
+                return dk_acc, dv_acc
+
+            def head(g, carry):  # all query tiles of query head h0 + g
+                unmasked = functools.partial(step, masked=False, g=g)
+                if causal:
+                    carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True, g=g),
+                                          carry)
+                    return lax.fori_loop(n_masked, n_steps, unmasked, carry)
+                return lax.fori_loop(0, n_steps, unmasked, carry)
+
+            carry = (zeros, zeros)
+            carry = head(0, carry) if hpc == 1 else lax.fori_loop(0, hpc, head, carry)
+            dk_acc, dv_acc = carry
+            plgpu.wait_smem_to_gmem(0)
+            # dK and dV leave 64 columns at a time (a TMA source must be contiguous in
+            # shared memory) through this warpgroup's dS^T buffer, or its float32 dQ
+            # staging when they are float32 (GQA).
+            out = ds_own if out_dtype == dtype else stage
+            for acc, ref, scale in ((dk_acc, dk_ref, sm_scale), (dv_acc, dv_ref, None)):
+                for c in range(half // chunk):
+                    part = acc[:, c * chunk:(c + 1) * chunk]
+                    if scale is not None:
+                        part = part * scale
+                    out[...] = part.astype(out_dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out, ref.at[b, key_rows, h_out, pl.ds(c0 + c * chunk, chunk)])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.wait_smem_to_gmem(0)
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref):
+        smem = (
+            plgpu.SMEM((block_k, d), dtype, transforms=tr),  # K
+            plgpu.SMEM((block_k, d), dtype, transforms=tr),  # V
+            plgpu.SMEM((qs, BLOCK_Q, d), dtype, transforms=tr),  # Q ring
+            plgpu.SMEM((dos, BLOCK_Q, d), dtype, transforms=tr),  # dO ring
+            plgpu.SMEM((COMPUTE_WGS, block_k, BLOCK_Q), dtype, transforms=tr),  # dS^T each
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, chunk), jnp.float32, transforms=f32_tr),  # dQ
+            plgpu.SMEM((qs, BLOCK_Q), jnp.float32),  # lse ring
+            plgpu.SMEM((dos, BLOCK_Q), jnp.float32),  # delta ring
+        )
+        bars = (
+            plgpu.Barrier(num_barriers=2),  # K, V
+            plgpu.Barrier(num_barriers=qs),  # Q
+            plgpu.Barrier(num_barriers=dos),  # dO
+            plgpu.Barrier(num_barriers=qs),  # lse
+            plgpu.Barrier(num_barriers=dos),  # delta
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=qs),  # Q slot consumed
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=dos),  # dO slot consumed
+        )
+        pl.run_scoped(
+            lambda *scoped: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                                 dq_ref, dk_ref, dv_ref, *scoped),
+            smem, bars, collective_axes="wg")
+
+    res = plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(k.shape[2] * splits, n_kb, batch),
+        grid_names=("heads", "kv", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, do, lse2, delta, dq_acc, *outs)
+    dk, dv = (refs[0][...], refs[1][...]) if poison else res
+    return _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale, splits)

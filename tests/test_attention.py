@@ -416,8 +416,12 @@ def test_sm90_supports_names_each_limit():
               softcap=None, masked=False, sparse=False)
     assert supports(**ok) is None
     assert supports(**{**ok, "dtype": jnp.float16}) is None
-    for change, words in [({"dtype": jnp.float32}, "float32"), ({"head_dim": 128}, "head_dim 128"),
-                          ({"kv_len": 384}, "256/384"), ({"q_len": 200, "kv_len": 200}, "200/200"),
+    for d in (128, 256):
+        assert supports(**{**ok, "head_dim": d}) is None
+    assert supports(**{**ok, "kv_len": 384}) is None  # bottom-right causal
+    assert supports(**{**ok, "q_len": 128, "kv_len": 1024}) is None
+    for change, words in [({"dtype": jnp.float32}, "float32"), ({"head_dim": 96}, "head_dim 96"),
+                          ({"kv_len": 200}, "256/200"), ({"q_len": 200, "kv_len": 200}, "200/200"),
                           ({"window": True}, "window"), ({"softcap": 30.0}, "soft-cap"),
                           ({"masked": True}, "padding"), ({"sparse": True}, "block-sparsity")]:
         why = supports(**{**ok, **change})

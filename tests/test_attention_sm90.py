@@ -1,0 +1,162 @@
+"""flashjax.attention_sm90 (the Hopper Mosaic GPU kernels) at head_dim 64, 128 and 256.
+
+On any machine: every kernel variant lowers to the Mosaic GPU dialect for a CUDA
+target, which checks its shared-memory budget (227 KB), wgmma shapes and register
+layouts without a GPU. On a Hopper GPU: outputs, log-sum-exp and gradients against
+the float32 reference, called through the kernels directly (also at the head dims
+`supports` does not take yet), with lengths that are not a multiple of the tiles
+and q_len != kv_len (bottom-right causal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flashjax import attention_reference, flash_attention
+from flashjax import attention_sm90 as sm90
+from flashjax._backend import compute_capability
+
+HOPPER = compute_capability() == "9.0"
+hopper = pytest.mark.skipif(not HOPPER, reason="the Mosaic GPU kernels need a Hopper GPU (sm_90)")
+LOG2E = 1.4426950408889634
+TOL = {jnp.bfloat16: (3e-2, 3e-2), jnp.float16: (4e-3, 4e-3)}
+GRAD_TOL = {jnp.bfloat16: (8e-2, 8e-2), jnp.float16: (1.5e-2, 1.5e-2)}
+
+
+def _lower(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(1, 256, 256, 2, 2), (2, 1000, 1000, 4, 1), (1, 384, 1000, 2, 1),
+                                   (1, 1000, 384, 2, 2)], ids=["mha", "gqa-tail", "q<kv", "q>kv"])
+def test_sm90_kernels_lower_for_cuda(head_dim, causal, shape):
+    """Forward and backward lower (no GPU needed): each fits in shared memory."""
+    b, sq, sk, h, hk = shape
+    q = jax.ShapeDtypeStruct((b, sq, h, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, sk, hk, head_dim), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((b, h, sq), jnp.float32)
+    fwd = _lower(lambda q, k, v: sm90.forward(q, k, v, causal=causal, sm_scale=0.1), q, kv, kv)
+    assert "mosaic_gpu" in fwd.as_text()
+    _lower(lambda q, k, v, do, lse, delta: sm90.backward(q, k, v, do, lse, delta, causal=causal,
+                                                         sm_scale=0.1), q, kv, kv, q, rows, rows)
+
+
+@pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_sm90_backward_head_splits_lower_for_cuda(head_dim, splits):
+    """GQA 4:1 backward: each program takes 4 // splits query heads in turn."""
+    q = jax.ShapeDtypeStruct((1, 384, 8, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 384, 2, head_dim), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((1, 8, 384), jnp.float32)
+    cfg = dataclasses.replace(sm90.BWD_CONFIGS[head_dim], head_splits=splits)
+    _lower(lambda q, k, v, do, lse, delta: sm90.backward(q, k, v, do, lse, delta, causal=True,
+                                                         sm_scale=0.1, config=cfg),
+           q, kv, kv, q, rows, rows)
+
+
+def test_sm90_supports_head_dims():
+    ok = dict(q_len=256, kv_len=256, dtype=jnp.bfloat16, window=False, softcap=None,
+              masked=False, sparse=False)
+    for d in sm90.SUPPORTED_HEAD_DIMS:
+        assert set(sm90.SUPPORTED_HEAD_DIMS) <= set(sm90.HEAD_DIMS)
+        assert sm90.supports(head_dim=d, **ok) is None
+    for d in (32, 96, 512):
+        why = sm90.supports(head_dim=d, **ok)
+        assert why is not None and f"head_dim {d}" in why
+
+
+def _sm90_attention(causal, scale, bcfg=None):
+    """attention(q, k, v) through the sm90 kernels (any head dim they have)."""
+
+    @jax.custom_vjp
+    def attn(q, k, v):
+        return sm90.forward(q, k, v, causal=causal, sm_scale=scale)[0]
+
+    def fwd(q, k, v):
+        o, lse2 = sm90.forward(q, k, v, causal=causal, sm_scale=scale)
+        return o, (q, k, v, o, lse2)
+
+    def bwd(res, do):
+        q, k, v, o, lse2 = res
+        delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+        return sm90.backward(q, k, v, do, lse2, delta, causal=causal, sm_scale=scale, poison=True,
+                             config=bcfg)
+
+    attn.defvjp(fwd, bwd)
+    return attn
+
+
+def _close(got, want, tol, what):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=tol[0], rtol=tol[1], err_msg=what)
+
+
+def _check(b, sq, sk, h, hk, d, causal, dtype, seed=0, bcfg=None):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q, k, v, do = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in zip(
+        ks, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d)]))
+    scale = 1.0 / math.sqrt(d)
+    o, lse2 = jax.jit(lambda q, k, v: sm90.forward(q, k, v, causal=causal, sm_scale=scale,
+                                                   poison=True))(q, k, v)
+    o2, vjp = jax.vjp(_sm90_attention(causal, scale, bcfg), q, k, v)
+    dq, dk, dv = vjp(do)
+    args = [x.astype(jnp.float32) for x in (q, k, v)]
+    (ro, rlse), rvjp = jax.vjp(lambda q, k, v: attention_reference(
+        q, k, v, causal=causal, sm_scale=scale, return_lse=True), *args)
+    rdq, rdk, rdv = rvjp((do.astype(jnp.float32), jnp.zeros_like(rlse)))
+    lse = np.where(np.isinf(np.asarray(lse2)), -np.inf, np.asarray(lse2) / LOG2E)
+    _close(o, ro, TOL[dtype], "o")
+    _close(o2, ro, TOL[dtype], "o (vjp)")
+    _close(lse, rlse, TOL[dtype], "lse")
+    for name, g, w in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        _close(g, w, GRAD_TOL[dtype], name)
+
+
+@hopper
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("heads,kv_heads,seq", [(4, 4, 256), (4, 2, 384), (3, 1, 128)])
+def test_sm90_head_dims_match_reference(head_dim, causal, dtype, heads, kv_heads, seq):
+    _check(2, seq, seq, heads, kv_heads, head_dim, causal, dtype)
+
+
+@hopper
+@pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
+@pytest.mark.parametrize("sq,sk,causal", [(1000, 1000, True), (1000, 1000, False), (384, 1024, True),
+                                          (1024, 384, True), (200, 1000, True), (8, 136, True),
+                                          (136, 200, False)])
+def test_sm90_tails_and_unequal_lengths(head_dim, sq, sk, causal):
+    """Lengths off the tiles (masked in the last tile, no padding copies) and
+    q_len != kv_len, causal aligned bottom-right (rows that see no key: O = 0)."""
+    _check(1, sq, sk, 4, 2, head_dim, causal, jnp.bfloat16, seed=1)
+
+
+@hopper
+@pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_sm90_backward_head_splits(head_dim, splits):
+    """GQA 4:1: one program per KV head summing its 4 query heads in registers (1), or
+    float32 partial sums over 2 or 4 programs: the same gradients."""
+    cfg = dataclasses.replace(sm90.BWD_CONFIGS[head_dim], head_splits=splits)
+    _check(2, 384, 384, 8, 2, head_dim, True, jnp.bfloat16, seed=3, bcfg=cfg)
+
+
+@hopper
+@pytest.mark.parametrize("head_dim", sm90.SUPPORTED_HEAD_DIMS)
+def test_sm90_through_flash_attention(head_dim):
+    ks = jax.random.split(jax.random.key(2), 3)
+    q, k, v = (jax.random.normal(key, (2, 256, 4, head_dim), jnp.bfloat16) for key in ks)
+    text = jax.jit(lambda q: flash_attention(q, k, v, causal=True)).lower(q).as_text()
+    assert "mosaic_gpu" in text  # "auto" takes the Hopper kernels at this head dim
+    got = flash_attention(q, k, v, causal=True, implementation="mosaic")
+    want = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True)
+    _close(got, want, TOL[jnp.bfloat16], "o")
