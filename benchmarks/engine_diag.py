@@ -72,10 +72,47 @@ def device_idle(log_dir, lo=0.25, hi=0.9):
     busy = union(kernels)
     out = {"trace": files[-1], "stretch_ms": (s1 - s0) / 1e3, "kernel_busy_ms": busy / 1e3,
            "kernel_idle_frac": 1 - busy / (s1 - s0), "gpu_processes": sorted(names[p] for p in gpu),
-           "gpu_threads": sorted(set(threads.values()))}
+           "gpu_threads": sorted(set(threads.values())),
+           "idle_by_gap_us": idle_gaps(kernels, s0, s1)}
     if modules:
         mbusy = union(modules)
-        out.update(module_busy_ms=mbusy / 1e3, between_steps_idle_frac=1 - mbusy / (s1 - s0))
+        out.update(module_busy_ms=mbusy / 1e3, between_steps_idle_frac=1 - mbusy / (s1 - s0),
+                   between_steps_method="XLA Modules line: gaps between device calls")
+    else:
+        # GPU traces may have no per-executable line (none on the H200 of 2026-12-02). Then
+        # the idle time between device calls is estimated from the kernel gaps themselves:
+        # inside one call the next kernel is already queued (launch gaps of a few us), a
+        # gap of BETWEEN_CALLS_GAP_US or more means the device waited for the host.
+        long_idle = sum(v["idle_ms"] for k, v in out["idle_by_gap_us"].items()
+                        if float(k.split("-")[0].rstrip("+")) >= BETWEEN_CALLS_GAP_US)
+        out.update(between_steps_idle_frac=long_idle * 1e3 / (s1 - s0),
+                   between_steps_method=f"kernel gaps >= {BETWEEN_CALLS_GAP_US:g} us (no XLA Modules line)")
+    return out
+
+
+# Kernel gaps at least this long count as waits for the host (see device_idle).
+BETWEEN_CALLS_GAP_US = 50.0
+GAP_BUCKETS_US = (0.0, 5.0, 20.0, 50.0, 200.0, 1000.0)
+
+
+def idle_gaps(kernels, s0, s1):
+    """Idle time between consecutive busy stretches of the kernel timeline (clipped to
+    [s0, s1], in trace microseconds), bucketed by gap length:
+    {"0-5": {"gaps": n, "idle_ms": t}, ..., "1000+": {...}}."""
+    iv = sorted((max(e["ts"], s0), min(e["ts"] + e["dur"], s1)) for e in kernels)
+    iv = [(a, b) for a, b in iv if b > a]
+    gaps, end = [], None
+    for a, b in iv:
+        if end is not None and a > end:
+            gaps.append(a - end)
+        end = b if end is None else max(end, b)
+    edges = list(GAP_BUCKETS_US)
+    labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(edges, edges[1:])] + [f"{edges[-1]:g}+"]
+    out = {lb: {"gaps": 0, "idle_ms": 0.0} for lb in labels}
+    for g in gaps:
+        i = max(j for j, lo in enumerate(edges) if g >= lo)
+        out[labels[i]]["gaps"] += 1
+        out[labels[i]]["idle_ms"] += g / 1e3
     return out
 
 

@@ -314,3 +314,35 @@ def test_engine_diag_device_idle_reads_a_trace(tmp_path):
     out = mod.device_idle(str(tmp_path), lo=0.0, hi=1.0)
     assert abs(out["between_steps_idle_frac"] - (1 - 996 / 1221)) < 1e-6, out
     assert abs(out["kernel_idle_frac"] - (1 - 800 / 1221)) < 1e-6, out
+    assert out["between_steps_method"].startswith("XLA Modules")
+    # 40 launch gaps of 4 us inside the calls, 9 gaps of 29 us between them
+    gaps = out["idle_by_gap_us"]
+    assert (gaps["0-5"]["gaps"], gaps["20-50"]["gaps"]) == (40, 9), gaps
+    assert abs(gaps["0-5"]["idle_ms"] - 0.160) < 1e-9 and abs(gaps["20-50"]["idle_ms"] - 0.261) < 1e-9
+
+
+def test_engine_diag_between_calls_from_kernel_gaps(tmp_path):
+    """Without an XLA Modules line (the H200's traces), the idle time between device calls
+    is the kernel gaps of >= 50 us; the launch gaps inside a call are not counted."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("engine_diag", BENCH / "engine_diag.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ev = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "Stream #14(Compute)"}}]
+    for i in range(4):  # calls every 1000 us: 10 kernels of 80 us with 3 us launch gaps, then a host wait
+        ev += [{"ph": "X", "pid": 1, "tid": 2, "ts": 1000 * i + 83 * j, "dur": 80, "name": "k"}
+               for j in range(10)]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    out = mod.device_idle(str(tmp_path), lo=0.0, hi=1.0)
+    stretch = 3000 + 9 * 83 + 80  # the last kernel ends at 3827 us
+    assert abs(out["kernel_idle_frac"] - (1 - 3200 / stretch)) < 1e-9, out
+    # between calls: 3 gaps of 1000 - 827 = 173 us
+    assert abs(out["between_steps_idle_frac"] - 3 * 173 / stretch) < 1e-9, out
+    assert "kernel gaps" in out["between_steps_method"]
+    assert out["idle_by_gap_us"]["0-5"]["gaps"] == 36
