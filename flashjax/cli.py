@@ -199,6 +199,11 @@ def build_parser(subcommands: list[Subcommand] | None = None) -> argparse.Argume
         description="IO-aware attention for JAX in Pallas, plus a small Flax GPT and serving stack.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--compilation-cache", metavar="DIR", default=None,
+        help=("folder of the persistent XLA compilation cache, or 'off' (default: "
+              f"${CACHE_ENV}, else ~/.cache/flashjax/xla unless JAX_COMPILATION_CACHE_DIR is "
+              "set); a second run of the same model skips most of its compile"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for cmd in subcommands if subcommands is not None else SUBCOMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
@@ -209,6 +214,53 @@ def build_parser(subcommands: list[Subcommand] | None = None) -> argparse.Argume
             add_arguments(p)
         p.set_defaults(_target=cmd.target)
     return parser
+
+
+# The persistent XLA compilation cache the `flashjax` command turns on, unless
+# JAX_COMPILATION_CACHE_DIR is already set or the user says otherwise: compiled
+# executables (Pallas kernels included) are stored on disk, so a second
+# `flashjax serve` of the same model skips most of its warm-up compile (a
+# 32-layer llama-7b engine compiled for 200 s on an H200).
+CACHE_ENV = "FLASHJAX_COMPILATION_CACHE"
+
+
+def default_cache_dir(environ=None) -> str:
+    import os
+
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flashjax", "xla")
+
+
+def compilation_cache_dir(option: str | None, environ=None) -> str | None:
+    """Where the `flashjax` command keeps its compilation cache: None for none.
+    `option` is --compilation-cache (a folder, or "off"); then FLASHJAX_COMPILATION_CACHE;
+    then, unless JAX_COMPILATION_CACHE_DIR already chooses for jax, the default
+    folder under XDG_CACHE_HOME (~/.cache/flashjax/xla)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    choice = option if option is not None else environ.get(CACHE_ENV)
+    if choice is not None:
+        return None if choice.strip().lower() in ("off", "0", "none", "") else choice
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None  # jax reads it itself
+    return default_cache_dir(environ)
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    if path is None:
+        return
+    import os
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        print(f"flashjax: compilation cache off ({path} cannot be created: {exc})", file=sys.stderr)
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
 
 
 def _resolve(target: str) -> Callable:
@@ -226,6 +278,8 @@ def main(argv: list[str] | None = None, *, subcommands: list[Subcommand] | None 
         return 2
     target = args._target
     del args._target
+    enable_compilation_cache(compilation_cache_dir(args.compilation_cache))
+    del args.compilation_cache
     try:
         func = _resolve(target)
     except (ImportError, AttributeError) as exc:

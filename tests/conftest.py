@@ -33,6 +33,9 @@ def gpu_memory_env(environ) -> None:
 
 
 gpu_memory_env(os.environ)  # before anything imports jax (the backend reads these when it starts)
+# The `flashjax` command keeps a persistent compilation cache under ~/.cache by default;
+# tests that call it (in-process or in subprocesses) leave the user's cache alone.
+os.environ.setdefault("FLASHJAX_COMPILATION_CACHE", "off")
 
 # No --xla_gpu_deterministic_ops here: on jax 0.11.2 it rewrites scatters in a way that
 # corrupts the paged-KV updates (XLA's ScatterDeterminismExpander; cf. jax-ml/jax#27796).

@@ -107,3 +107,32 @@ def test_generate_and_train_and_sample_share_sampling_defaults():
     assert sampling_params(gen) == sampling_params({}) == want
     assert sampling_params(dict(top_k=None, top_p=None, temperature=0)) == SamplingParams(0.0, 0, 1.0, 0)
     assert "--engine" not in add_generate_arguments(argparse.ArgumentParser()).format_help()
+
+
+def test_compilation_cache_choice():
+    """--compilation-cache, then FLASHJAX_COMPILATION_CACHE, then jax's own variable, then
+    the default folder under XDG_CACHE_HOME."""
+    pick = cli.compilation_cache_dir
+    env = {"XDG_CACHE_HOME": "/x"}
+    assert pick(None, env) == "/x/flashjax/xla"
+    assert pick("/c", env) == "/c"
+    assert pick("off", {**env, cli.CACHE_ENV: "/e"}) is None
+    assert pick(None, {**env, cli.CACHE_ENV: "/e"}) == "/e"
+    assert pick(None, {**env, cli.CACHE_ENV: "OFF"}) is None
+    assert pick(None, {**env, "JAX_COMPILATION_CACHE_DIR": "/j"}) is None  # jax uses /j itself
+
+
+def test_compilation_cache_is_written(tmp_path):
+    """A `flashjax` run stores its compiled executables in --compilation-cache."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("FLASHJAX_COMPILATION_CACHE", None)
+    r = subprocess.run([sys.executable, "-m", "flashjax.cli", "--compilation-cache", str(cache), "demo",
+                        "--batch", "1", "--seq", "128", "--heads", "2", "--head-dim", "32", "--reps", "1"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert any(p.name.endswith("-cache") for p in cache.iterdir()), sorted(p.name for p in cache.iterdir())
