@@ -788,7 +788,8 @@ def _mosaic_supports(call: Call) -> str | None:
         return f"a GPU of compute capability {cc or 'none'} (needs 9.0, Hopper)"
     why = attention_sm90.supports(
         q_len=call.q_len, kv_len=call.kv_len, head_dim=call.head_dim, dtype=call.dtype,
-        window=call.window, softcap=call.softcap, masked=call.masked, sparse=call.sparse)
+        causal=call.causal, window=call.window, softcap=call.softcap, masked=call.masked,
+        sparse=call.sparse)
     if why is None and call.padded:
         why = f"needs block_sizes that divide the sequence length {call.q_len}"
     return why

@@ -412,7 +412,7 @@ def test_auto_takes_mosaic_only_where_it_applies():
 def test_sm90_supports_names_each_limit():
     from flashjax.attention_sm90 import supports
 
-    ok = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.bfloat16, window=False,
+    ok = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.bfloat16, causal=True, window=False,
               softcap=None, masked=False, sparse=False)
     assert supports(**ok) is None
     assert supports(**{**ok, "dtype": jnp.float16}) is None
@@ -420,8 +420,15 @@ def test_sm90_supports_names_each_limit():
         assert supports(**{**ok, "head_dim": d}) is None
     assert supports(**{**ok, "kv_len": 384}) is None  # bottom-right causal
     assert supports(**{**ok, "q_len": 128, "kv_len": 1024}) is None
+    for causal in (True, False):  # multiples of 8: the kernels mask the tail tile
+        for q_len, kv_len in [(1000, 1000), (384, 1024), (200, 136), (8, 8)]:
+            assert supports(**{**ok, "causal": causal, "q_len": q_len, "kv_len": kv_len}) is None
+    for q_len, kv_len in [(8191, 8191), (1, 1000), (1001, 7), (13, 5)]:  # causal: padded exactly
+        assert supports(**{**ok, "q_len": q_len, "kv_len": kv_len}) is None
+    assert supports(**{**ok, "causal": False, "q_len": 1001, "kv_len": 1000}) is None  # q padded
     for change, words in [({"dtype": jnp.float32}, "float32"), ({"head_dim": 96}, "head_dim 96"),
-                          ({"kv_len": 200}, "256/200"), ({"q_len": 200, "kv_len": 200}, "200/200"),
+                          ({"causal": False, "kv_len": 201}, "lengths 256/201: full attention"),
+                          ({"causal": False, "q_len": 8191, "kv_len": 8191}, "8191/8191"),
                           ({"window": True}, "window"), ({"softcap": 30.0}, "soft-cap"),
                           ({"masked": True}, "padding"), ({"sparse": True}, "block-sparsity")]:
         why = supports(**{**ok, **change})
