@@ -101,6 +101,27 @@ def test_sm90_length_padding_is_exact():
                 assert not real[:, kv_len:].any(), (q_len, kv_len, causal, pad)
 
 
+@pytest.mark.parametrize("sq,sk,causal,kv_heads", [
+    (1000, 1000, True, 4), (1000, 1000, True, 1), (384, 1024, True, 4), (200, 136, False, 4),
+    (1001, 1001, True, 2), (13, 1000, True, 4), (1000, 1003, True, 1), (1001, 1000, False, 4)])
+def test_flash_attention_mosaic_path_lowers_for_cuda(monkeypatch, sq, sk, causal, kv_heads):
+    """flash_attention(implementation="mosaic") at lengths off the tiles, forward and
+    backward, lowers for CUDA (no GPU needed; a Hopper GPU claimed): unpadded at multiples
+    of 8, padded to multiples of 8 otherwise. No Triton kernel is in it."""
+    from flashjax import attention as A
+
+    monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
+    q = jax.ShapeDtypeStruct((1, sq, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, sk, kv_heads, 128), jnp.bfloat16)
+
+    def loss(q, k, v):
+        o = flash_attention(q, k, v, causal=causal, implementation="mosaic", interpret=False)
+        return jnp.sum(o.astype(jnp.float32))
+
+    text = _lower(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
+
+
 def _sm90_attention(causal, scale, bcfg=None):
     """attention(q, k, v) through the sm90 kernels (any head dim they have)."""
 
