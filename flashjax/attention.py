@@ -585,11 +585,6 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _
 
 
 def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
-    batch, _, heads, d = q.shape
-    kv_heads, group = spec.kv_heads, spec.group
-    bs = spec.blocks
-    bq, bk = bs.block_q_bwd, bs.block_k_bwd
-    n_q_tiles, n_k_tiles = spec.q_pad // bq, spec.kv_pad // bk
     # delta_i = sum_d dO*O (natural units); a cotangent on the log-sum-exp folds in here.
     # Elementwise multiply + reduce (not an einsum, which XLA may run as a TF32 matmul on GPU).
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
@@ -599,6 +594,29 @@ def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
     if spec.bwd_impl == "mosaic":
         return attention_sm90.backward(q, k, v, do, lse2, delta, causal=spec.causal,
                                        sm_scale=spec.sm_scale, poison=spec.poison)
+    q_len, kv_len = q.shape[1], k.shape[1]
+    if (q_len, kv_len) == (spec.q_pad, spec.kv_pad):
+        return _bwd_triton(q, k, v, do, lse2, delta, aux, spec)
+    # After the Mosaic forward (which takes the arrays unpadded): pad for the Triton tiles
+    # here. Padded query rows get log-sum-exp +inf (P = 0) and zero dO and delta, so they
+    # add nothing; padded keys are zero and cut off, like the Triton forward's padding.
+    def rows(x, value):
+        return jnp.pad(x, ((0, 0), (0, 0), (0, spec.q_pad - q_len)), constant_values=value)
+
+    dq, dk, dv = _bwd_triton(
+        _pad_seq(q, spec.q_pad, spec.head_dim), _pad_seq(k, spec.kv_pad, spec.head_dim),
+        _pad_seq(v, spec.kv_pad, spec.head_dim), _pad_seq(do, spec.q_pad, spec.head_dim),
+        rows(lse2, jnp.inf), rows(delta, 0.0), aux, spec)
+    return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
+
+
+def _bwd_triton(q, k, v, do, lse2, delta, aux, spec: _Spec):
+    """The Triton backward (dQ kernel, then dK/dV kernel) on arrays padded to the tiles."""
+    batch, _, heads, d = q.shape
+    kv_heads, group = spec.kv_heads, spec.group
+    bs = spec.blocks
+    bq, bk = bs.block_q_bwd, bs.block_k_bwd
+    n_q_tiles, n_k_tiles = spec.q_pad // bq, spec.kv_pad // bk
 
     # dQ: one program per (query tile, batch, head), streaming the key tiles it sees;
     # its own tiles (block_q_dq x block_k_dq).
@@ -756,7 +774,6 @@ class Call:
     softcap: float | None
     masked: bool  # q_lengths, kv_lengths or segment_ids
     sparse: bool  # block_mask
-    padded: bool  # the Triton tiles in use pad the sequence (block_sizes that do not divide it)
     deterministic: bool
     interpret: bool
 
@@ -786,12 +803,13 @@ def _mosaic_supports(call: Call) -> str | None:
     cc = compute_capability()
     if cc != "9.0":
         return f"a GPU of compute capability {cc or 'none'} (needs 9.0, Hopper)"
-    why = attention_sm90.supports(
+    # What the kernels do not take is attention_sm90.supports's one table (_LIMITS). The
+    # Triton tiles (block_sizes) play no part: the Mosaic path takes q, k and v as they
+    # are (padded by attention_sm90 itself only at lengths off multiples of 8).
+    return attention_sm90.supports(
         q_len=call.q_len, kv_len=call.kv_len, head_dim=call.head_dim, dtype=call.dtype,
-        window=call.window, softcap=call.softcap, masked=call.masked, sparse=call.sparse)
-    if why is None and call.padded:
-        why = f"needs block_sizes that divide the sequence length {call.q_len}"
-    return why
+        causal=call.causal, window=call.window, softcap=call.softcap, masked=call.masked,
+        sparse=call.sparse)
 
 
 def _supports_all(call: Call) -> str | None:
@@ -926,8 +944,13 @@ def flash_attention(
         ``"triton"``: Pallas Triton kernels (every option here is supported).
         ``"mosaic"``: Pallas Mosaic GPU kernels for Hopper, wgmma and TMA, with a
         backward that reduces dQ through TMA (``flashjax.attention_sm90``; what
-        its ``supports`` accepts: today causal or full masks, head_dim 64,
-        bf16/f16, equal lengths that are multiples of 128). ``"xla"``: the
+        ``attention_sm90.supports`` is the one table of what it does not take: it
+        runs causal or full masks, head_dim 64/128/256, bf16/f16, GQA, any
+        q_len/kv_len with causal, and full attention with kv_len a multiple of
+        8; lengths that are multiples of 8 run unpadded (no copy of q, k, v),
+        others padded exactly by fewer than 8 key and 15 query rows
+        (``attention_sm90.length_padding``); ``block_sizes`` only reach a Triton
+        backward paired with it). ``"xla"``: the
         plain-XLA reference (``attention_reference``, float32 inside;
         materialises the ``q_len x kv_len`` scores; ``block_sizes`` ignored).
         ``"auto"`` (default) takes the first of mosaic, triton that supports the
@@ -1020,8 +1043,7 @@ def flash_attention(
         q_len=q_len, kv_len=kv_len, head_dim=head_dim, dtype=dtype, causal=bool(causal),
         window=win is not None, softcap=softcap,
         masked=any(x is not None for x in (q_lengths, kv_lengths, segment_ids)),
-        sparse=sparse, padded=(q_pad, kv_pad) != (q_len, kv_len),
-        deterministic=bool(deterministic), interpret=interpret)
+        sparse=sparse, deterministic=bool(deterministic), interpret=interpret)
     fwd_impl, bwd_impl = choose_implementation(implementation, call)
 
     aux: dict[str, Any] = {}
@@ -1068,20 +1090,29 @@ def flash_attention(
     return _run(q, k, v, aux, spec=spec, return_lse=bool(return_lse))
 
 
+def _pad_seq(x, seq, head_dim):
+    """[batch, len, heads, dim] zero-padded to `seq` rows and `head_dim` columns (x itself
+    when it has them)."""
+    widths = ((0, 0), (0, seq - x.shape[1]), (0, 0), (0, head_dim - x.shape[3]))
+    return x if all(w == (0, 0) for w in widths) else jnp.pad(x, widths)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "return_lse"))
 def _run(q, k, v, aux, *, spec: _Spec, return_lse: bool):
     # Jitted so eager calls reuse compiled kernels (a pallas_call outside jit would be
     # re-lowered on every call); under an outer jit this simply inlines.
     q_len, head_dim = spec.q_len, q.shape[-1]
-
-    def pad(x, seq):
-        widths = ((0, 0), (0, seq - x.shape[1]), (0, 0), (0, spec.head_dim - head_dim))
-        return x if all(w == (0, 0) for w in widths) else jnp.pad(x, widths)
-
-    o, lse2 = _flash(pad(q, spec.q_pad), pad(k, spec.kv_pad), pad(v, spec.kv_pad), aux, spec)
-    o = o[:, :q_len, :, :head_dim]
+    if spec.fwd_impl == "mosaic":
+        # The Mosaic kernels take the arrays as they are (head_dim 64/128/256, any
+        # length; attention_sm90.length_padding); the Triton tiles' padding is for a
+        # Triton backward to do itself (_bwd_call).
+        o, lse2 = _flash(q, k, v, aux, spec)
+    else:
+        o, lse2 = _flash(_pad_seq(q, spec.q_pad, spec.head_dim), _pad_seq(k, spec.kv_pad, spec.head_dim),
+                         _pad_seq(v, spec.kv_pad, spec.head_dim), aux, spec)
+        o = o[:, :q_len, :, :head_dim]
+        lse2 = lse2[:, :, :q_len]
     if not return_lse:
         return o
-    lse2 = lse2[:, :, :q_len]
     lse = jnp.where(jnp.isinf(lse2), -jnp.inf, lse2 * LN2)
     return o, lse

@@ -48,12 +48,25 @@ fewer than two programs per SM are the heads split over programs that write floa
 partial sums (``BwdConfig.head_splits``). K and V are never repeated in HBM.
 
 Both cover causal (bottom-right aligned when the lengths differ) or full attention,
-head_dim 64/128/256, bf16/f16, any GQA grouping, q_len and kv_len any multiples of 8
-(a tail tile is masked; TMA reads past the end as zeros and drops writes past it, so
-nothing is padded or copied), no window, padding, segments, block-sparsity or
-soft-cap. `supports` says whether a call qualifies (lengths: multiples of 128, since
-flash_attention pads other lengths for its Triton tiles);
-:mod:`flashjax.attention` uses the Triton kernels otherwise.
+head_dim 64/128/256, bf16/f16, any GQA grouping, no window, padding, segments,
+block-sparsity or soft-cap. Lengths (:func:`length_padding`):
+
+* q_len and kv_len multiples of 8 (TMA views rows as tiles of 8): taken as they are.
+  A tail tile is masked (the forward masks keys at or past kv_len; TMA reads past the
+  end as zeros and drops writes past it), so nothing is padded or copied;
+* other lengths, causal: padded with zero rows to multiples of 8 (a copy of q, k and
+  v, and a slice of the outputs), laid out so that the result is exact: keys at the
+  end, queries as many at the end plus the rest in front. The kernels mask only keys
+  past the array, so a padded key must be hidden by the causal mask itself: with as
+  many query rows after the real ones as key rows after the real keys, every real
+  query keeps its bottom-right diagonal and no real query sees a padded key;
+* other lengths, full attention: queries padded at the end when kv_len is a
+  multiple of 8; a kv_len that is not cannot be padded exactly (a zero key would get
+  softmax weight in every row), so `supports` refuses it.
+
+`supports` is the one table of what the Hopper path does not take (each limit with
+the reason that ``flash_attention(..., implementation="mosaic")`` raises);
+:mod:`flashjax.attention`'s ``"auto"`` uses the Triton kernels for those calls.
 """
 
 from __future__ import annotations
@@ -106,11 +119,9 @@ FWD_CONFIGS = {64: FwdConfig(128, 2), 128: FwdConfig(128, 2, "pinned"),
 BWD_CONFIGS = {64: BwdConfig("keys", 2, 2), 128: BwdConfig("keys", 2, 2),
                256: BwdConfig("dim", 2, 1)}
 
-# The lengths `supports` accepts: multiples of this, q_len and kv_len independently
-# (causal masks align bottom-right). The kernels take any multiple of 8 (the last tile
-# masked), but flash_attention pads other lengths to its Triton tiles, and the Mosaic
-# kernels take unpadded arrays only.
-LENGTH_MULTIPLE = 128
+# The kernels take q_len and kv_len that are multiples of this as they are (the last
+# tile masked); `length_padding` says how other lengths are padded, when they can be.
+LENGTH_MULTIPLE = 8
 
 
 def _plgpu():
@@ -173,28 +184,100 @@ def _tiles(plgpu, dtype):
     return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(128))
 
 
-def supports(*, q_len, kv_len, head_dim, dtype, window, softcap, masked, sparse) -> str | None:
-    """None when the call can run here; otherwise the reason it cannot (for logs/tests)."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"dtype {jnp.dtype(dtype).name} (bf16/f16 only)"
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {head_dim} ({'/'.join(map(str, SUPPORTED_HEAD_DIMS))} only)"
-    if q_len % LENGTH_MULTIPLE or kv_len % LENGTH_MULTIPLE:
-        return f"lengths {q_len}/{kv_len} (multiples of {LENGTH_MULTIPLE} only)"
-    if window or softcap is not None or masked or sparse:
-        return "window, soft-cap, padding/segment masks or block-sparsity"
+def length_padding(q_len: int, kv_len: int, causal: bool) -> tuple[int, int, int] | None:
+    """Zero rows that make these lengths ones the kernels take, with the same result:
+    (query rows in front, query rows after, key rows after); (0, 0, 0) when both are
+    multiples of LENGTH_MULTIPLE (nothing padded or copied). None when no padding is
+    exact: full attention with kv_len not a multiple of LENGTH_MULTIPLE.
+
+    The forward masks keys at or past the key array's end only (TMA zero-fills there),
+    so a zero key padded into the array is visible unless the causal mask hides it.
+    Causal, bottom-right: query i sees keys j <= i + kv_len - q_len. With pk keys after
+    the real ones, c query rows after and a in front, real query i sits at row a + i of
+    q_len + a + c and sees padded keys <= a + i + (kv_len + pk) - (q_len + a + c), that
+    is real keys <= i + kv_len - q_len + (pk - c): exact with c = pk, and then no real
+    query sees a padded key (i + kv_len - q_len < kv_len). a rounds the query rows up to
+    a multiple; those rows (zero queries) sit before the first real one, see a prefix of
+    the keys or none, and are cut off. Full attention: every query sees every key, so
+    only query rows can be padded (after the real ones).
+
+    Padded rows change nothing else: their outputs are cut off, so their dO and delta
+    are zero and the backward gives them log-sum-exp +inf (P = 0); padded keys are zero
+    and their dK, dV are cut off.
+    """
+    m = LENGTH_MULTIPLE
+    pk = -kv_len % m
+    if causal:
+        return -(q_len + pk) % m, pk, pk
+    if pk:
+        return None
+    return 0, -q_len % m, 0
+
+
+# What the Hopper path does not take: one row per limit, (what, the reason for a call
+# or None). `supports` returns the first reason: flash_attention's "auto" then takes the
+# Triton kernels, and implementation="mosaic" raises a ValueError naming it.
+_LIMITS = (
+    ("dtype", lambda c: None if jnp.dtype(c["dtype"]) in (jnp.dtype(jnp.bfloat16),
+                                                          jnp.dtype(jnp.float16))
+     else f"dtype {jnp.dtype(c['dtype']).name} (bf16/f16 only)"),
+    ("head_dim", lambda c: None if c["head_dim"] in SUPPORTED_HEAD_DIMS
+     else f"head_dim {c['head_dim']} ({'/'.join(map(str, SUPPORTED_HEAD_DIMS))} only)"),
+    ("lengths", lambda c: None if length_padding(c["q_len"], c["kv_len"], c["causal"]) is not None
+     else f"lengths {c['q_len']}/{c['kv_len']}: full attention needs a kv_len that is a multiple "
+          f"of {LENGTH_MULTIPLE} (a padded zero key would get softmax weight; causal pads exactly)"),
+    ("window", lambda c: "window (sliding-window masks)" if c["window"] else None),
+    ("softcap", lambda c: None if c["softcap"] is None else "soft-cap (logit soft-capping)"),
+    ("masked", lambda c: "padding/segment masks (q_lengths, kv_lengths, segment_ids)"
+     if c["masked"] else None),
+    ("sparse", lambda c: "block-sparsity (block_mask)" if c["sparse"] else None),
+)
+
+
+def supports(*, q_len, kv_len, head_dim, dtype, causal, window, softcap, masked,
+             sparse) -> str | None:
+    """None when the kernels run the call exactly; otherwise the reason they cannot
+    (the first row of `_LIMITS` that refuses it). Lengths that are not multiples of
+    LENGTH_MULTIPLE are run padded (`length_padding`) where that is exact."""
+    call = dict(q_len=q_len, kv_len=kv_len, head_dim=head_dim, dtype=dtype, causal=causal,
+                window=window, softcap=softcap, masked=masked, sparse=sparse)
+    for _, why in _LIMITS:
+        reason = why(call)
+        if reason is not None:
+            return reason
     return None
 
 
-def _check_shapes(q, k, v):
+def _check_shapes(q, k, v, causal):
+    """The padding `length_padding` gives these lengths, after checking the shapes."""
     batch, q_len, heads, d = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     if d not in HEAD_DIMS:
         raise ValueError(f"head_dim {d}: the sm90 kernels take {HEAD_DIMS}")
     if k.shape != (batch, kv_len, kv_heads, d) or v.shape != k.shape or heads % kv_heads:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}")
-    if q_len % 8 or kv_len % 8:  # TMA views the rows as tiles of 8
-        raise ValueError(f"lengths {q_len}/{kv_len}: the sm90 kernels need multiples of 8")
+    pad = length_padding(q_len, kv_len, causal)
+    if pad is None:
+        raise ValueError(
+            f"lengths {q_len}/{kv_len}: full attention needs kv_len a multiple of "
+            f"{LENGTH_MULTIPLE} (the sm90 kernels mask only keys past the array)")
+    return pad
+
+
+def _pad_rows(x, front: int, back: int, axis: int = 1, value=0):
+    """x with `front` and `back` rows of `value` added along `axis` (x itself if none)."""
+    if not front and not back:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (front, back)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _cut_rows(x, front: int, n: int, axis: int = 1):
+    """Rows [front, front + n) of x along `axis` (x itself if that is all of it)."""
+    if front == 0 and x.shape[axis] == n:
+        return x
+    return lax.slice_in_dim(x, front, front + n, axis=axis)
 
 
 def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
@@ -210,11 +293,17 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
 
     Causal masks are aligned bottom-right (query i sees keys <= i + kv_len - q_len);
     lengths that are not a multiple of the tiles are masked in the last tile (TMA
-    reads past the end as zeros and drops writes past it). A row that sees no key
-    gets O = 0 and log-sum-exp +inf.
+    reads past the end as zeros and drops writes past it). Lengths that are not
+    multiples of LENGTH_MULTIPLE are padded as `length_padding` says (ValueError where
+    that is not exact). A row that sees no key gets O = 0 and log-sum-exp +inf.
     """
+    qa, qc, kc = _check_shapes(q, k, v, causal)
+    if qa or qc or kc:  # lengths off LENGTH_MULTIPLE: the exact padded layout
+        q_len, kv_len = q.shape[1], k.shape[1]
+        o, lse = forward(_pad_rows(q, qa, qc), _pad_rows(k, 0, kc), _pad_rows(v, 0, kc),
+                         causal=causal, sm_scale=sm_scale, poison=poison, config=config)
+        return _cut_rows(o, qa, q_len), _cut_rows(lse, qa, q_len, axis=2)
     plgpu = _plgpu()
-    _check_shapes(q, k, v)
     batch, q_len, heads, d = q.shape
     kv_len = k.shape[1]
     group = heads // k.shape[2]
@@ -407,8 +496,18 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
     (as the forward writes it: +inf for a row that sees no key); delta: [batch, heads,
     q_len] float32 rowsum(dO * O).
     poison: dK/dV start as NaN buffers (a testing aid: an unwritten row stays NaN).
+    Lengths that are not multiples of LENGTH_MULTIPLE are padded as in `forward`
+    (`length_padding`); the padded query rows get log-sum-exp +inf, so they add nothing.
     """
-    _check_shapes(q, k, v)
+    qa, qc, kc = _check_shapes(q, k, v, causal)
+    if qa or qc or kc:
+        q_len, kv_len = q.shape[1], k.shape[1]
+        rows = lambda x: _pad_rows(x, qa, qc)  # noqa: E731
+        dq, dk, dv = backward(rows(q), _pad_rows(k, 0, kc), _pad_rows(v, 0, kc), rows(do),
+                              _pad_rows(lse2, qa, qc, axis=2, value=jnp.inf),
+                              _pad_rows(delta, qa, qc, axis=2), causal=causal,
+                              sm_scale=sm_scale, poison=poison, config=config)
+        return _cut_rows(dq, qa, q_len), _cut_rows(dk, 0, kv_len), _cut_rows(dv, 0, kv_len)
     d = q.shape[-1]
     cfg = config or BWD_CONFIGS[d]
     if cfg.split == "keys":

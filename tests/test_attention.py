@@ -353,6 +353,15 @@ def test_deterministic_backward_is_bit_exact(request):
 HOPPER = compute_capability() == "9.0"
 hopper = pytest.mark.skipif(not HOPPER, reason="the Mosaic GPU kernels need a Hopper GPU (sm_90)")
 
+# (q_len, kv_len, causal): lengths off every tile. Multiples of 8 run unpadded; the rest
+# causal, padded to multiples of 8 (attention_sm90.length_padding), or full attention
+# with q_len alone off 8 (queries padded at the end).
+RAGGED = [(1000, 1000, True), (1000, 1000, False), (384, 1024, True), (200, 136, False),
+          (136, 200, True), (1001, 1001, True), (8191, 8191, True), (13, 1000, True),
+          (1000, 1003, True), (1001, 1000, False)]
+# ... and what stays on the Triton kernels: full attention with kv_len off 8.
+RAGGED_TRITON = [(1000, 1001, False), (8191, 8191, False), (5, 13, False)]
+
 
 def _uses_mosaic(fn, *args):
     """Whether the lowered gradient computation contains a Mosaic GPU kernel."""
@@ -404,15 +413,67 @@ def test_auto_takes_mosaic_only_where_it_applies():
     assert _uses_mosaic(grad_fn(causal=False), x)
     assert not _uses_mosaic(grad_fn(causal=True, implementation="triton"), x)
     assert not _uses_mosaic(grad_fn(causal=True, window=64), x)  # unsupported: falls back
-    assert not _uses_mosaic(grad_fn(causal=True), x[:, :200])
+    assert _uses_mosaic(grad_fn(causal=True), x[:, :200])  # a multiple of 8: unpadded
+    assert _uses_mosaic(grad_fn(causal=True), x[:, :201])  # padded to 208, exactly
+    assert _uses_mosaic(grad_fn(causal=False), x[:, :200])
+    assert not _uses_mosaic(grad_fn(causal=False), x[:, :201])  # a zero key would count
     assert not _uses_mosaic(grad_fn(causal=True), x[..., :32])
     assert not _uses_mosaic(grad_fn(causal=True), x.astype(jnp.float32))
+
+
+# Every RAGGED shape with GQA 4:1 at head_dim 128; MHA at 128; some at head_dim 64 and 256.
+RAGGED_GPU = ([(*r, 8, 2, 128) for r in RAGGED]
+              + [(*r, 4, 4, 128) for r in [(1000, 1000, True), (1001, 1001, True)]]
+              + [(*r, h, hk, d) for h, hk, d in [(4, 1, 64), (2, 2, 256)]
+                 for r in [(1000, 1000, True), (200, 136, False), (1001, 1000, False),
+                           (13, 1000, True)]])
+
+
+@hopper
+@pytest.mark.parametrize("q_len,kv_len,causal,heads,kv_heads,head_dim", RAGGED_GPU)
+def test_auto_takes_mosaic_at_ragged_lengths(request, q_len, kv_len, causal, heads, kv_heads,
+                                             head_dim):
+    """Issue 19 on the GPU: "auto" runs the Mosaic kernels at lengths off the tiles (MHA and
+    GQA), outputs, lse and dq/dk/dv match the float32 reference, outputs poisoned; and no
+    copy of q, k, v or dO is padded at lengths that are multiples of 8."""
+    q = jax.ShapeDtypeStruct((1, q_len, heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, kv_len, kv_heads, head_dim), jnp.bfloat16)
+    fn = _ragged_grad(causal)
+    assert "mosaic_gpu" in jax.jit(fn).lower(q, kv, kv).as_text()
+    if q_len % 8 == 0 and kv_len % 8 == 0:
+        assert _pads(fn, q, kv, kv) == []
+    check(request, batch=1, q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads,
+          head_dim=head_dim, dtype=jnp.bfloat16, causal=causal)
+
+
+@hopper
+@pytest.mark.parametrize("q_len,kv_len,causal", [(1000, 1000, True), (1001, 1001, True),
+                                                 (200, 136, False)])
+def test_auto_ragged_deterministic_pairs_mosaic_forward_with_triton_backward(request, q_len,
+                                                                             kv_len, causal):
+    """deterministic=True at lengths off the tiles: the Mosaic forward (unpadded, or padded
+    to a multiple of 8) with the Triton backward, which pads to its own tiles."""
+    q, k, v = make_qkv(_key(request), 1, q_len, kv_len, 8, 2, 128, jnp.bfloat16)
+    ct = jax.random.normal(jax.random.fold_in(_key(request), 1), q.shape, jnp.float32)
+    ct = ct.astype(jnp.bfloat16)
+    attn = lambda q, k, v: flash_attention(q, k, v, causal=causal, deterministic=True,  # noqa: E731
+                                           poison_outputs=True)
+    text = jax.jit(_ragged_grad(causal, deterministic=True)).lower(q, k, v).as_text()
+    assert "mosaic_gpu" in text
+    o, vjp = jax.vjp(attn, q, k, v)
+    assert_close(o, reference(q, k, v, causal=causal), TOL[jnp.bfloat16], "output")
+    got = vjp(ct)
+    for name, g, w in zip("qkv", got, reference_grads(q, k, v, ct, causal=causal)):
+        assert_close(g, w, GRAD_TOL[jnp.bfloat16], f"d{name}")
+    again = vjp(ct)
+    for name, a, b in zip("qkv", got, again):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), f"d{name} not bit-identical"
 
 
 def test_sm90_supports_names_each_limit():
     from flashjax.attention_sm90 import supports
 
-    ok = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.bfloat16, window=False,
+    ok = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.bfloat16, causal=True, window=False,
               softcap=None, masked=False, sparse=False)
     assert supports(**ok) is None
     assert supports(**{**ok, "dtype": jnp.float16}) is None
@@ -420,8 +481,15 @@ def test_sm90_supports_names_each_limit():
         assert supports(**{**ok, "head_dim": d}) is None
     assert supports(**{**ok, "kv_len": 384}) is None  # bottom-right causal
     assert supports(**{**ok, "q_len": 128, "kv_len": 1024}) is None
+    for causal in (True, False):  # multiples of 8: the kernels mask the tail tile
+        for q_len, kv_len in [(1000, 1000), (384, 1024), (200, 136), (8, 8)]:
+            assert supports(**{**ok, "causal": causal, "q_len": q_len, "kv_len": kv_len}) is None
+    for q_len, kv_len in [(8191, 8191), (1, 1000), (1001, 7), (13, 5)]:  # causal: padded exactly
+        assert supports(**{**ok, "q_len": q_len, "kv_len": kv_len}) is None
+    assert supports(**{**ok, "causal": False, "q_len": 1001, "kv_len": 1000}) is None  # q padded
     for change, words in [({"dtype": jnp.float32}, "float32"), ({"head_dim": 96}, "head_dim 96"),
-                          ({"kv_len": 200}, "256/200"), ({"q_len": 200, "kv_len": 200}, "200/200"),
+                          ({"causal": False, "kv_len": 201}, "lengths 256/201: full attention"),
+                          ({"causal": False, "q_len": 8191, "kv_len": 8191}, "8191/8191"),
                           ({"window": True}, "window"), ({"softcap": 30.0}, "soft-cap"),
                           ({"masked": True}, "padding"), ({"sparse": True}, "block-sparsity")]:
         why = supports(**{**ok, **change})
@@ -432,8 +500,8 @@ def _hopper_call(**kw):
     from flashjax.attention import Call
 
     base = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.dtype(jnp.bfloat16), causal=True,
-                window=False, softcap=None, masked=False, sparse=False, padded=False,
-                deterministic=False, interpret=False)
+                window=False, softcap=None, masked=False, sparse=False, deterministic=False,
+                interpret=False)
     return Call(**{**base, **kw})
 
 
@@ -467,6 +535,96 @@ def test_dispatch_table(monkeypatch):
     monkeypatch.setattr(A, "compute_capability", lambda: "8.0")
     with pytest.raises(ValueError, match="compute capability 8.0"):
         choose("mosaic", _hopper_call())
+
+
+def test_dispatch_routes_ragged_lengths_to_mosaic(monkeypatch):
+    """Issue 19: on a (claimed) Hopper GPU "auto" takes the Mosaic kernels at lengths that
+    are not multiples of the tiles, at every head_dim they have, GQA or not; on any other
+    device, or in interpret mode, the Triton kernels."""
+    from flashjax import attention as A
+
+    choose = A.choose_implementation
+    monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
+    for q_len, kv_len, causal in RAGGED:
+        for head_dim in (64, 128, 256):
+            call = _hopper_call(q_len=q_len, kv_len=kv_len, causal=causal, head_dim=head_dim)
+            assert choose("auto", call) == ("mosaic", "mosaic"), (q_len, kv_len, causal)
+            assert choose("mosaic", call) == ("mosaic", "mosaic")
+            det = _hopper_call(q_len=q_len, kv_len=kv_len, causal=causal, head_dim=head_dim,
+                               deterministic=True)
+            assert choose("auto", det) == ("mosaic", "triton")
+        assert choose("auto", _hopper_call(q_len=q_len, kv_len=kv_len, causal=causal,
+                                           head_dim=96)) == ("triton", "triton")
+        assert choose("auto", _hopper_call(q_len=q_len, kv_len=kv_len, causal=causal,
+                                           interpret=True)) == ("triton", "triton")
+    for q_len, kv_len, causal in RAGGED_TRITON:
+        call = _hopper_call(q_len=q_len, kv_len=kv_len, causal=causal, head_dim=128)
+        assert choose("auto", call) == ("triton", "triton")
+        with pytest.raises(ValueError, match=rf"implementation='mosaic' cannot run this call: "
+                                             rf"lengths {q_len}/{kv_len}: full attention"):
+            choose("mosaic", call)
+    for cc in ("8.0", None):
+        monkeypatch.setattr(A, "compute_capability", lambda cc=cc: cc)
+        for q_len, kv_len, causal in RAGGED:
+            call = _hopper_call(q_len=q_len, kv_len=kv_len, causal=causal, head_dim=128)
+            assert choose("auto", call) == ("triton", "triton")
+
+
+def _pads(fn, *args):
+    """(shape before, shape after) of each 4-d array that fn's jaxpr pads (a copy of q, k,
+    v or dO), inner jaxprs (kernels, the custom_vjp backward) included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pad" and len(eqn.invars[0].aval.shape) == 4:
+                found.append((tuple(eqn.invars[0].aval.shape), tuple(eqn.outvars[0].aval.shape)))
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def _ragged_grad(causal, **kw):
+    def loss(q, k, v):
+        return jnp.sum(flash_attention(q, k, v, causal=causal, **kw).astype(jnp.float32))
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize("q_len,kv_len,causal", RAGGED + RAGGED_TRITON)
+def test_mosaic_path_pads_only_off_multiples_of_8_on_a_claimed_hopper(monkeypatch, q_len, kv_len,
+                                                                      causal):
+    """Traced on CPU with a Hopper GPU claimed (nothing runs): "auto" gives the Mosaic kernels
+    (forward and backward) q, k, v and dO unpadded at lengths that are multiples of 8,
+    padded only to the next multiple of 8 otherwise; the Triton kernels pad to their tiles."""
+    from flashjax import attention as A
+
+    monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
+    q = jax.ShapeDtypeStruct((1, q_len, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, kv_len, 2, 128), jnp.bfloat16)
+    fn = _ragged_grad(causal, interpret=False)
+    jaxpr = str(jax.make_jaxpr(fn)(q, kv, kv))
+    pads = _pads(fn, q, kv, kv)
+    if (q_len, kv_len, causal) in RAGGED_TRITON:
+        assert "mpmd_map" not in jaxpr and "flashjax_fwd" in jaxpr
+        assert pads  # the Triton tiles
+        return
+    assert jaxpr.count("mpmd_map") == 2 and "pallas_call" not in jaxpr  # Mosaic fwd and bwd
+    if q_len % 8 == 0 and kv_len % 8 == 0:
+        assert pads == []
+    else:  # to a multiple of 8: keys by < 8 rows, queries by < 15 (length_padding)
+        assert pads
+        for before, after in pads:
+            assert after[1] % 8 == 0 and 0 < after[1] - before[1] < 15, (before, after)
+            assert before[2:] == after[2:]
+    # deterministic=True: the Mosaic forward, the Triton backward (which pads to its tiles).
+    det = str(jax.make_jaxpr(_ragged_grad(causal, interpret=False, deterministic=True))(q, kv, kv))
+    assert det.count("mpmd_map") == 1 and "flashjax_bwd_dq" in det and "flashjax_fwd" not in det
 
 
 def test_deterministic_takes_the_triton_backward_on_a_claimed_hopper(monkeypatch):
@@ -558,17 +716,21 @@ def test_mosaic_refusals_on_a_claimed_hopper(monkeypatch):
 
     monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
     x = jax.ShapeDtypeStruct((1, 384, 2, 64), jnp.bfloat16)
-    big = BlockSizes(block_q=256)  # pads 384 to 512: the Mosaic kernels take no padding
-    with pytest.raises(ValueError, match="cannot run this call: needs block_sizes that divide "
-                                         "the sequence length 384"):
-        flash_attention(x, x, x, implementation="mosaic", interpret=False, block_sizes=big)
+    ragged = jax.ShapeDtypeStruct((1, 201, 2, 64), jnp.bfloat16)
+    big = BlockSizes(block_q=256)  # pads 384 to 512 for the Triton tiles: Mosaic pads nothing
+    with pytest.raises(ValueError, match="cannot run this call: lengths 201/201: full attention "
+                                         "needs a kv_len that is a multiple of 8"):
+        flash_attention(ragged, ragged, ragged, implementation="mosaic", interpret=False)
 
-    def jaxpr(**kw):
+    def jaxpr(x, **kw):
         return str(jax.make_jaxpr(lambda q: flash_attention(q, q, q, interpret=False, **kw))(x))
 
-    assert "mpmd_map" in jaxpr()  # auto: the Mosaic kernels
-    assert "mpmd_map" not in jaxpr(block_sizes=big)  # auto falls back to Triton
-    assert "mpmd_map" not in jaxpr(window=64)
+    assert "mpmd_map" in jaxpr(x)  # auto: the Mosaic kernels
+    assert "mpmd_map" in jaxpr(x, block_sizes=big)  # the Triton tiles play no part
+    assert "mpmd_map" in jaxpr(x, implementation="mosaic", block_sizes=big)
+    assert "mpmd_map" in jaxpr(ragged, causal=True)  # padded to 208, exactly
+    assert "mpmd_map" not in jaxpr(ragged)  # auto falls back to Triton
+    assert "mpmd_map" not in jaxpr(x, window=64)
 
 
 def test_implementation_option_errors():
@@ -582,9 +744,9 @@ def test_implementation_option_errors():
     else:  # a Hopper GPU: the call's own limit is named
         with pytest.raises(ValueError, match="cannot run this call: dtype float32"):
             flash_attention(q, k, v, implementation="mosaic")
-        x = jnp.ones((1, 384, 2, 64), jnp.bfloat16)
-        with pytest.raises(ValueError, match="block_sizes that divide the sequence length 384"):
-            flash_attention(x, x, x, implementation="mosaic", block_sizes=BlockSizes(block_q=256))
+        x = jnp.ones((1, 201, 2, 64), jnp.bfloat16)
+        with pytest.raises(ValueError, match="lengths 201/201: full attention needs a kv_len"):
+            flash_attention(x, x, x, implementation="mosaic")
     # "auto" never raises for this: it falls back to the Triton kernels.
     assert flash_attention(q, k, v).shape == q.shape
 

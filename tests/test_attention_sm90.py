@@ -63,7 +63,7 @@ def test_sm90_backward_head_splits_lower_for_cuda(head_dim, splits):
 
 
 def test_sm90_supports_head_dims():
-    ok = dict(q_len=256, kv_len=256, dtype=jnp.bfloat16, window=False, softcap=None,
+    ok = dict(q_len=256, kv_len=256, dtype=jnp.bfloat16, causal=True, window=False, softcap=None,
               masked=False, sparse=False)
     for d in sm90.SUPPORTED_HEAD_DIMS:
         assert set(sm90.SUPPORTED_HEAD_DIMS) <= set(sm90.HEAD_DIMS)
@@ -71,6 +71,55 @@ def test_sm90_supports_head_dims():
     for d in (32, 96, 512):
         why = sm90.supports(head_dim=d, **ok)
         assert why is not None and f"head_dim {d}" in why
+
+
+def test_sm90_length_padding_is_exact():
+    """The padded layout of lengths off 8 gives every real query exactly its real keys under
+    the mask the kernels apply to the padded arrays (keys past the array's end, causal
+    bottom-right on the padded lengths); full attention refuses a kv_len off 8."""
+    for causal in (True, False):
+        for q_len in range(1, 27):
+            for kv_len in range(1, 27):
+                pad = sm90.length_padding(q_len, kv_len, causal)
+                if pad is None:
+                    assert not causal and kv_len % 8
+                    assert "full attention" in sm90.supports(
+                        q_len=q_len, kv_len=kv_len, head_dim=128, dtype=jnp.bfloat16,
+                        causal=causal, window=False, softcap=None, masked=False, sparse=False)
+                    continue
+                front, back, keys = pad
+                if q_len % 8 == 0 and kv_len % 8 == 0:
+                    assert pad == (0, 0, 0)
+                rows, cols = q_len + front + back, kv_len + keys
+                assert rows % 8 == 0 and cols % 8 == 0 and keys < 8 and front + back < 15
+                i, j = np.arange(rows)[:, None], np.arange(cols)[None, :]
+                seen = j <= i + cols - rows if causal else np.ones((rows, cols), bool)
+                real = seen[front:front + q_len]
+                ri, rj = np.arange(q_len)[:, None], np.arange(kv_len)[None, :]
+                want = rj <= ri + kv_len - q_len if causal else np.ones((q_len, kv_len), bool)
+                assert np.array_equal(real[:, :kv_len], want), (q_len, kv_len, causal, pad)
+                assert not real[:, kv_len:].any(), (q_len, kv_len, causal, pad)
+
+
+@pytest.mark.parametrize("sq,sk,causal,kv_heads", [
+    (1000, 1000, True, 4), (1000, 1000, True, 1), (384, 1024, True, 4), (200, 136, False, 4),
+    (1001, 1001, True, 2), (13, 1000, True, 4), (1000, 1003, True, 1), (1001, 1000, False, 4)])
+def test_flash_attention_mosaic_path_lowers_for_cuda(monkeypatch, sq, sk, causal, kv_heads):
+    """flash_attention(implementation="mosaic") at lengths off the tiles, forward and
+    backward, lowers for CUDA (no GPU needed; a Hopper GPU claimed): unpadded at multiples
+    of 8, padded to multiples of 8 otherwise. No Triton kernel is in it."""
+    from flashjax import attention as A
+
+    monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
+    q = jax.ShapeDtypeStruct((1, sq, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, sk, kv_heads, 128), jnp.bfloat16)
+
+    def loss(q, k, v):
+        o = flash_attention(q, k, v, causal=causal, implementation="mosaic", interpret=False)
+        return jnp.sum(o.astype(jnp.float32))
+
+    text = _lower(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
 
 
 def _sm90_attention(causal, scale, bcfg=None):
