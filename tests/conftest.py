@@ -7,7 +7,7 @@
 * Hypothesis: a small "cpu" profile by default (HYPOTHESIS_PROFILE picks another).
 * Tolerances: `from helpers import tol, assert_close` (tests/helpers.py).
 * GPU memory: no preallocation, and under pytest-xdist each worker may use at most
-  0.9 / (number of workers) of the GPU, so `bash run.sh test -n 8` fits one GPU
+  0.9 / (number of workers) of the GPU, so `bash run.sh test -n 12` fits one GPU
   (set before jax starts a backend; values already in the environment win).
 * GPU compiles: XLA's autotuning is off (`--xla_gpu_autotune_level=0` added to
   XLA_FLAGS unless they set a level): it compiles and times candidate GEMM kernels
