@@ -7,8 +7,12 @@
 * Hypothesis: a small "cpu" profile by default (HYPOTHESIS_PROFILE picks another).
 * Tolerances: `from helpers import tol, assert_close` (tests/helpers.py).
 * GPU memory: no preallocation, and under pytest-xdist each worker may use at most
-  0.9 / (number of workers) of the GPU, so `bash run.sh test -n 8` fits one GPU
+  0.9 / (number of workers) of the GPU, so `bash run.sh test -n 12` fits one GPU
   (set before jax starts a backend; values already in the environment win).
+* GPU compiles: XLA's autotuning is off (`--xla_gpu_autotune_level=0` added to
+  XLA_FLAGS unless they set a level): it compiles and times candidate GEMM kernels
+  for every matmul of every test's references and models, CPU work that decides
+  speed, not results. flashjax's own kernels (Pallas) are not autotuned by XLA.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ import random
 
 
 def gpu_memory_env(environ) -> None:
-    """Per-process GPU memory settings for the test processes (setdefault: the caller's win).
+    """Per-process GPU settings for the test processes (the caller's values win).
 
     By default every jax process preallocates 75% of the GPU, so a second pytest-xdist
-    worker failed with CUDA_ERROR_OUT_OF_MEMORY while creating its client.
+    worker failed with CUDA_ERROR_OUT_OF_MEMORY while creating its client. XLA's
+    autotuning is off unless XLA_FLAGS already sets a level (the module docstring says why).
     """
     environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    flags = environ.get("XLA_FLAGS", "")
+    if "xla_gpu_autotune_level" not in flags:
+        environ["XLA_FLAGS"] = (flags + " --xla_gpu_autotune_level=0").strip()
     if environ.get("PYTEST_XDIST_WORKER"):
         try:
             workers = max(1, int(environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))

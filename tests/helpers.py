@@ -79,6 +79,29 @@ class KeySeq:
         return tuple(keys[1:])
 
 
+# Cases of the Hopper (Mosaic GPU) attention kernels against the reference: every pair of
+# (causal, dtype, grouping) in 6 cases instead of the 12 of the cross product (on a GPU a
+# case costs a compile of a forward and a backward kernel, tens of seconds in a parallel
+# suite). Causal and full attention each meet bf16 and f16 and MHA 4:4, GQA 4:2 and MQA 3:1.
+# The groupings take different backward paths at these sizes: MHA writes dK/dV in the
+# input dtype through the K/V buffers; GQA and MQA (one program per query head) write
+# float32 partial sums added up afterwards; MQA's group of 3 is not a power of two and its
+# 128 rows are one forward tile (the causal diagonal inside it), the others' 256 and 384 are
+# 2 and 3. bf16 and f16 compile the same kernel code (wgmma on 16-bit operands). Used at
+# head_dim 64 by tests/test_attention.py::test_mosaic_matches_reference (through
+# flash_attention) and at 128 and 256 by tests/test_attention_sm90.py.
+MOSAIC_PAIRWISE_CASES = [  # causal, dtype name, (heads, kv_heads, seq)
+    (True, "bfloat16", (4, 4, 256)),
+    (False, "float16", (4, 4, 256)),
+    (True, "float16", (4, 2, 384)),
+    (False, "bfloat16", (4, 2, 384)),
+    (True, "bfloat16", (3, 1, 128)),
+    (False, "float16", (3, 1, 128)),
+]
+MOSAIC_PAIRWISE_IDS = [f"{'causal' if c else 'full'}-{dt}-{h}-{hk}-{n}"
+                       for c, dt, (h, hk, n) in MOSAIC_PAIRWISE_CASES]
+
+
 # Tiny Hugging Face architectures (transformers config class, kwargs) shared by
 # tests/test_hf.py and tests/data/hf/make.py. initializer_range 0.2 makes the logits
 # peaked enough that greedy decoding does not hinge on float rounding.

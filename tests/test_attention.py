@@ -16,6 +16,7 @@ import pytest
 
 from flashjax import BlockSizes, attention_reference, flash_attention
 from flashjax._backend import compute_capability, on_gpu
+from helpers import MOSAIC_PAIRWISE_CASES, MOSAIC_PAIRWISE_IDS
 
 GPU = on_gpu()
 REF_DTYPE = jnp.float32 if GPU else jnp.float64
@@ -369,13 +370,15 @@ def _uses_mosaic(fn, *args):
 
 
 @hopper
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("heads,kv_heads,seq", [(4, 4, 256), (4, 2, 384), (3, 1, 128)])
-def test_mosaic_matches_reference(request, causal, dtype, heads, kv_heads, seq):
-    # Outputs, lse and gradients against the float32 reference, outputs poisoned.
+@pytest.mark.parametrize("causal,dtype,shape", MOSAIC_PAIRWISE_CASES, ids=MOSAIC_PAIRWISE_IDS)
+def test_mosaic_matches_reference(request, causal, dtype, shape):
+    """Outputs, lse and gradients against the float32 reference, outputs poisoned, through
+    flash_attention at head_dim 64: every pair of (causal, dtype, grouping), see
+    helpers.MOSAIC_PAIRWISE_CASES (head_dims 128 and 256, tails and unequal lengths:
+    tests/test_attention_sm90.py)."""
+    heads, kv_heads, seq = shape
     check(request, q_len=seq, kv_len=seq, heads=heads, kv_heads=kv_heads, head_dim=64,
-          dtype=dtype, causal=causal, implementation="mosaic")
+          dtype=getattr(jnp, dtype), causal=causal, implementation="mosaic")
 
 
 @hopper

@@ -1,11 +1,14 @@
 """flashjax.attention_sm90 (the Hopper Mosaic GPU kernels) at head_dim 64, 128 and 256.
 
-On any machine: every kernel variant lowers to the Mosaic GPU dialect for a CUDA
-target, which checks its shared-memory budget (227 KB), wgmma shapes and register
-layouts without a GPU. On a Hopper GPU: outputs, log-sum-exp and gradients against
-the float32 reference, called through the kernels directly (also at the head dims
-`supports` does not take yet), with lengths that are not a multiple of the tiles
-and q_len != kv_len (bottom-right causal).
+Without a Hopper GPU: every kernel variant lowers to the Mosaic GPU dialect for a
+CUDA target, which checks its shared-memory budget (227 KB), wgmma shapes and register
+layouts. On a Hopper GPU: outputs, log-sum-exp and gradients against the float32
+reference, called through the kernels directly (also at the head dims `supports` does
+not take yet), with lengths that are not a multiple of the tiles and q_len != kv_len
+(bottom-right causal). A case there costs compiles of the kernels (on the CPU, tens of
+seconds each in a parallel suite), so the cases are picked to reach every code path of
+the kernels at every head dim, not the cross product of every factor: each list below
+says what its cases cover.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pytest
 from flashjax import attention_reference, flash_attention
 from flashjax import attention_sm90 as sm90
 from flashjax._backend import compute_capability
+from helpers import MOSAIC_PAIRWISE_CASES, MOSAIC_PAIRWISE_IDS
 
 HOPPER = compute_capability() == "9.0"
 hopper = pytest.mark.skipif(not HOPPER, reason="the Mosaic GPU kernels need a Hopper GPU (sm_90)")
@@ -33,6 +37,14 @@ def _lower(fn, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
+# The lowering checks are for machines without a Hopper GPU. On one, the @hopper tests below
+# compile and run the kernels at every head dim, causal and full, with tails, q_len != kv_len
+# and every head split, and lowering is the first step of those compiles.
+lower_only = pytest.mark.skipif(HOPPER, reason="on a Hopper GPU the @hopper tests compile and run "
+                                               "these kernel variants (lowering is their first step)")
+
+
+@lower_only
 @pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", [(1, 256, 256, 2, 2), (2, 1000, 1000, 4, 1), (1, 384, 1000, 2, 1),
@@ -49,6 +61,7 @@ def test_sm90_kernels_lower_for_cuda(head_dim, causal, shape):
                                                          sm_scale=0.1), q, kv, kv, q, rows, rows)
 
 
+@lower_only
 @pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
 @pytest.mark.parametrize("splits", [1, 2, 4])
 def test_sm90_backward_head_splits_lower_for_cuda(head_dim, splits):
@@ -122,48 +135,39 @@ def test_flash_attention_mosaic_path_lowers_for_cuda(monkeypatch, sq, sk, causal
     assert "mosaic_gpu" in text and "triton" not in text
 
 
-def _sm90_attention(causal, scale, bcfg=None):
-    """attention(q, k, v) through the sm90 kernels (any head dim they have)."""
-
-    @jax.custom_vjp
-    def attn(q, k, v):
-        return sm90.forward(q, k, v, causal=causal, sm_scale=scale)[0]
-
-    def fwd(q, k, v):
-        o, lse2 = sm90.forward(q, k, v, causal=causal, sm_scale=scale)
-        return o, (q, k, v, o, lse2)
-
-    def bwd(res, do):
-        q, k, v, o, lse2 = res
-        delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-        return sm90.backward(q, k, v, do, lse2, delta, causal=causal, sm_scale=scale, poison=True,
-                             config=bcfg)
-
-    attn.defvjp(fwd, bwd)
-    return attn
-
-
 def _close(got, want, tol, what):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                atol=tol[0], rtol=tol[1], err_msg=what)
 
 
 def _check(b, sq, sk, h, hk, d, causal, dtype, seed=0, bcfg=None):
+    """O, log-sum-exp, dQ, dK and dV of the sm90 kernels (outputs poisoned) against the
+    float32 reference. One jit holds the forward and backward kernels and one the
+    reference, so a case compiles each Mosaic kernel once (on a GPU the compiles, not
+    the runs, are what a case costs)."""
     ks = jax.random.split(jax.random.key(seed), 4)
     q, k, v, do = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in zip(
         ks, [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d)]))
     scale = 1.0 / math.sqrt(d)
-    o, lse2 = jax.jit(lambda q, k, v: sm90.forward(q, k, v, causal=causal, sm_scale=scale,
-                                                   poison=True))(q, k, v)
-    o2, vjp = jax.vjp(_sm90_attention(causal, scale, bcfg), q, k, v)
-    dq, dk, dv = vjp(do)
-    args = [x.astype(jnp.float32) for x in (q, k, v)]
-    (ro, rlse), rvjp = jax.vjp(lambda q, k, v: attention_reference(
-        q, k, v, causal=causal, sm_scale=scale, return_lse=True), *args)
-    rdq, rdk, rdv = rvjp((do.astype(jnp.float32), jnp.zeros_like(rlse)))
+
+    @jax.jit
+    def kernels(q, k, v, do):
+        o, lse2 = sm90.forward(q, k, v, causal=causal, sm_scale=scale, poison=True)
+        delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+        return (o, lse2, *sm90.backward(q, k, v, do, lse2, delta, causal=causal, sm_scale=scale,
+                                        poison=True, config=bcfg))
+
+    @jax.jit
+    def reference(q, k, v, do):
+        args = [x.astype(jnp.float32) for x in (q, k, v)]
+        (ro, rlse), rvjp = jax.vjp(lambda q, k, v: attention_reference(
+            q, k, v, causal=causal, sm_scale=scale, return_lse=True), *args)
+        return (ro, rlse, *rvjp((do.astype(jnp.float32), jnp.zeros_like(rlse))))
+
+    o, lse2, dq, dk, dv = kernels(q, k, v, do)
+    ro, rlse, rdq, rdk, rdv = reference(q, k, v, do)
     lse = np.where(np.isinf(np.asarray(lse2)), -np.inf, np.asarray(lse2) / LOG2E)
     _close(o, ro, TOL[dtype], "o")
-    _close(o2, ro, TOL[dtype], "o (vjp)")
     _close(lse, rlse, TOL[dtype], "lse")
     for name, g, w in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
         _close(g, w, GRAD_TOL[dtype], name)
@@ -171,27 +175,54 @@ def _check(b, sq, sk, h, hk, d, causal, dtype, seed=0, bcfg=None):
 
 @hopper
 @pytest.mark.parametrize("head_dim", [128, 256])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("heads,kv_heads,seq", [(4, 4, 256), (4, 2, 384), (3, 1, 128)])
-def test_sm90_head_dims_match_reference(head_dim, causal, dtype, heads, kv_heads, seq):
-    _check(2, seq, seq, heads, kv_heads, head_dim, causal, dtype)
+@pytest.mark.parametrize("causal,dtype,shape", MOSAIC_PAIRWISE_CASES, ids=MOSAIC_PAIRWISE_IDS)
+def test_sm90_head_dims_match_reference(head_dim, causal, dtype, shape):
+    """head_dim 128 (the forward's "pinned" row sum, the backward split by keys as at 64)
+    and 256 (64-key forward tiles, the "after" row sum; the backward split by head dim,
+    its own kernel), each at every pair of (causal, dtype, grouping): see
+    helpers.MOSAIC_PAIRWISE_CASES (head_dim 64: tests/test_attention.py)."""
+    heads, kv_heads, seq = shape
+    _check(2, seq, seq, heads, kv_heads, head_dim, causal, getattr(jnp, dtype))
+
+
+# Lengths off the tiles and q_len != kv_len, each head_dim at 4 of these shapes (all GQA
+# 4:2, bf16): head_dim 64 and 128 run the same forward and backward code (only their tile
+# configs differ), so they split the shapes between them; 256's backward is its own kernel
+# and gets a set of its own. Each head dim has causal and full attention, q_len < kv_len,
+# q_len > kv_len (rows that see no key: O = 0) and a masked tail tile.
+TAIL_SHAPES = {  # (q_len, kv_len, causal): what it covers
+    "eq-tails-causal": (1000, 1000, True),  # both lengths off the tiles, diagonal through them
+    "eq-tails-full": (1000, 1000, False),  # full attention: only the last key tile masked
+    "q<kv": (384, 1024, True),  # bottom-right causal, lengths on the tiles
+    "q>kv": (1024, 384, True),  # the first 640 rows see no key: O = 0, lse = +inf
+    "q<kv-tails": (200, 1000, True),  # bottom-right causal, both lengths off the tiles
+    "tiny-q": (8, 136, True),  # one partial query tile (the second warpgroup writes nothing)
+    "full-tails": (136, 200, False),  # full, unequal, both off the tiles
+}
+TAIL_CASES = [(64, "q<kv-tails"), (64, "q>kv"), (64, "tiny-q"), (64, "full-tails"),
+              (128, "eq-tails-causal"), (128, "eq-tails-full"), (128, "q<kv"), (128, "q>kv"),
+              (256, "q<kv-tails"), (256, "q>kv"), (256, "tiny-q"), (256, "full-tails")]
 
 
 @hopper
-@pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
-@pytest.mark.parametrize("sq,sk,causal", [(1000, 1000, True), (1000, 1000, False), (384, 1024, True),
-                                          (1024, 384, True), (200, 1000, True), (8, 136, True),
-                                          (136, 200, False)])
-def test_sm90_tails_and_unequal_lengths(head_dim, sq, sk, causal):
+@pytest.mark.parametrize("head_dim,shape", TAIL_CASES, ids=[f"{d}-{n}" for d, n in TAIL_CASES])
+def test_sm90_tails_and_unequal_lengths(head_dim, shape):
     """Lengths off the tiles (masked in the last tile, no padding copies) and
     q_len != kv_len, causal aligned bottom-right (rows that see no key: O = 0)."""
+    sq, sk, causal = TAIL_SHAPES[shape]
     _check(1, sq, sk, 4, 2, head_dim, causal, jnp.bfloat16, seed=1)
 
 
+# The GQA backward (8 query heads on 2 KV heads) with explicit head splits. 1: one program
+# per KV head takes its 4 query heads in turn (a loop over heads) and writes dK/dV in bf16;
+# 2: two programs of 2 heads each (the loop, float32 partial sums); 4: one query head per
+# program, float32 partials. That last is the default for GQA at these small sizes, which
+# the GQA cases above take at every head dim, so here it is only at 64.
+SPLIT_CASES = [(64, 1), (64, 2), (64, 4), (128, 1), (128, 2), (256, 1), (256, 2)]
+
+
 @hopper
-@pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
-@pytest.mark.parametrize("splits", [1, 2, 4])
+@pytest.mark.parametrize("head_dim,splits", SPLIT_CASES)
 def test_sm90_backward_head_splits(head_dim, splits):
     """GQA 4:1: one program per KV head summing its 4 query heads in registers (1), or
     float32 partial sums over 2 or 4 programs: the same gradients."""

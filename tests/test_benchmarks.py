@@ -1,9 +1,20 @@
 """Every benchmark script runs end to end in its --quick mode (tiny shapes, CPU) and
-writes the JSON it promises: the device, versions and a measurement of each peer."""
+writes the JSON it promises: the device, versions and a measurement of each peer.
+
+These test the scripts (options, peers, timing plan, JSON, printed tables), not the
+kernels, so each script runs in a subprocess on jax's CPU backend even on a GPU
+machine (JAX_PLATFORMS=cpu: the kernels in Pallas interpret mode at the tiny --quick
+sizes, as in CI). Compiled on a GPU, the --quick runs took minutes of kernel compiles
+each (benchmarks/decode.py --quick 269 s, attention.py --quick 119 s of an H200 suite
+run) and proved nothing the kernel tests and the real GPU benchmark runs do not.
+FLASHJAX_BENCH_TEST_PLATFORMS=cuda (any JAX_PLATFORMS value; empty: jax's own
+choice) runs them on the GPU instead.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +24,25 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+def bench_env() -> dict:
+    """The environment of a benchmark script's subprocess: jax on the CPU backend
+    unless FLASHJAX_BENCH_TEST_PLATFORMS says otherwise."""
+    env = dict(os.environ)
+    platforms = env.get("FLASHJAX_BENCH_TEST_PLATFORMS", "cpu")
+    if platforms:
+        env["JAX_PLATFORMS"] = platforms
+    return env
+
+
+def run_script(name, *args, timeout):
+    """benchmarks/<name>.py with args, in a subprocess (see bench_env)."""
+    return subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=bench_env())
+
+
 def run_quick(name, tmp_path, *extra):
     out = tmp_path / f"{name}.json"
-    r = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out), *extra],
-                       capture_output=True, text=True, timeout=900)
+    r = run_script(name, "--quick", "--out", out, *extra, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(out.read_text()), r.stdout
 
@@ -91,8 +117,7 @@ def test_kv_fp8_quick(tmp_path):
 
 def test_decode_sweep_quick(tmp_path):
     out = tmp_path / "sweep.json"
-    r = subprocess.run([sys.executable, str(BENCH / "decode.py"), "--sweep", "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = run_script("decode", "--sweep", "--quick", "--out", out, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     cells = data["results"]
@@ -129,9 +154,8 @@ def test_generate_quick(tmp_path):
 
 def test_engine_diag_runs_and_writes_json(tmp_path):
     out = tmp_path / "diag.json"
-    r = subprocess.run([sys.executable, str(BENCH / "engine_diag.py"), "--preset", "llama-nano", "--batch", "2",
-                        "--prompt-len", "8", "--new-tokens", "6", "--variants", "4:1", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
+    r = run_script("engine_diag", "--preset", "llama-nano", "--batch", "2", "--prompt-len", "8",
+                   "--new-tokens", "6", "--variants", "4:1", "--out", out, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["benchmark"] == "engine_diag" and data["device"]
@@ -150,8 +174,8 @@ def test_serve_quick(tmp_path):
 
 
 def test_attention_sweep_rejects_a_malformed_shape(tmp_path):
-    r = subprocess.run([sys.executable, str(BENCH / "attention.py"), "--sweep", "--quick", "--sweep-shape", "1,64,2",
-                        "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300)
+    r = run_script("attention", "--sweep", "--quick", "--sweep-shape", "1,64,2", "--out", tmp_path / "s.json",
+                   timeout=300)
     assert r.returncode != 0
     assert "--sweep-shape must be batch,seq,heads,head_dim, got '1,64,2'" in r.stderr
 
@@ -179,8 +203,7 @@ def test_bad_benchmark_options_are_named():
                               ("decode", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
                               ("kernels", ["--shapes", "1x64x2"], "expected BATCHxSEQxHEADSxHEAD_DIM, got '1x64x2'"),
                               ("kernels", ["--reps", "0"], "--reps must be at least 1, got 0")):
-        r = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args],
-                           capture_output=True, text=True, timeout=300)
+        r = run_script(script, *args, timeout=300)
         assert r.returncode == 2 and msg in r.stderr, (script, r.stderr[-2000:])
 
 
@@ -226,16 +249,14 @@ def test_decode_chain_cycles_through_kv_copies():
 def test_kernels_rejects_unknown_configs():
     for cfg, msg in (("nope", "'nope' is neither one of ['default', 'previous'] nor a JSON object"),
                      ('{"block_qq": 16}', "does not fit flashjax.BlockSizes")):
-        r = subprocess.run([sys.executable, str(BENCH / "kernels.py"), "--quick", "--configs", cfg],
-                           capture_output=True, text=True, timeout=300)
+        r = run_script("kernels", "--quick", "--configs", cfg, timeout=300)
         assert r.returncode == 1 and msg in r.stderr, (cfg, r.stderr[-2000:])
 
 
 def test_attention_sweep_rejects_an_unknown_field(tmp_path):
     cfgs = tmp_path / "cfgs.json"
     cfgs.write_text('[{"block_qq": 16}]')
-    r = subprocess.run([sys.executable, str(BENCH / "attention.py"), "--sweep", "--quick", "--sweep-configs", str(cfgs)],
-                       capture_output=True, text=True, timeout=300)
+    r = run_script("attention", "--sweep", "--quick", "--sweep-configs", cfgs, timeout=300)
     assert r.returncode == 1 and "--sweep: a config does not fit flashjax.BlockSizes" in r.stderr, r.stderr[-2000:]
 
 

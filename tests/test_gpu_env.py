@@ -1,8 +1,9 @@
-"""conftest.py bounds each test process's GPU memory, so pytest-xdist workers share one GPU.
+"""conftest.py bounds each test process's GPU memory, so pytest-xdist workers share one GPU,
+and turns off XLA's GPU autotuning (compile time, not results).
 
 Checked in fresh interpreters (the settings must be in place before jax starts its
 backend): no preallocation always; under xdist a memory fraction of 0.9 / workers;
-values the caller already set are kept.
+--xla_gpu_autotune_level=0 appended to XLA_FLAGS; values the caller already set are kept.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ TESTS = Path(__file__).parent
 KEYS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
-def _env_after_conftest(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_PYTHON_CLIENT_", "PYTEST_XDIST_"))}
+def _env_after_conftest(keys=KEYS, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("XLA_PYTHON_CLIENT_", "PYTEST_XDIST_")) and k != "XLA_FLAGS"}
     env.update(extra)
     code = ("import json, os, runpy, sys; sys.path.insert(0, sys.argv[1]); "
             "runpy.run_path(os.path.join(sys.argv[1], 'conftest.py')); "
-            f"print(json.dumps({{k: os.environ.get(k) for k in {KEYS!r}}}))")
+            f"print(json.dumps({{k: os.environ.get(k) for k in {tuple(keys)!r}}}))")
     r = subprocess.run([sys.executable, "-c", code, str(TESTS)], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
@@ -43,6 +45,16 @@ def _env_after_conftest(**extra) -> dict:
 ], ids=["plain", "xdist8", "xdist2", "caller_wins"])
 def test_conftest_sets_gpu_memory_env(extra, want):
     assert _env_after_conftest(**extra) == want
+
+
+@pytest.mark.parametrize("flags,want", [
+    (None, "--xla_gpu_autotune_level=0"),
+    ("--xla_dump_to=/tmp/x", "--xla_dump_to=/tmp/x --xla_gpu_autotune_level=0"),
+    ("--xla_gpu_autotune_level=4", "--xla_gpu_autotune_level=4"),
+], ids=["plain", "appended", "caller_wins"])
+def test_conftest_turns_off_gpu_autotuning(flags, want):
+    extra = {} if flags is None else {"XLA_FLAGS": flags}
+    assert _env_after_conftest(keys=("XLA_FLAGS",), **extra) == {"XLA_FLAGS": want}
 
 
 def test_this_process_has_no_preallocation():
