@@ -4,6 +4,7 @@ writes the JSON it promises: the device, versions and a measurement of each peer
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,25 @@ def test_attention_quick(tmp_path):
     mgpu = [r for r in data["results"] if r["peer"] == "pallas_mgpu"]
     assert mgpu and all(r[m]["error"].startswith("unsupported: ") for r in mgpu for m in ("fwd", "fwd_bwd"))
     assert all(("Hopper" in r["fwd"]["error"]) or ("float16 only" in r["fwd"]["error"]) for r in mgpu)
+
+
+def test_tokamax_xprof_stub(tmp_path):
+    """benchmarks/tokamax_stub.py writes an xprof package whose cli.tools has
+    get_kernel_stats_tool = None (what tokamax imports), and leaves a real xprof alone."""
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, str(BENCH / "tokamax_stub.py"), str(site)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", "from xprof.cli.tools import get_kernel_stats_tool as t; print(t)"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(site)})
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
+    other = tmp_path / "other"
+    (other / "xprof").mkdir(parents=True)
+    (other / "xprof" / "__init__.py").write_text("# the real one\n")
+    r = subprocess.run([sys.executable, str(BENCH / "tokamax_stub.py"), str(other)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is not this stub" in r.stderr
+    assert (other / "xprof" / "__init__.py").read_text() == "# the real one\n"
 
 
 def test_attention_results_by_dtype():
