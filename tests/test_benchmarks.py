@@ -24,10 +24,10 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def bench_env() -> dict:
-    """The environment of a benchmark script's subprocess: jax on the CPU backend
-    unless FLASHJAX_BENCH_TEST_PLATFORMS says otherwise."""
-    env = dict(os.environ)
+def bench_env(base=None) -> dict:
+    """The environment of a benchmark script's subprocess (`base`, default os.environ):
+    jax on the CPU backend unless FLASHJAX_BENCH_TEST_PLATFORMS says otherwise."""
+    env = dict(os.environ if base is None else base)
     platforms = env.get("FLASHJAX_BENCH_TEST_PLATFORMS", "cpu")
     if platforms:
         env["JAX_PLATFORMS"] = platforms
@@ -40,9 +40,11 @@ def run_script(name, *args, timeout):
                           capture_output=True, text=True, timeout=timeout, env=bench_env())
 
 
-def run_quick(name, tmp_path, *extra):
+def run_quick(name, tmp_path, *extra, env=None):
     out = tmp_path / f"{name}.json"
-    r = run_script(name, "--quick", "--out", out, *extra, timeout=900)
+    r = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out),
+                        *map(str, extra)], capture_output=True, text=True, timeout=900,
+                       env=bench_env(env))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(out.read_text()), r.stdout
 
@@ -61,6 +63,138 @@ def test_attention_quick(tmp_path):
     mgpu = [r for r in data["results"] if r["peer"] == "pallas_mgpu"]
     assert mgpu and all(r[m]["error"].startswith("unsupported: ") for r in mgpu for m in ("fwd", "fwd_bwd"))
     assert all(("Hopper" in r["fwd"]["error"]) or ("float16 only" in r["fwd"]["error"]) for r in mgpu)
+
+
+def attention_module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import attention
+    finally:
+        sys.path.remove(str(BENCH))
+    return attention
+
+
+def test_attention_gqa_and_ragged_quick(tmp_path):
+    """--gqa 2 gives K/V half the heads: each result records kv_heads, tables label the
+    heads "2/1", flashjax and XLA measure it and JAX's bundled op says "no GQA". A seq
+    that is not a multiple of 128 (120) gets the ragged check against 128."""
+    data, stdout = run_quick("attention", tmp_path, "--gqa", "2", "--seqs", "120", "128", "--causal", "true",
+                             "--peers", "flashjax", "xla", "pallas_mha", "--budget", "3600")
+    assert data["gqa"] == 2 and data["results"]
+    assert all(r["heads"] == 2 and r["kv_heads"] == 1 for r in data["results"])
+    for r in data["results"]:
+        for m in ("fwd", "fwd_bwd"):
+            if r["peer"] == "pallas_mha":
+                assert r[m]["error"].startswith("no GQA"), r
+            else:
+                assert r[m]["ms"] > 0, r
+    [row] = data["ragged_check"]
+    assert (row["seq"], row["aligned_seq"], row["kv_heads"]) == (120, 128, 1)
+    assert row["fwd_ratio"] > 0 and row["fwd_bwd_ratio"] > 0
+    assert "| 2/1 " in stdout and "Ragged lengths" in stdout and "Worst compile:" in stdout
+
+
+def test_attention_without_tokamax_records_it_per_cell(tmp_path):
+    """A tokamax whose import fails (a stub package that raises ImportError, first on
+    PYTHONPATH) makes its peers' cells say so; the other peers run and the run succeeds."""
+    stub = tmp_path / "stub"
+    (stub / "tokamax").mkdir(parents=True)
+    (stub / "tokamax" / "__init__.py").write_text('raise ImportError("stub: no tokamax here")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(stub), os.environ.get("PYTHONPATH")]))}
+    data, _ = run_quick("attention", tmp_path, "--seqs", "128", "--causal", "false",
+                        "--peers", "xla", "tokamax_mosaic", "tokamax_triton", "--budget", "3600", env=env)
+    by_peer = {r["peer"]: r for r in data["results"]}
+    assert set(by_peer) == {"xla", "tokamax_mosaic", "tokamax_triton"}
+    assert by_peer["xla"]["fwd"]["ms"] > 0 and by_peer["xla"]["fwd_bwd"]["ms"] > 0
+    for peer in ("tokamax_mosaic", "tokamax_triton"):
+        for m in ("fwd", "fwd_bwd"):
+            assert by_peer[peer][m]["error"].startswith("tokamax not installed: ImportError: stub"), by_peer[peer]
+    assert data["versions"]["tokamax"] is None and "tokamax_stub.py" in data["peers"]["tokamax_mosaic"]
+    # and by default the tokamax peers are left out when it does not import
+    attention = attention_module()
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import attention; "
+                        "print(' '.join(attention.default_peers()))", str(BENCH)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.split() == list(attention.DEFAULT_PEERS), r.stderr[-2000:]
+
+
+def _result(peer, seq, tflops, *, head_dim=128, causal=True, heads=16, kv_heads=16, compile_s=1.0):
+    cell = lambda x: {"error": "OOM"} if x is None else {"ms": 1.0, "tflops": x, "compile_s": compile_s}  # noqa: E731
+    return {"peer": peer, "head_dim": head_dim, "causal": causal, "seq": seq, "batch": 16384 // seq,
+            "heads": heads, "kv_heads": kv_heads, "fwd": cell(tflops[0]), "fwd_bwd": cell(tflops[1])}
+
+
+def test_attention_ragged_check_and_versus_best_peer():
+    """ragged_check divides flashjax's TFLOP/s at a ragged seq by its TFLOP/s at the next
+    multiple of 128 of the same head_dim, mask and heads (and skips seqs without one);
+    versus_best divides by the best of cuDNN and tokamax that has a number."""
+    attention = attention_module()
+    data = {"results": [
+        _result("flashjax", 4000, (360.0, 380.0)), _result("flashjax", 4096, (400.0, 400.0)),
+        _result("flashjax", 1000, (100.0, None)), _result("flashjax", 1024, (200.0, 250.0)),
+        _result("flashjax", 8191, (300.0, 300.0)),  # no 8192: no row
+        _result("flashjax", 4000, (1.0, 1.0), kv_heads=4),  # GQA: its own 4096 is missing
+        _result("flashjax", 4000, (1.0, 1.0), causal=False),
+        _result("cudnn", 4000, (900.0, 900.0)),  # another peer: not in flashjax's ratio
+        _result("cudnn", 4096, (500.0, 380.0)), _result("tokamax_mosaic", 4096, (450.0, 420.0), compile_s=75.0),
+        _result("tokamax_triton", 4096, (None, None)), _result("xla", 4096, (900.0, 900.0)),
+    ]}
+    rows = {r["seq"]: r for r in attention.ragged_check(data)}
+    assert set(rows) == {4000, 1000}
+    assert rows[4000]["aligned_seq"] == 4096 and rows[4000]["fwd_ratio"] == 0.9 and rows[4000]["fwd_bwd_ratio"] == 0.95
+    assert rows[1000]["fwd_ratio"] == 0.5 and "fwd_bwd_ratio" not in rows[1000]
+    [vs] = [r for r in attention.versus_best(data) if r["seq"] == 4096]
+    assert (vs["fwd_ratio"], vs["fwd_best"]) == (0.8, "cudnn")  # xla is not among the peers compared
+    assert vs["fwd_bwd_ratio"] == round(400 / 420, 3) and vs["fwd_bwd_best"] == "tokamax_mosaic"
+    worst = attention.worst_compile(data)
+    assert (worst["compile_s"], worst["peer"], worst["over_target"]) == (75.0, "tokamax_mosaic", 2)
+
+
+def test_attention_issue19_grid_shapes():
+    """--grid issue19: head_dim {64,128,256} x {causal, full} x seq {1024,4096,16384} x {MHA,
+    GQA 4:1} at heads*head_dim 2048 and 16384 tokens, plus seq 1000/4000/8191 (and 8192)
+    at head_dim 128 causal MHA; the headline (head_dim 128, full, 16384, MHA) first."""
+    attention = attention_module()
+    cfgs = attention.configs(attention.parse_args(["--grid", "issue19"]))
+    keys = [(c["head_dim"], c["causal"], c["seq"], c["heads"] // c["kv_heads"]) for c in cfgs]
+    assert len(keys) == len(set(keys)) == 3 * 2 * 3 * 2 + 4
+    grid = {(d, causal, s, g) for d in (64, 128, 256) for causal in (False, True) for s in (1024, 4096, 16384)
+            for g in (1, 4)}
+    ragged = {(128, True, s, 1) for s in (1000, 4000, 8191, 8192)}
+    assert set(keys) == grid | ragged
+    assert all(c["heads"] * c["head_dim"] == 2048 and c["batch"] == 16384 // c["seq"] for c in cfgs)
+    assert keys[0] == (128, False, 16384, 1) and [c["headline"] for c in cfgs].count(True) == 1
+    assert cfgs[0]["headline"] and cfgs[0]["batch"] == 1 and cfgs[0]["heads"] == 16
+    # then seq 4096 at every head_dim and the ragged pairs, before the rest of 16384 and 1024
+    first = keys[1:18]
+    assert {k[2] for k in first} == {4096, 4000, 1000, 1024, 8191, 8192}
+    assert keys.index((128, True, 8191, 1)) + 1 == keys.index((128, True, 8192, 1))
+    args = attention.parse_args(["--grid", "issue19"])
+    assert attention.selected_peers(args) == ["flashjax", "flashjax_triton", "cudnn", "tokamax_mosaic",
+                                              "tokamax_triton"]
+    part = attention.configs(attention.parse_args(["--grid", "issue19", "--head-dims", "256", "--causal", "true"]))
+    assert len(part) == 6 and all(c["head_dim"] == 256 and c["causal"] for c in part)
+    with pytest.raises(SystemExit):
+        attention.configs(attention.parse_args(["--grid", "issue19", "--gqa", "2"]))
+
+
+def test_tokamax_xprof_stub(tmp_path):
+    """benchmarks/tokamax_stub.py writes an xprof package whose cli.tools has
+    get_kernel_stats_tool = None (what tokamax imports), and leaves a real xprof alone."""
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, str(BENCH / "tokamax_stub.py"), str(site)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", "from xprof.cli.tools import get_kernel_stats_tool as t; print(t)"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(site)})
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
+    other = tmp_path / "other"
+    (other / "xprof").mkdir(parents=True)
+    (other / "xprof" / "__init__.py").write_text("# the real one\n")
+    r = subprocess.run([sys.executable, str(BENCH / "tokamax_stub.py"), str(other)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is not this stub" in r.stderr
+    assert (other / "xprof" / "__init__.py").read_text() == "# the real one\n"
 
 
 def test_attention_results_by_dtype():
