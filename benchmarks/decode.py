@@ -5,6 +5,8 @@ contiguous Flash-Decoding kernel vs JAX's bundled Pallas ops and XLA.
     python benchmarks/decode.py --quick    # tiny sizes, CPU smoke test (interpret mode)
     python benchmarks/decode.py --sweep    # only: time launch parameters of our kernel
                                            # at batch 1, context 32k (--sweep-batch/--sweep-context)
+    python benchmarks/decode.py --sweep-fp8  # the same on an FP8 cache, each configuration
+                                           # with DecodeConfig.fp8_dot "q" and "f16"
 
 One query token per sequence, all sequences at the full context length;
 GQA 32 query heads / 8 KV heads, head_dim 128, bf16, paged block size 16.
@@ -43,6 +45,8 @@ head_dim] cache):
                    (float8_e4m3fn, one float32 scale per token and KV head:
                    flashjax.kv_cache.quantize_fp8 of the bf16 pool)
   ours_contiguous_fp8  flashjax.decode_attention on the dense cache in FP8
+                   (both with DecodeConfig.fp8_dot from --fp8-dot: "q", the default,
+                   converts tiles to q's dtype, "f16" to float16)
 A peer that fails records an error string in its cell. Every output is
 checked against XLA on its first two sequences (max abs error in the JSON;
 for the FP8 peers that includes the quantization error, and
@@ -114,6 +118,19 @@ SWEEP += [dict(num_splits=None, pages_per_block=p, num_warps=w, num_stages=st, g
 QUICK_SWEEP = [dict(num_splits=s, pages_per_block=p, num_warps=4, num_stages=2)
                for s in (None, 2) for p in (1, 2)] + [
     dict(num_splits=None, pages_per_block=2, num_warps=4, num_stages=2, gather="pages")]
+# --sweep-fp8: each configuration with both DecodeConfig.fp8_dot values, back to back,
+# plus the bf16 kernel at its defaults on the same cache. So that one run fits ~150 s
+# on a GPU (2 x 13 cells of ~3 s: two chains compiled and timed), only the best bf16
+# cells of the H100 sweep (benchmarks/results/decode_sweep-H100-2026-11-25.json: 8 pages
+# with 8 warps / 4 stages, 16 splits of 8 pages, the default 4 pages with 4 / 3) and
+# FP8's own tiles (128 and 256 tokens = 16 and 32 KiB of FP8); the contiguous kernel
+# takes the num_splits=None ones.
+FP8_DOTS = ("q", "f16")
+FP8_SWEEP = [dict(num_splits=s, pages_per_block=p, num_warps=w, num_stages=st)
+             for s, p, w, st in ((None, 4, 4, 3), (None, 8, 4, 3), (None, 8, 8, 4), (16, 8, 4, 3),
+                                 (None, 16, 4, 3), (None, 16, 8, 3), (None, 16, 8, 4))]
+QUICK_FP8_SWEEP = [dict(num_splits=None, pages_per_block=2, num_warps=4, num_stages=2),
+                   dict(num_splits=2, pages_per_block=1, num_warps=4, num_stages=2)]
 
 
 # ---------------------------------------------------------------------------
@@ -379,14 +396,15 @@ def per_call_ms(t_short, n_short, t_long, n_long):
     return t_long / n_long
 
 
-def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, rounds=3):
+def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, rounds=3, fp8_dot=None):
     """Time every peer at one (batch, context). All peers are compiled first and
     then timed in `rounds` interleaved rounds (each round times both chains of
     the plan, `reps` runs each; the cell reports the median of the per-round
     per-call slopes), so a slow
     stretch of the GPU is shared by all peers instead of landing on one. All
     caches (paged and dense, bf16 and FP8) stay resident when they fit in 80% of
-    the device memory; otherwise each group of peers runs on its own."""
+    the device memory; otherwise each group of peers runs on its own. The FP8
+    peers run with DecodeConfig(fp8_dot=fp8_dot) (None: the library's default)."""
     import statistics
 
     import jax
@@ -440,7 +458,8 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
             args = with_copies(q, kv, lengths, (plan_fp8 if fp8 else plan)[2])
             for peer in todo:
                 try:
-                    execs, out, compile_s = compile_pair(make_peer(peer, interpret=interpret), args,
+                    kw = {"config": fd.DecodeConfig(fp8_dot=fp8_dot)} if fp8 and fp8_dot else {}
+                    execs, out, compile_s = compile_pair(make_peer(peer, interpret=interpret, **kw), args,
                                                          plan_fp8 if fp8 else plan)
                     err = float(jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref)))
                     cells[peer] = {"compile_s": round(compile_s, 2), "chain": list(plan[:2]),
@@ -499,6 +518,8 @@ def run_config(cfg, peers, dims, dtype, *, interpret, warmup, reps, copy_tb_s, r
 def fmt_cell(cell):
     if "error" in cell:
         return cell["error"][:60]
+    if "skipped" in cell:
+        return f"skipped ({cell['skipped']})"
     s = f"{cell['ms'] * 1e3:9.1f} us  {cell['tb_s'] * 1e3:7.1f} GB/s"
     if "frac_copy_bw" in cell:
         s += f"  ({100 * cell['frac_copy_bw']:.0f}% copy)"
@@ -535,6 +556,7 @@ def table(results, peers):
 def run_benchmark(args) -> dict:
     import jax.numpy as jnp
 
+    import flashjax.decode as fd
     from flashjax import _backend
 
     info = common.env_info()
@@ -547,9 +569,11 @@ def run_benchmark(args) -> dict:
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
     reps = args.reps if args.reps is not None else (1 if args.quick else 7)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    fp8_dot = args.fp8_dot or fd.DecodeConfig().fp8_dot
     print(f"# decode benchmark on {info['device']} ({info['backend']}), jax "
           f"{info['versions']['jax']}, {dtype.name}, heads {dims['heads']}/{dims['kv_heads']}, "
-          f"head_dim {dims['head_dim']}, block {dims['block_size']}", flush=True)
+          f"head_dim {dims['head_dim']}, block {dims['block_size']}, FP8 peers with fp8_dot={fp8_dot!r}",
+          flush=True)
     copy = None
     if not interpret:
         copy = copy_bandwidth(2 << 30, warmup=2, reps=10)
@@ -573,7 +597,7 @@ def run_benchmark(args) -> dict:
             continue
         results.append(run_config(cfg, peers, dims, dtype, interpret=interpret, warmup=warmup,
                                   reps=reps, copy_tb_s=copy["reference_tb_s"] if copy else None,
-                                  rounds=rounds))
+                                  rounds=rounds, fp8_dot=fp8_dot))
     results.sort(key=lambda r: (r["batch"], r["context"]))
     measured = [r for r in results if "skipped" not in r]
     md = table(measured, peers)
@@ -587,6 +611,7 @@ def run_benchmark(args) -> dict:
         "benchmark": "decode",
         "quick": bool(args.quick),
         "dtype": dtype.name,
+        "fp8_dot": fp8_dot,
         "shape": dims,
         "peers_desc": {p: PEERS[p] for p in peers},
         "copy_bandwidth": copy,
@@ -598,10 +623,62 @@ def run_benchmark(args) -> dict:
     }
 
 
+def _sweep_cell(name, make_args, plan, kw, gather, fp8_dot, *, interpret, warmup, reps, nbytes, copy):
+    """Time one sweep configuration; returns its result row (an error string if it failed)."""
+    import flashjax.decode as fd
+
+    try:
+        args_all = make_args()
+        cfg = dict(paged_gather=gather) if fp8_dot is None else dict(paged_gather=gather, fp8_dot=fp8_dot)
+        peer = make_peer(name, interpret=interpret, **kw, config=fd.DecodeConfig(**cfg))
+        cell, _ = measure(peer, args_all, plan, warmup=warmup, reps=reps)
+        del args_all
+        cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
+        if copy:
+            cell["frac_copy_bw"] = cell["tb_s"] / copy["reference_tb_s"]
+    except Exception as e:  # noqa: BLE001
+        cell = {"error": common.describe_error(e)}
+    return cell
+
+
+def _sweep_key(row):
+    return tuple(row.get(k) for k in ("num_splits", "pages_per_block", "block_k", "num_warps", "num_stages",
+                                      "gather"))
+
+
+def fp8_dot_summary(results):
+    """From an FP8 sweep's rows: per kernel, the best cell of each fp8_dot, their speed
+    ratio (q's ms / f16's ms: > 1 means f16 is faster), each against the bf16 default
+    (baseline rows), and per configuration the same q / f16 ratio."""
+    ok = [r for r in results if "ms" in r]
+    out = {}
+    for name in ("ours_paged_fp8", "ours_contiguous_fp8"):
+        cells = [r for r in ok if r["peer"] == name]
+        if not cells:
+            continue
+        best = {d: min((r for r in cells if r.get("fp8_dot") == d), key=lambda r: r["ms"], default=None)
+                for d in FP8_DOTS}
+        base = next((r for r in ok if r.get("baseline") and r["peer"] == name.replace("_fp8", "")), None)
+        entry = {"best": {d: r for d, r in best.items() if r is not None}}
+        if all(best.values()):
+            entry["best_q_over_f16"] = best["q"]["ms"] / best["f16"]["ms"]
+            entry["faster"] = "f16" if best["f16"]["ms"] < best["q"]["ms"] else "q"
+        if base:
+            entry["bf16_default_ms"] = base["ms"]
+            entry["speedup_vs_bf16_default"] = {d: base["ms"] / r["ms"] for d, r in best.items() if r}
+        pairs = {}
+        for r in cells:
+            pairs.setdefault(_sweep_key(r), {})[r.get("fp8_dot")] = r["ms"]
+        entry["per_config_q_over_f16"] = [
+            {**dict(zip(("num_splits", "pages_per_block", "block_k", "num_warps", "num_stages", "gather"), k)),
+             "q_over_f16": v["q"] / v["f16"]}
+            for k, v in pairs.items() if "q" in v and "f16" in v]
+        out[name] = entry
+    return out
+
+
 def run_sweep(args) -> dict:
     import jax.numpy as jnp
-
-    import flashjax.decode as fd
 
     from flashjax import _backend
 
@@ -615,23 +692,44 @@ def run_sweep(args) -> dict:
     reps = args.reps if args.reps is not None else (1 if args.quick else 7)
     nbytes = kv_bytes(b, ctx, dims["kv_heads"], dims["head_dim"], dtype.itemsize)
     fp8 = bool(args.sweep_fp8)
-    plan = timing_plan(nbytes, interpret)
+    plan_bf16 = plan = timing_plan(nbytes, interpret)
     if fp8:
         plan = (*plan[:2], kv_copies(fp8_kv_bytes(b, ctx, dims["kv_heads"], dims["head_dim"]), interpret))
     copy = None if interpret else copy_bandwidth(2 << 30, warmup=2, reps=10)
     print(f"# decode sweep on {info['device']}: batch {b}, context {ctx}, KV {nbytes / 1e6:.0f} MB"
-          + (" (FP8 cache; GB/s of the logical bf16 bytes)" if fp8 else "")
+          + (f" (FP8 cache, fp8_dot {' and '.join(FP8_DOTS)}; GB/s of the logical bf16 bytes)" if fp8 else "")
           + (f", copy {copy['tb_s']:.3f} TB/s (torch memcpy {copy.get('torch_memcpy_tb_s', 'n/a')})"
              if copy else ""), flush=True)
+    start = time.perf_counter()
     rows, results = [], []
-    configs = QUICK_SWEEP if args.quick else SWEEP
-    if fp8 and not args.quick:  # FP8 tiles hold twice the tokens per byte: try 256-token tiles too
-        configs = configs + [dict(num_splits=sp, pages_per_block=16, num_warps=w, num_stages=st)
-                             for sp in (None, 64) for w, st in ((4, 3), (8, 3), (8, 4))]
+    if fp8:
+        configs = QUICK_FP8_SWEEP if args.quick else FP8_SWEEP
+        dots = FP8_DOTS
+    else:
+        configs = QUICK_SWEEP if args.quick else SWEEP
+        dots = (None,)
+
+    def record(name, kw, fp8_dot, cell, baseline=False):
+        row = {"peer": name, **kw, **({"fp8_dot": fp8_dot} if fp8_dot else {}),
+               **({"baseline": True} if baseline else {}), **cell}
+        results.append(row)
+        label = kw if fp8_dot is None else {**kw, "fp8_dot": fp8_dot}
+        print(f"  {name:16s} {label}{' (bf16 baseline)' if baseline else ''}  {fmt_cell(cell)}", flush=True)
+        rows.append([name + (" (baseline)" if baseline else ""),
+                     *(str(kw.get(k)) for k in ("num_splits", "pages_per_block", "block_k", "num_warps",
+                                                "num_stages", "gather")),
+                     *([str(fp8_dot)] if fp8 else []), fmt_cell(cell)])
+
     for paged in (True, False):
         q, kv, lengths = make_inputs(0, b, ctx, dims["heads"], dims["kv_heads"], dims["head_dim"],
                                      dims["block_size"], dtype, paged=paged)
         if fp8:
+            # The bf16 kernel at its defaults on the same (unquantized) cache, so one run
+            # gives FP8 / bf16 speed too.
+            name = "ours_paged" if paged else "ours_contiguous"
+            cell = _sweep_cell(name, lambda: with_copies(q, kv, lengths, plan_bf16[2]), plan_bf16, {}, "rows",
+                               None, interpret=interpret, warmup=warmup, reps=reps, nbytes=nbytes, copy=copy)
+            record(name, {"gather": "rows"} if paged else {}, None, cell, baseline=True)
             kv = to_fp8(kv, paged)
         seen = set()
         for cfg in configs:
@@ -648,39 +746,46 @@ def run_sweep(args) -> dict:
                 continue
             seen.add(key)
             name = ("ours_paged" if paged else "ours_contiguous") + ("_fp8" if fp8 else "")
-            try:
-                args_all = with_copies(q, kv, lengths, plan[2])
-                peer = make_peer(name, interpret=interpret, **kw,
-                                 config=fd.DecodeConfig(paged_gather=gather))
-                cell, _ = measure(peer, args_all, plan, warmup=warmup, reps=reps)
-                del args_all
-                cell["tb_s"] = nbytes / (cell["ms"] * 1e-3) / 1e12
-                if copy:
-                    cell["frac_copy_bw"] = cell["tb_s"] / copy["reference_tb_s"]
-            except Exception as e:  # noqa: BLE001
-                cell = {"error": common.describe_error(e)}
-            if paged:
-                kw["gather"] = gather
-            results.append({"peer": name, **kw, **cell})
-            print(f"  {name:16s} {kw}  {fmt_cell(cell)}", flush=True)
-            rows.append([name, *(str(kw.get(k)) for k in ("num_splits", "pages_per_block", "block_k",
-                                                           "num_warps", "num_stages", "gather")),
-                         fmt_cell(cell)])
+            # Both fp8_dot values of a configuration back to back, so a budget cut or a
+            # slow stretch of the GPU hits them alike.
+            for fp8_dot in dots:
+                if fp8 and time.perf_counter() - start > args.budget:
+                    cell = {"skipped": "time budget"}
+                else:
+                    cell = _sweep_cell(name, lambda: with_copies(q, kv, lengths, plan[2]), plan, kw, gather,
+                                       fp8_dot, interpret=interpret, warmup=warmup, reps=reps,
+                                       nbytes=nbytes, copy=copy)
+                row_kw = {**kw, "gather": gather} if paged else dict(kw)
+                record(name, row_kw, fp8_dot, cell)
         del q, kv, lengths
     md = common.markdown_table(["kernel", "num_splits", "pages_per_block", "block_k", "num_warps",
-                                "num_stages", "gather", "result"], rows)
+                                "num_stages", "gather", *(["fp8_dot"] if fp8 else []), "result"], rows)
     print()
     print(md)
-    ok = [r for r in results if "tb_s" in r]
+    ok = [r for r in results if "tb_s" in r and not r.get("baseline")]
     best = {}
     for name in ("ours_paged", "ours_contiguous", "ours_paged_fp8", "ours_contiguous_fp8"):
         cand = [r for r in ok if r["peer"] == name]
         if cand:
             best[name] = max(cand, key=lambda r: r["tb_s"])
             print(f"best {name}: {best[name]}")
-    return {**info, "benchmark": "decode-sweep", "quick": bool(args.quick), "dtype": dtype.name, "fp8": fp8,
-            "shape": {**dims, "batch": b, "context": ctx}, "copy_bandwidth": copy,
-            "results": results, "best": best, "markdown": md}
+    out = {**info, "benchmark": "decode-sweep", "quick": bool(args.quick), "dtype": dtype.name, "fp8": fp8,
+           "shape": {**dims, "batch": b, "context": ctx}, "copy_bandwidth": copy,
+           "results": results, "best": best, "markdown": md,
+           "elapsed_s": round(time.perf_counter() - start, 1)}
+    if fp8:
+        out["fp8_dots"] = list(FP8_DOTS)
+        out["budget_s"] = args.budget
+        out["fp8_dot_summary"] = summary = fp8_dot_summary(results)
+        for name, e in summary.items():
+            line = f"{name}: best " + ", ".join(f"{d} {r['ms'] * 1e3:.1f} us" for d, r in e["best"].items())
+            if "best_q_over_f16" in e:
+                line += f"; q / f16 time {e['best_q_over_f16']:.2f} (faster: {e['faster']})"
+            if "speedup_vs_bf16_default" in e:
+                line += "; vs bf16 default " + ", ".join(f"{d} {x:.2f}x" for d, x in
+                                                          e["speedup_vs_bf16_default"].items())
+            print(line)
+    return out
 
 
 def parse_args(argv=None):
@@ -697,15 +802,23 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int,
                    help="interleaved timing rounds over all peers of a shape (default 3; 1 with --quick)")
     p.add_argument("--budget", type=float, default=200.0,
-                   help="seconds after which remaining shapes are skipped (default 200)")
+                   help="seconds after which remaining shapes (with --sweep-fp8: sweep cells) are "
+                        "skipped (default 200)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/decode-<device>-<date>.json)")
     p.add_argument("--sweep", action="store_true",
                    help="only time our kernel's (num_splits, pages_per_block, num_warps, num_stages)")
     p.add_argument("--sweep-batch", type=int, help="sweep batch (default 1)")
     p.add_argument("--sweep-context", type=int, help="sweep context (default 32768)")
     p.add_argument("--sweep-fp8", action="store_true",
-                   help="sweep the kernels on an FP8 (e4m3) cache instead (GB/s of the logical bf16 bytes)")
+                   help="sweep the kernels on an FP8 (e4m3) cache instead (implies --sweep; GB/s of the "
+                        "logical bf16 bytes): each configuration with both DecodeConfig.fp8_dot values, "
+                        "beside the bf16 kernel at its defaults")
+    p.add_argument("--fp8-dot", choices=("q", "f16"),
+                   help="DecodeConfig.fp8_dot of the FP8 peers of the main grid (default: the library's "
+                        "default)")
     args = p.parse_args(argv)
+    if args.sweep_fp8:
+        args.sweep = True
     if args.rounds is not None and args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     return args
@@ -714,7 +827,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     data = run_sweep(args) if args.sweep else run_benchmark(args)
-    kind = "decode-sweep" if args.sweep else "decode"
+    kind = ("decode-sweep-fp8" if args.sweep_fp8 else "decode-sweep") if args.sweep else "decode"
     path = args.out or common.results_path(kind, data["device"], quick=args.quick)
     common.write_json(data, path)
     print(f"\nwrote {path}")

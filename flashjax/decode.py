@@ -29,6 +29,9 @@ converts it to q's dtype for the dots; the scales never touch the tile: a
 key's scale multiplies its column of scores and a value's scale its column of
 probabilities before P @ V (for float16 q the value tile itself is scaled,
 so that unified-max probabilities times scale cannot overflow float16).
+`DecodeConfig(fp8_dot="f16")` instead converts the tiles to float16 (one packed
+PTX conversion per two values on sm_89+) and runs both dots in float16 with q
+and the weights normalised per row (see the field).
 Default tiles count FP8 bytes, so an FP8 tile holds twice the tokens of a
 bf16 one (`DecodeConfig.tile_bytes`).
 
@@ -112,6 +115,7 @@ _UNIFIED_WINDOW = {
 _PAGED_GATHERS = ("rows", "pages")
 _PRELOADS = ("auto", "always", "never")
 _COMBINES = ("pallas", "xla")
+_FP8_DOTS = ("q", "f16")
 
 
 def _expect_int(field, value, lo, what):
@@ -196,6 +200,27 @@ class DecodeConfig:
         TB/s; batch 8 x 32k: 2.85 vs 2.55 TB/s).
       long_split_tokens: the split length, in positions, from which
         `long_split_tile_bytes` applies (default 32768, see above).
+      fp8_dot: the dtype of the dots on an FP8 (float8_e4m3fn) cache; no effect
+        on other caches. "q" (default): each K/V tile is converted to q's dtype
+        and the dots run there. "f16": tiles are converted to float16 (exact for
+        every e4m3 value) and both dots run in float16 with float32
+        accumulation. Why: sm_90 has no packed e4m3 -> bf16 conversion (Triton
+        goes through f16/f32 one value at a time), but has the packed
+        `cvt.rn.f16x2.e4m3x2`; on an H200 the FP8 "q" kernels take as long as
+        the bf16 ones while reading half the bytes, about the time that the
+        per-value conversions of the tiles cost (issue 20; an estimate, not yet
+        profiled). Nothing overflows or underflows in float16: q is divided
+        per row by a power of two >= max|q_row| (exact for bf16 and float16 q;
+        float32 q is rounded to float16's 11 bits) and the scores multiplied
+        back by it (with the key scales and sm_scale); the probabilities times
+        the value scales (float32) are divided per row by their largest value
+        in the tile, so the float16 weights lie in [0, 1] with the row's
+        largest exactly 1 (a row of zero weights divides by 1), and that factor
+        multiplies the tile's P @ V in float32 (one row maximum per tile more
+        than "q"). The tiles themselves are never scaled or converted to
+        float32. "f16" is the candidate default: it becomes the default if
+        `benchmarks/decode.py --sweep-fp8` on a Hopper GPU measures it faster
+        (it was written without a GPU).
     """
 
     paged_gather: str = "rows"
@@ -209,6 +234,7 @@ class DecodeConfig:
     tile_bytes: int = 16 * 1024
     long_split_tile_bytes: int = 32 * 1024
     long_split_tokens: int = 32768
+    fp8_dot: str = "q"
 
     def __post_init__(self):
         # Checked (and numpy scalars made plain Python values) once, here, so a
@@ -234,6 +260,7 @@ class DecodeConfig:
             put(field, _expect_int(field, getattr(self, field), 1, "a positive int (bytes)"))
         put("long_split_tokens", _expect_int("long_split_tokens", self.long_split_tokens, 1,
                                              "a positive int (positions)"))
+        put("fp8_dot", _expect_choice("fp8_dot", self.fp8_dot, _FP8_DOTS))
 
 
 _DEFAULT_CONFIG = DecodeConfig()
@@ -319,11 +346,16 @@ def _decode_kernel(
     gather: str,
     fallback: bool,
     preload_tiles: int,
+    fp8_dot: str,
 ):
     b = pl.program_id(0)
     quantized = ks_ref is not None
-    cdt = q_ref.dtype  # compute dtype of the dots (an FP8 tile is converted to it)
-    scale_v_tile = quantized and jnp.dtype(cdt) == jnp.float16
+    # DecodeConfig.fp8_dot="f16": an FP8 cache's dots in float16, q normalised per row.
+    f16_dots = quantized and fp8_dot == "f16"
+    # Compute dtype of the dots (an FP8 tile is converted to it).
+    cdt = jnp.dtype(jnp.float16) if f16_dots else q_ref.dtype
+    scale_v_tile = quantized and not f16_dots and jnp.dtype(cdt) == jnp.float16
+    dot_precision = None if f16_dots else precision
     split = pl.program_id(2)
     head_dim = q_ref.shape[-1]
     length = jnp.minimum(jnp.maximum(len_ref[b], 0), max_len)
@@ -333,6 +365,19 @@ def _decode_kernel(
         q = q_ref[...]
     else:  # pad the group to block_h (>= 16) rows for the tensor-core dots
         q = plgpu.load(q_ref.at[rows, :], mask=row_valid[:, None], other=0)
+    # What multiplies the raw scores of a row (after the key scales): sm_scale in
+    # the units of exp2 (or of the soft cap's tanh argument).
+    score_mul = sm_scale / softcap if softcap is not None else sm_scale * LOG2E
+    if f16_dots:
+        # q / qs in [-1, 1] in float16, qs a power of two >= max|q_row| (so bf16 and
+        # f16 q convert exactly); scores are multiplied back by qs. A zero (or
+        # padded) row gets qs = 1; a NaN row stays NaN.
+        qf = q.astype(jnp.float32)
+        amax = jnp.max(jnp.abs(qf), axis=1)
+        qs = jnp.exp2(jnp.clip(jnp.ceil(jnp.log2(amax)), -126.0, 127.0))
+        qs = jnp.where(amax > 0, qs, 1.0)
+        q = (qf * (1.0 / qs)[:, None]).astype(cdt)
+        score_mul = (qs * score_mul)[:, None]  # [block_h, 1]
 
     n_tiles = pl.cdiv(length, tile)
     tiles_per_split = pl.cdiv(n_tiles, num_splits)
@@ -408,14 +453,14 @@ def _decode_kernel(
             k = k.astype(cdt)
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32, precision=precision,
+            preferred_element_type=jnp.float32, precision=dot_precision,
         )  # [block_h, tile]
         if quantized:  # key j is stored * ks[j]: so is its score
             s = s * ks[None, :]
         if softcap is not None:
-            s = jnp.tanh(s * (sm_scale / softcap)) * (softcap * LOG2E)
+            s = jnp.tanh(s * score_mul) * (softcap * LOG2E)
         else:
-            s = s * (sm_scale * LOG2E)
+            s = s * score_mul
         if masked:
             pos = t * tile + jnp.arange(tile, dtype=jnp.int32)
             s = jnp.where((pos < length)[None, :], s, -jnp.inf)
@@ -430,6 +475,19 @@ def _decode_kernel(
             v = jnp.where(ok[:, None], v, jnp.zeros_like(v))
             if quantized:  # a slot past the length may hold any scale (NaN included)
                 vs = jnp.where(ok, vs, 0.0)
+        if f16_dots:
+            # Weights p * vs (float32) divided per row by their largest value in
+            # the tile, so the float16 weights lie in [0, 1] whatever the scales
+            # and the row's largest term keeps float16's full precision; the
+            # factor comes back on the float32 product. A row whose weights are
+            # all 0 (probabilities that underflowed, zero value scales, masked
+            # slots) divides by 1.
+            pw = p * vs[None, :]
+            c = jnp.max(pw, axis=1)
+            c = jnp.where(c > 0, c, 1.0)
+            w = (pw * (1.0 / c)[:, None]).astype(cdt)
+            return c[:, None] * lax.dot_general(
+                w, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         if scale_v_tile:
             v = (v.astype(jnp.float32) * vs[:, None]).astype(cdt)
         elif quantized:  # value j is stored * vs[j]: weigh its probability column by it
@@ -727,6 +785,8 @@ def _run(q, k, v, ks, vs, bt, lengths, *, layout, kv_heads, tile, pages_per_tile
         interpret=_backend.resolve_interpret(interpret), return_lse=bool(return_lse), name=name,
         gather=config.paged_gather, fallback=config.unified_fallback, preload=config.preload,
         preload_max_tiles=config.preload_max_tiles, combine=config.combine,
+        # Only an FP8 cache reads fp8_dot: other caches share one compilation.
+        fp8_dot=config.fp8_dot if ks is not None else "q",
     )
 
 
@@ -734,11 +794,11 @@ def _run(q, k, v, ks, vs, bt, lengths, *, layout, kv_heads, tile, pages_per_tile
     "layout", "kv_heads", "tile", "pages_per_tile", "page_size", "num_pages", "kv_len",
     "max_len", "sm_scale", "softcap", "num_splits", "unified_max", "num_warps", "num_stages",
     "interpret", "return_lse", "name", "gather", "fallback", "preload", "preload_max_tiles",
-    "combine"))
+    "combine", "fp8_dot"))
 def _core(q, k, v, ks, vs, bt, lengths, *, layout, kv_heads, tile, pages_per_tile, page_size,
           num_pages, kv_len, max_len, sm_scale, softcap, num_splits, unified_max,
           num_warps, num_stages, interpret, return_lse, name, gather, fallback, preload,
-          preload_max_tiles, combine):
+          preload_max_tiles, combine, fp8_dot):
     batch, heads, head_dim = q.shape
     group = heads // kv_heads
     block_h = max(16, _next_pow2(group))
@@ -768,14 +828,21 @@ def _core(q, k, v, ks, vs, bt, lengths, *, layout, kv_heads, tile, pages_per_til
         and batch * kv_heads * num_splits <= _backend.num_multiprocessors())
     preload_tiles = _next_pow2(split_tiles) if paged and gather == "rows" and use else 0
     precision = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if q.dtype == jnp.float32 else None
+    # The unified-max window of the dtype that the probabilities are cast to: with
+    # fp8_dot="f16" they are normalised per row before the float16 cast, so only
+    # the float32 sums bound it.
+    f16_dots = ks is not None and fp8_dot == "f16"
+    window = _UNIFIED_WINDOW[jnp.dtype(jnp.float32 if f16_dots else q.dtype)]
+    if f16_dots:
+        name = f"{name}_f16dot"
     kernel = functools.partial(
         _decode_kernel, block_h=block_h, max_len=max_len, paged=paged, tile=tile,
         pages_per_tile=pages_per_tile, page_size=page_size, num_pages=num_pages, kv_len=kv_len,
         num_splits=num_splits, group=group, sm_scale=float(sm_scale),
         softcap=None if softcap is None else float(softcap),
         unified_max=None if unified_max is None else float(unified_max),
-        unified_window=_UNIFIED_WINDOW[jnp.dtype(q.dtype)], precision=precision,
-        gather=gather, fallback=fallback, preload_tiles=preload_tiles,
+        unified_window=window, precision=precision,
+        gather=gather, fallback=fallback, preload_tiles=preload_tiles, fp8_dot=fp8_dot,
     )
     in_specs = [
         pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
@@ -867,7 +934,7 @@ def paged_decode_attention(
       k_scales, v_scales: FP8 cache only (required with it): float32
         [kv_heads, num_blocks, block_size]; token t's key vector of a head is
         k_pages[...] * k_scales[...] (`flashjax.kv_cache.quantize_fp8`). The
-        kernel computes in q's dtype.
+        kernel computes in q's dtype (in float16 with config.fp8_dot="f16").
       sm_scale: score scale, default 1/sqrt(head_dim).
       num_splits: KV splits per sequence (Flash-Decoding); None: config.num_splits,
         whose default None picks one from batch, kv_heads, max_blocks*block_size

@@ -259,6 +259,55 @@ def test_decode_sweep_quick(tmp_path):
     assert not [c for c in cells if "error" in c], cells
 
 
+def test_decode_sweep_fp8_quick(tmp_path):
+    """--sweep-fp8 (implies --sweep) times every configuration with both
+    DecodeConfig.fp8_dot values, back to back, beside the bf16 kernel at its defaults,
+    and summarises which fp8_dot is faster per kernel."""
+    out = tmp_path / "sweep_fp8.json"
+    r = subprocess.run([sys.executable, str(BENCH / "decode.py"), "--sweep-fp8", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["fp8"] and data["fp8_dots"] == ["q", "f16"]
+    cells = data["results"]
+    assert not [c for c in cells if "error" in c or "skipped" in c], cells
+    assert {c["peer"] for c in cells if c.get("baseline")} == {"ours_paged", "ours_contiguous"}
+    keys = ("peer", "num_splits", "pages_per_block", "block_k", "num_warps", "num_stages", "gather")
+    by_config = {}
+    for c in cells:
+        if not c.get("baseline"):
+            assert c["ms"] > 0 and c["peer"].endswith("_fp8"), c
+            by_config.setdefault(tuple(c.get(k) for k in keys), []).append(c["fp8_dot"])
+    assert by_config and all(v == ["q", "f16"] for v in by_config.values()), by_config
+    summary = data["fp8_dot_summary"]
+    for name in ("ours_paged_fp8", "ours_contiguous_fp8"):
+        e = summary[name]
+        assert set(e["best"]) == {"q", "f16"} and e["faster"] in ("q", "f16") and e["best_q_over_f16"] > 0
+        assert set(e["speedup_vs_bf16_default"]) == {"q", "f16"}
+        assert len(e["per_config_q_over_f16"]) == sum(k[0] == name for k in by_config)
+    # the GPU sweep: 2 x (7 paged + 6 contiguous) cells, ~150 s on a GPU
+    sys.path.insert(0, str(BENCH))
+    try:
+        import decode
+    finally:
+        sys.path.remove(str(BENCH))
+    gpu_cells = len(decode.FP8_DOTS) * (len(decode.FP8_SWEEP)
+                                        + sum(c["num_splits"] is None for c in decode.FP8_SWEEP))
+    assert gpu_cells == 26
+
+
+def test_decode_fp8_dot_option(tmp_path):
+    """--fp8-dot picks DecodeConfig.fp8_dot for the main grid's FP8 peers (recorded in the
+    JSON); "f16" is exact against the dequantized cache too."""
+    data, stdout = run_quick("decode", tmp_path, "--fp8-dot", "f16", "--peers", "ours_paged_fp8",
+                             "ours_contiguous_fp8", "--batches", "1", "--contexts", "256")
+    assert data["fp8_dot"] == "f16" and "fp8_dot='f16'" in stdout
+    [row] = data["results"]
+    for peer in ("ours_paged_fp8", "ours_contiguous_fp8"):
+        cell = row["peers"][peer]
+        assert cell["ms"] > 0 and cell["max_abs_err_vs_dequantized"] < 0.01, (peer, cell)
+
+
 def test_train_quick(tmp_path):
     data, _ = run_quick("train", tmp_path)
     impls = {r["attention"] for r in data["results"] if r.get("tokens_per_s")}
@@ -335,6 +384,7 @@ def test_serve_sharegpt_workload_is_seeded_and_bounded():
 def test_bad_benchmark_options_are_named():
     for script, args, msg in (("serve", ["--lengths", "bogus"], "invalid choice: 'bogus'"),
                               ("decode", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
+                              ("decode", ["--fp8-dot", "bf16"], "invalid choice: 'bf16'"),
                               ("kernels", ["--shapes", "1x64x2"], "expected BATCHxSEQxHEADSxHEAD_DIM, got '1x64x2'"),
                               ("kernels", ["--reps", "0"], "--reps must be at least 1, got 0")):
         r = run_script(script, *args, timeout=300)

@@ -172,6 +172,8 @@ def test_combine_modes_many_splits(combine):
     ("tile_bytes", 0, "DecodeConfig.tile_bytes must be a positive int (bytes), got 0"),
     ("long_split_tile_bytes", None, "DecodeConfig.long_split_tile_bytes must be a positive int (bytes), got None"),
     ("long_split_tokens", -5, "DecodeConfig.long_split_tokens must be a positive int (positions), got -5"),
+    ("fp8_dot", "bf16", "DecodeConfig.fp8_dot must be 'q' or 'f16', got 'bf16'"),
+    ("fp8_dot", None, "DecodeConfig.fp8_dot must be 'q' or 'f16', got None"),
 ])
 def test_bad_config_values_are_named(field, value, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
@@ -571,6 +573,61 @@ def test_lowers_to_triton_for_h100(monkeypatch):
                 S((B, H, D), jnp.float16), S((B, 1000, Hkv, D), jnp.float16),
                 S((B, 1000, Hkv, D), jnp.float16), S((B,), jnp.int32))
     assert "__gpu$xla.gpu.triton" in txt
+
+
+def test_fp8_dot_f16_lowers_to_float16_dots_for_h100(monkeypatch):
+    """The FP8 kernels with DecodeConfig(fp8_dot="f16") lower to Triton for an H100
+    (sm_90) on any machine, and their Triton IR converts the FP8 tiles straight to f16
+    and runs both dots on f16 operands (no FP8 -> bf16 or f32 conversion of a tile);
+    with fp8_dot="q" and bf16 q the tiles go to bf16."""
+    try:
+        from jax._src.pallas.triton import gpu_info as gi
+        from jax._src.pallas.triton import pallas_call_registration as reg
+        info = gi.get_gpu_info_from_version(gi.GpuVersion.H100)
+        lower_module = reg.lowering.lower_jaxpr_to_triton_module
+    except Exception as e:  # pragma: no cover - internals moved
+        pytest.skip(f"Pallas Triton internals unavailable: {e}")
+    monkeypatch.setattr(reg, "gpu_info_lib", type("G", (), {"get_gpu_info": staticmethod(lambda: info)}))
+    modules = []
+
+    def capture(*a, **kw):
+        res = lower_module(*a, **kw)
+        modules.append(res.module.operation.get_asm())
+        return res
+
+    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", capture)
+    S = jax.ShapeDtypeStruct
+    B, H, Hkv, D, bs, N, P, L = 2, 32, 8, 128, 16, 64, 16, 1000
+    f8, f32 = jnp.float8_e4m3fn, jnp.float32
+
+    def ttir(fn, *args):
+        modules.clear()
+        txt = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" in txt
+        [decode] = [m for m in modules if "tt.dot" in m]  # the combine kernel has no dot
+        return decode
+
+    def casts_and_dots(ir):
+        casts = set(re.findall(r"tt\.fp_to_fp %\S+ : tensor<\S+xf8E4M3FN> -> tensor<\S+x(\w+)>", ir))
+        dots = set(re.findall(r"tt\.dot [^\n]*: tensor<\S+x(\w+)> \* tensor<\S+x(\w+)>", ir))
+        return casts, dots
+
+    for qdt in (jnp.bfloat16, jnp.float16, jnp.float32):
+        for fp8_dot in ("f16", "q"):
+            cfg = DecodeConfig(fp8_dot=fp8_dot)
+            paged = ttir(lambda q, k, v, ks, vs, bt, ln: paged_decode_attention(
+                q, k, v, bt, ln, k_scales=ks, v_scales=vs, interpret=False, num_splits=4,
+                unified_max=3.0, softcap=30.0, config=cfg),
+                S((B, H, D), qdt), S((Hkv, N, bs, D), f8), S((Hkv, N, bs, D), f8),
+                S((Hkv, N, bs), f32), S((Hkv, N, bs), f32), S((B, P), jnp.int32), S((B,), jnp.int32))
+            dense = ttir(lambda q, k, v, ks, vs, ln: decode_attention(
+                q, k, v, ln, k_scales=ks, v_scales=vs, interpret=False, num_splits=8, config=cfg),
+                S((B, H, D), qdt), S((B, L, Hkv, D), f8), S((B, L, Hkv, D), f8),
+                S((B, L, Hkv), f32), S((B, L, Hkv), f32), S((B,), jnp.int32))
+            want = "f16" if fp8_dot == "f16" else {jnp.bfloat16: "bf16", jnp.float16: "f16",
+                                                    jnp.float32: "f32"}[qdt]
+            for ir in (paged, dense):
+                assert casts_and_dots(ir) == ({want}, {(want, want)}), (qdt, fp8_dot, casts_and_dots(ir))
 
 
 # ------------------------------------------------ compiled on a GPU (Triton)

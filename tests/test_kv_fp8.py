@@ -8,6 +8,7 @@ are measured on one tiny random model and a chaotic random model would move them
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -237,6 +238,233 @@ def test_fp8_kernel_rejects_bad_inputs():
     with pytest.raises(ValueError, match=r"k_scales must have shape \[batch, kv_len, kv_heads\]"):
         decode_attention(q, jnp.zeros((1, 8, 1, 16), FP8), jnp.zeros((1, 8, 1, 16), FP8), ln,
                          k_scales=jnp.ones((1, 1, 8)), v_scales=jnp.ones((1, 8, 1)))
+
+
+# --------------------------------------------------------------------------
+# DecodeConfig.fp8_dot="f16": the FP8 tiles' dots in float16
+# --------------------------------------------------------------------------
+
+# "f16" against a float64 reference on the dequantized cache, by q's dtype: the output's
+# own rounding for bf16 and f16 q; float32 q is rounded to float16 (11 bits) for the dot,
+# so it gets float16's tolerance (errors seen: up to 1.5e-3 with |k| ~ 4).
+F16_TOL = {jnp.float32: 4e-3, jnp.float16: 4e-3, jnp.bfloat16: 2e-2}
+# ... and against fp8_dot="q" (each within its tolerance of the reference)
+F16_VS_Q = {jnp.float32: 4e-3, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
+F16 = DecodeConfig(fp8_dot="f16")
+Q = DecodeConfig(fp8_dot="q")
+
+
+def _deq64(vals, scales):
+    """Dequantized FP8 values in float64 (exact: e4m3 x float32 fits in a double)."""
+    return _np(vals) * np.asarray(scales, np.float64)[..., None]
+
+
+def _gather64(pages, tables, max_len):
+    """float64 [kv_heads, N, bs, D] pages + tables -> [batch, max_len, kv_heads, D]
+    (table entries past a length are clipped into the pool: the reference never reads them)."""
+    bs = pages.shape[2]
+    t = np.arange(max_len)
+    blk = np.clip(np.asarray(tables)[:, t // bs], 0, pages.shape[1] - 1)
+    return np.moveaxis(pages[:, blk, (t % bs)[None, :]], 0, 2)
+
+
+def _ref64(q, k, v, lengths, softcap=None):
+    """float64 decode attention over dense [batch, kv_len, kv_heads, D] arrays (positions
+    at or past a sequence's length, poisoned or not, are never read)."""
+    q = _np(q)
+    b, h, d = q.shape
+    g = h // k.shape[2]
+    out = np.zeros((b, h, d))
+    for i, n in enumerate(np.asarray(lengths)):
+        for j in range(h):
+            if n == 0:
+                continue
+            s = k[i, :n, j // g] @ q[i, j] / math.sqrt(d)
+            if softcap is not None:
+                s = softcap * np.tanh(s / softcap)
+            p = np.exp(s - s.max())
+            out[i, j] = p @ v[i, :n, j // g] / p.sum()
+    return out
+
+
+def _close(name, dtype, out, ref, tol, scale=1.0):
+    """out (any dtype) within tol of ref, relative to `scale` (the values' magnitude),
+    and finite; prints (pytest -s) and returns the largest error in units of `scale`."""
+    out = _np(out)
+    assert np.isfinite(out).all(), f"{name}: non-finite output"
+    err = float(np.abs(out - ref).max()) / scale
+    print(f"max err {name} {jnp.dtype(dtype).name}: {err:.3g} (x {scale:g})")
+    np.testing.assert_allclose(out, ref, atol=tol * scale, rtol=tol, err_msg=name)
+    return err
+
+
+@pytest.mark.parametrize("dtype,gather,splits,heads,kv_heads,softcap,unified_max", [
+    (jnp.bfloat16, "rows", 2, 8, 2, None, None),  # GQA group 4
+    (jnp.float16, "pages", 3, 6, 2, 20.0, None),  # group 3 (padded), soft cap
+    (jnp.float32, "rows", 1, 4, 4, None, 1.0),  # MHA, unified max
+    (jnp.bfloat16, "rows", 4, 8, 1, None, None),  # MQA, more splits than some sequences' tiles
+])
+def test_fp8_dot_f16_paged(rng, dtype, gather, splits, heads, kv_heads, softcap, unified_max):
+    """fp8_dot="f16" on FP8 pages equals the float64 reference on the dequantized cache,
+    and fp8_dot="q": ragged lengths (a full cache, 1, a partial tile holding one position,
+    exactly one tile, 0), shuffled tables with garbage past each length, and NaN values /
+    NaN key scales / Inf value scales in every slot no sequence owns."""
+    bs, max_blocks, ppb = 4, 8, 4  # 16-token tiles
+    full = bs * max_blocks
+    lengths = [full, 1, 17, 0, 16]
+    q, _, (k8, v8, ks, vs), bt, ln = _paged_fp8(
+        rng(), batch=5, heads=heads, kv_heads=kv_heads, head_dim=32, bs=bs, max_blocks=max_blocks,
+        lengths=lengths, poison=True)
+    q = q.astype(dtype)
+    kw = dict(k_scales=ks, v_scales=vs, num_splits=splits, pages_per_block=ppb, softcap=softcap,
+              unified_max=unified_max)
+    out = paged_decode_attention(q, k8, v8, bt, ln, **kw, config=dataclasses.replace(F16, paged_gather=gather))
+    out_q = paged_decode_attention(q, k8, v8, bt, ln, **kw, config=dataclasses.replace(Q, paged_gather=gather))
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = _ref64(q, _gather64(_deq64(k8, ks), bt, full), _gather64(_deq64(v8, vs), bt, full), ln, softcap)
+    _close("paged", dtype, out, ref, F16_TOL[dtype])
+    _close("paged f16 vs q", dtype, out, _np(out_q), F16_VS_Q[dtype])
+    assert (_np(out[3]) == 0).all()  # length 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_fp8_dot_f16_contiguous(rng, dtype):
+    """The same on a dense FP8 cache, both layouts, with NaN values and scales past each
+    length."""
+    b, L, hkv, h, d = 3, 40, 2, 4, 32
+    kq, kk, kv = rng(3)
+    q = jax.random.normal(kq, (b, h, d), jnp.float32).astype(dtype)
+    k8, ks = _quant(jax.random.normal(kk, (b, L, hkv, d), jnp.float32) * 4)
+    v8, vs = _quant(jax.random.normal(kv, (b, L, hkv, d), jnp.float32))
+    ln = jnp.asarray([L, 17, 1], jnp.int32)
+    ref = _ref64(q, _deq64(k8, ks), _deq64(v8, vs), ln)
+    past = (jnp.arange(L)[None, :] >= ln[:, None])[:, :, None]  # [b, L, 1]
+    nan8 = jnp.asarray(np.nan, FP8)
+    k8, v8 = (jnp.where(past[..., None], nan8, x) for x in (k8, v8))
+    ks, vs = (jnp.where(past, jnp.nan, x) for x in (ks, vs))
+    for layout in ("bshd", "bhsd"):
+        args = (k8, v8, ks, vs)
+        if layout == "bhsd":
+            args = tuple(jnp.swapaxes(x, 1, 2) for x in args)
+        run = lambda cfg: decode_attention(q, args[0], args[1], ln, k_scales=args[2], v_scales=args[3],
+                                           kv_layout=layout, block_k=16, num_splits=2, config=cfg)
+        out = run(F16)
+        _close(f"contiguous {layout}", dtype, out, ref, F16_TOL[dtype])
+        _close(f"contiguous {layout} f16 vs q", dtype, out, _np(run(Q)), F16_VS_Q[dtype])
+
+
+def _adversarial(key, dtype, case):
+    """Dense FP8 inputs (b=2, L=40, 2 KV heads, 4 query heads, head_dim 32; lengths 40
+    and 23) built to break a float16 dot that does not normalise. Returns q, the clean
+    (k8, v8, ks, vs), the same with NaN values and scales past the lengths, the lengths,
+    and the magnitude of the output."""
+    b, L, hkv, h, d = 2, 40, 2, 4, 32
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (b, h, d), jnp.float32)
+    k = jax.random.normal(kk, (b, L, hkv, d), jnp.float32)
+    v = jax.random.normal(kv, (b, L, hkv, d), jnp.float32)
+    ln = jnp.asarray([L, 23], jnp.int32)
+    mag = 1.0
+    if case == "large_q":
+        # |q| up to 6e5 (6e4 for float16 q): past float16's 65504 (a plain float16 cast of
+        # q overflows; q*k products reach 448 times that); scores of order 1e4-1e5
+        # (softmax nearly one-hot).
+        q = (1e4 if dtype == jnp.float16 else 1e5) * jnp.clip(q, -6.0, 6.0)
+    elif case == "tiny_v":
+        # values of magnitude 1e-6: value scales ~ 1e-8 (p * vs in float16 would be 0)
+        v, mag = v * 1e-6, 1e-6
+    elif case == "sink":
+        # An attention sink: position 0 of each sequence scores ~160 (log units) above
+        # the rest and holds a value vector of magnitude 1e-3, all others 1e3. So p * vs
+        # is largest at position 0 although its value scale is 1e-6 of the tile's
+        # largest, and the later tiles' probabilities underflow to exactly 0 (all their
+        # weights are 0); the value scales of positions 16..31 are 0 too (a valid tile of
+        # zero values).
+        q = jnp.abs(q)
+        k = k.at[:, 0].set(36.0)
+        v = (v * 1e3).at[:, 0].multiply(1e-6)
+        mag = 1e-3
+    q = q.astype(dtype)
+    k8, ks = _quant(k)
+    v8, vs = _quant(v)
+    if case == "sink":
+        vs = vs.at[:, 16:32].set(0.0)
+    past = (jnp.arange(L)[None, :] >= ln[:, None])[:, :, None]
+    nan8 = jnp.asarray(np.nan, FP8)
+    k8n, v8n = (jnp.where(past[..., None], nan8, x) for x in (k8, v8))
+    ksn, vsn = (jnp.where(past, jnp.nan, x) for x in (ks, vs))
+    return q, (k8, v8, ks, vs), (k8n, v8n, ksn, vsn), ln, mag
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_fp8_dot_f16_adversarial(rng, dtype):
+    """fp8_dot="f16" keeps every float16 value in range on inputs where a plain float16
+    dot would overflow (large |q|) or underflow (tiny value scales; a sink position whose
+    p * vs dominates a tile whose largest value scale is 1e6 times its own), with NaN
+    values and scales past the lengths: equal to the float64 reference, relative to the
+    values' magnitude. "q" agrees where its own dtype can hold the values. (The cases
+    share one shape: one compilation per config.)"""
+    tol = F16_TOL[dtype]
+    for case in ("large_q", "tiny_v", "sink"):
+        q, clean, poisoned, ln, mag = _adversarial(rng(), dtype, case)
+        k8, v8, ks, vs = poisoned
+        ref = _ref64(q, _deq64(clean[0], clean[2]), _deq64(clean[1], clean[3]), ln)
+        run = lambda cfg: decode_attention(q, k8, v8, ln, k_scales=ks, v_scales=vs, block_k=16,
+                                           num_splits=2, config=cfg)
+        out = run(F16)
+        # float16 output: the output's own float16 rounding (subnormal below 6.1e-5)
+        scale = max(mag, 2.0 ** -24 / tol) if dtype == jnp.float16 else mag
+        _close(f"adversarial {case}", dtype, out, ref, tol, scale=scale)
+        if not (case == "tiny_v" and dtype == jnp.float16):  # "q" with float16 q: v * vs underflows
+            _close(f"adversarial {case} f16 vs q", dtype, out, _np(run(Q)), F16_VS_Q[dtype], scale=scale)
+
+
+def test_fp8_dot_f16_unified_max_needs_no_float16_window(rng):
+    """With unified_max, "f16" normalises the probabilities per row before the float16
+    cast, so scores far above phi (exp up to e^20, past float16's 65504) stay exact
+    without the fallback (unified_fallback=False), for float16 q too."""
+    b, L, hkv, h, d = 2, 40, 2, 4, 32
+    kq, kk, kv = rng(3)
+    q = (jnp.abs(jax.random.normal(kq, (b, h, d), jnp.float32)) * 3).astype(jnp.float16)
+    # position 3 scores ~20 for every head (1.5 * sum|q| / sqrt(d)), the others ~N(0, 6^2)
+    k8, ks = _quant((jax.random.normal(kk, (b, L, hkv, d), jnp.float32) * 2).at[:, 3].set(1.5))
+    v8, vs = _quant(jax.random.normal(kv, (b, L, hkv, d), jnp.float32))
+    ln = jnp.asarray([L, 29], jnp.int32)
+    ref = _ref64(q, _deq64(k8, ks), _deq64(v8, vs), ln)
+    smax = max(float(np.max(_deq64(k8, ks)[i, :n, j // 2] @ _np(q)[i, j])) / math.sqrt(d)
+               for i, n in enumerate([L, 29]) for j in range(h))
+    assert 12 < smax < 40, smax  # beyond the float16 window (10) of phi = 0, inside float32's (40)
+    cfg = dataclasses.replace(F16, unified_fallback=False)
+    out = decode_attention(q, k8, v8, ln, k_scales=ks, v_scales=vs, block_k=16, num_splits=2,
+                           unified_max=0.0, config=cfg)
+    _close("unified_max", jnp.float16, out, ref, F16_TOL[jnp.float16])
+    # the test's teeth: "q" casts exp(s - phi) to float16 unnormalised, so without the
+    # fallback it overflows here
+    out_q = _np(decode_attention(q, k8, v8, ln, k_scales=ks, v_scales=vs, block_k=16, num_splits=2,
+                                 unified_max=0.0, config=dataclasses.replace(cfg, fp8_dot="q")))
+    assert not np.allclose(out_q, ref, atol=0.1, rtol=0.1)
+
+
+def test_fp8_dot_only_changes_fp8_caches():
+    """fp8_dot="f16" traces another program on an FP8 cache (a kernel named *_f16dot) and
+    the same program as "q" on a bf16 one."""
+    q = jnp.zeros((2, 4, 32), jnp.bfloat16)
+    kv16 = jnp.zeros((2, 32, 2, 32), jnp.bfloat16)
+    kv8 = jnp.zeros((2, 32, 2, 32), FP8)
+    sc = jnp.ones((2, 32, 2), jnp.float32)
+    ln = jnp.full((2,), 32, jnp.int32)
+
+    def jaxpr(cfg, fp8):
+        if fp8:
+            f = lambda: decode_attention(q, kv8, kv8, ln, k_scales=sc, v_scales=sc, config=cfg)
+        else:
+            f = lambda: decode_attention(q, kv16, kv16, ln, config=cfg)
+        return str(jax.make_jaxpr(f)())
+
+    assert jaxpr(F16, False) == jaxpr(Q, False) == jaxpr(None, False)
+    assert jaxpr(Q, True) == jaxpr(None, True)
+    f16 = jaxpr(F16, True)
+    assert f16 != jaxpr(Q, True) and "_f16dot" in f16
 
 
 # --------------------------------------------------------------------------
