@@ -364,3 +364,27 @@ def test_structured_validator_rejects_what_it_must():
     assert structured.validate({"status": "done", "priority": "low", "assignee": 3, "labels": []}, S["ticket"])
     with pytest.raises(ValueError, match="not implemented"):
         structured.validate([1], {"type": "array", "uniqueItems": True})
+
+
+def test_structured_tokenizer_fills_the_vocabulary():
+    """A preset's tokenizer has exactly the model's ids: when BPE stops short (a small corpus)
+    special `<|unused_N|>` tokens fill the rest, and a JSON grammar never allows them."""
+    pytest.importorskip("llguidance")
+    import numpy as np
+
+    from flashjax.serving.guided import GrammarBackend, grammar_for_response_format
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import structured
+    finally:
+        sys.path.remove(str(BENCH))
+    tok, info = structured.preset_tokenizer(4000, 32 << 10)
+    assert tok.vocab_size == info["vocab_size"] == 4000 and info["padding_special_tokens"] > 0
+    assert tok.decode([3999]) == f"<|unused_{info['padding_special_tokens'] - 1}|>"
+    backend = GrammarBackend(tok, vocab_size=4000, eos_id=tok.eot_id)
+    grammar = grammar_for_response_format({"type": "json_schema", "json_schema": {"schema": structured.SCHEMAS["ticket"]}})
+    row = np.zeros(backend.words, np.int32)
+    backend.fill(backend.matcher(grammar), row)
+    allowed = np.unpackbits(row.view(np.uint8), bitorder="little")[:4000]
+    assert allowed.sum() >= 1 and not allowed[info["bpe_vocab"]:].any()
