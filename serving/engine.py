@@ -175,8 +175,14 @@ class Engine:
                                    block_size=self.block_size, max_blocks_per_seq=self.max_blocks_per_seq,
                                    logprobs_k=self.logprobs_k, decode_kwargs=decode_kwargs,
                                    kv_cache_dtype=self.kv_cache_dtype)
+        # host seconds spent planning, dispatching, waiting for the device, delivering; of
+        # these, structured output's share: grammar_mask_s (llguidance computing the allowed-
+        # token bitmasks, inside dispatch_s) and grammar_consume_s (matchers advancing on the
+        # sampled tokens, inside deliver_s)
+        self.host_timing: collections.Counter = collections.Counter()
         self.output = OutputProcessor(self.scheduler, tokenizer=tokenizer, eos_id=self.eos_id,
-                                      max_len=self.max_len, counters=self.stats_counters)
+                                      max_len=self.max_len, counters=self.stats_counters,
+                                      timing=self.host_timing)
         self.handles = self.output.handles
         self.trace_counts = self.runner.trace_counts
         self._slots = S.SlotBatch(self.max_seqs, self.max_blocks_per_seq)
@@ -189,8 +195,6 @@ class Engine:
         self._stop = False
         self.engine_error: BaseException | None = None
         self.started = time.monotonic()
-        # host seconds spent planning, dispatching, waiting for the device, delivering
-        self.host_timing: collections.Counter = collections.Counter()
 
     # ------------------------------------------------------------------
     # Compatibility views
@@ -465,10 +469,13 @@ class Engine:
             width = next(w for w in self.table_buckets if w >= widest)
             arrays["tables"] = arrays["tables"][:, :width]
         if guided:
+            t_mask = time.perf_counter()
             mask = np.full((self.max_seqs, self._grammar.words), -1, np.int32)
             for r in guided:
                 self._grammar.fill(r.matcher, mask[r.slot])
             arrays["mask"] = mask
+            self.host_timing["grammar_mask_s"] += time.perf_counter() - t_mask
+            self.stats_counters["grammar_masks"] += len(guided)
         # top-k / top-p need a sort of the vocabulary: a variant of its own (compiled on first use)
         filtered = any(r.consts[0][S.TOP_K - S.TOP_K] > 0 or r.consts[1][S.TOP_P] < 1
                        for r in itertools.chain(decodes, (r for r, _ in prefills)))
@@ -476,6 +483,7 @@ class Engine:
         c = self.stats_counters
         c["steps"] += 1
         c["device_calls"] += 1
+        c["device_decode_steps"] += n_steps  # decode iterations on the device (K per multi-step call)
         c["prefill_tokens"] += sum(x for _, x in prefills)
         c["decode_tokens"] += sum(k for _, _, k in dc_rows)
         c["max_decode_batch"] = max(c["max_decode_batch"], len(decodes))
@@ -657,6 +665,7 @@ class Engine:
                 "multi_step_calls": c["multi_step_calls"],
                 "prefill_tokens": c["prefill_tokens"],
                 "decode_tokens": c["decode_tokens"],
+                "grammar_masks": c["grammar_masks"],
                 "ttft_p50": pct(self.ttfts, 50), "ttft_p99": pct(self.ttfts, 99),
                 "tpot_p50": pct(self.tpots, 50), "tpot_p99": pct(self.tpots, 99),
                 "ttft_mean": float(np.mean(self.ttfts)) if self.ttfts else None,

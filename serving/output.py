@@ -12,6 +12,7 @@ token after the one that stopped the sequence.
 from __future__ import annotations
 
 import collections
+import time
 from typing import Sequence
 
 from flashjax.serving.detokenizer import Detokenizer
@@ -25,12 +26,14 @@ class OutputProcessor:
     """Delivers tokens to requests and finishes them (frees their blocks via the scheduler)."""
 
     def __init__(self, scheduler: Scheduler, *, tokenizer, eos_id: int | None, max_len: int,
-                 counters: collections.Counter):
+                 counters: collections.Counter, timing: collections.Counter | None = None):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.max_len = int(max_len)
         self.counters = counters
+        # host seconds (the engine's host_timing): grammar_consume_s, the matchers' consume_token
+        self.timing = collections.Counter() if timing is None else timing
         self.handles: dict[str, RequestHandle] = {}
         self.ttfts: collections.deque = collections.deque(maxlen=10000)
         self.tpots: collections.deque = collections.deque(maxlen=10000)
@@ -66,9 +69,13 @@ class OutputProcessor:
             t = int(t)
             accepted.append(t)
             n = base + len(accepted)
-            if m is not None and (not m.consume_token(t) or m.is_stopped()):
-                reason = "stop"  # the grammar is complete (or, never expected, refused the token)
-                break
+            if m is not None:
+                t0 = time.perf_counter()
+                done = not m.consume_token(t) or m.is_stopped()
+                self.timing["grammar_consume_s"] += time.perf_counter() - t0
+                if done:
+                    reason = "stop"  # the grammar is complete (or, never expected, refused the token)
+                    break
             if t == eos or t in p.stop_token_ids:
                 reason = "stop"
                 break

@@ -551,3 +551,77 @@ def test_engine_diag_between_calls_from_kernel_gaps(tmp_path):
     assert abs(out["between_steps_idle_frac"] - 3 * 173 / stretch) < 1e-9, out
     assert "kernel gaps" in out["between_steps_method"]
     assert out["idle_by_gap_us"]["0-5"]["gaps"] == 36
+
+
+def test_structured_quick(tmp_path):
+    """Constrained (JSON schema) vs unconstrained decoding of the same token counts: both
+    modes timed, every constrained response valid, the engine's grammar counters filled."""
+    pytest.importorskip("llguidance")
+    data, stdout = run_quick("structured", tmp_path)
+    assert data["benchmark"] == "structured" and data["device"] and data["versions"]["llguidance"]
+    assert data["all_valid"] and data["config"]["tokenizer"]["vocab_size"] == data["config"]["model"]["vocab_size"]
+    [cell] = data["results"]
+    con, unc = cell["constrained"], cell["unconstrained"]
+    assert cell["validity"]["percent"] == 100.0 and not cell["validity"]["invalid"]
+    assert set(cell["validity"]["by_schema"]) == set(data["config"]["schemas"]) and len(data["config"]["schemas"]) >= 5
+    assert cell["tokens_matched"] and con["output_tokens"] == unc["output_tokens"] > 0
+    assert con["finish_reasons"] == {"stop": con["requests"]}
+    # one mask per constrained token, each step read back at once; the unconstrained run
+    # computes none and runs multi-step calls
+    assert con["grammar_masks"] == con["output_tokens"] and con["multi_step_calls"] == 0
+    assert con["host_s"]["grammar_mask_s"] > 0 and con["host_s"]["grammar_consume_s"] > 0
+    assert unc["grammar_masks"] == 0 and unc["host_s"]["grammar_mask_s"] == 0 and unc["multi_step_calls"] > 0
+    assert con["compiles"] == unc["compiles"] == 0
+    assert cell["tok_s_ratio"] == pytest.approx(con["tok_s"] / unc["tok_s"])
+    assert "tok/s vs unconstrained" in stdout
+
+
+def test_structured_validator_rejects_what_it_must():
+    """The benchmark's own validator (used when jsonschema is not installed) and the
+    response check: cut responses, non-JSON and schema violations are invalid."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import structured
+    finally:
+        sys.path.remove(str(BENCH))
+    S = structured.SCHEMAS
+    good = {"id": "ORD-1234", "items": [{"sku": "ABC12", "qty": 3, "price": 999.81}], "paid": False}
+    assert structured.check_response(json.dumps(good), "stop", S["order"]) == []
+    assert structured.check_response(json.dumps(good), "length", S["order"])  # cut by max_tokens
+    assert structured.check_response('{"id": "ORD-1234", ', "stop", S["order"])
+    for bad in ({**good, "id": "ORD-12"}, {**good, "extra": 1}, {**good, "items": []},
+                {**good, "items": [{"sku": "ABC12", "qty": 3, "price": 1.005}]},
+                {**good, "items": [{"sku": "ABC12", "qty": 100, "price": 1}]}, {**good, "paid": 0}):
+        assert structured.validate(bad, S["order"]), bad
+    ev = {"title": "x", "date": "2024-02-30", "time": "12:00", "location": {"lat": 1, "lon": 2}, "tags": []}
+    assert structured.validate(ev, S["event"]) == ["$.date: '2024-02-30' is not a date"]
+    assert structured.validate({**ev, "date": "2024-02-29"}, S["event"]) == []
+    assert structured.validate({"status": "open", "priority": "low", "assignee": None, "labels": ["bug"]},
+                               S["ticket"]) == []
+    assert structured.validate({"status": "done", "priority": "low", "assignee": 3, "labels": []}, S["ticket"])
+    with pytest.raises(ValueError, match="not implemented"):
+        structured.validate([1], {"type": "array", "uniqueItems": True})
+
+
+def test_structured_tokenizer_fills_the_vocabulary():
+    """A preset's tokenizer has exactly the model's ids: when BPE stops short (a small corpus)
+    special `<|unused_N|>` tokens fill the rest, and a JSON grammar never allows them."""
+    pytest.importorskip("llguidance")
+    import numpy as np
+
+    from flashjax.serving.guided import GrammarBackend, grammar_for_response_format
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import structured
+    finally:
+        sys.path.remove(str(BENCH))
+    tok, info = structured.preset_tokenizer(4000, 32 << 10)
+    assert tok.vocab_size == info["vocab_size"] == 4000 and info["padding_special_tokens"] > 0
+    assert tok.decode([3999]) == f"<|unused_{info['padding_special_tokens'] - 1}|>"
+    backend = GrammarBackend(tok, vocab_size=4000, eos_id=tok.eot_id)
+    grammar = grammar_for_response_format({"type": "json_schema", "json_schema": {"schema": structured.SCHEMAS["ticket"]}})
+    row = np.zeros(backend.words, np.int32)
+    backend.fill(backend.matcher(grammar), row)
+    allowed = np.unpackbits(row.view(np.uint8), bitorder="little")[:4000]
+    assert allowed.sum() >= 1 and not allowed[info["bpe_vocab"]:].any()
