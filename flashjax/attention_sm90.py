@@ -280,6 +280,16 @@ def _cut_rows(x, front: int, n: int, axis: int = 1):
     return lax.slice_in_dim(x, front, front + n, axis=axis)
 
 
+def _query_tiles_of_head(step, g, carry, *, causal, n_masked, n_steps):
+    """The backward's loop over all query tiles of query head h0 + g (both dK/dV kernels):
+    when causal, the first n_masked steps cross the diagonal and are masked."""
+    unmasked = functools.partial(step, masked=False, g=g)
+    if causal:
+        carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True, g=g), carry)
+        return lax.fori_loop(n_masked, n_steps, unmasked, carry)
+    return lax.fori_loop(0, n_steps, unmasked, carry)
+
+
 def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
             config: FwdConfig | None = None):
     """O and the log2-domain log-sum-exp [batch, heads, q_len] (float32) of attention.
@@ -711,13 +721,8 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
 
                 return dk_acc, dv_acc
 
-            def head(g, carry):  # all query tiles of query head h0 + g
-                unmasked = functools.partial(step, masked=False, g=g)
-                if causal:
-                    carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True, g=g),
-                                          carry)
-                    return lax.fori_loop(n_masked, n_steps, unmasked, carry)
-                return lax.fori_loop(0, n_steps, unmasked, carry)
+            head = functools.partial(_query_tiles_of_head, step, causal=causal,
+                                     n_masked=n_masked, n_steps=n_steps)
 
             carry = (zeros, zeros)
             carry = head(0, carry) if hpc == 1 else lax.fori_loop(0, hpc, head, carry)
@@ -925,13 +930,8 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
                         reduction_op="add")
                 return dk_acc, dv_acc
 
-            def head(g, carry):  # all query tiles of query head h0 + g
-                unmasked = functools.partial(step, masked=False, g=g)
-                if causal:
-                    carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True, g=g),
-                                          carry)
-                    return lax.fori_loop(n_masked, n_steps, unmasked, carry)
-                return lax.fori_loop(0, n_steps, unmasked, carry)
+            head = functools.partial(_query_tiles_of_head, step, causal=causal,
+                                     n_masked=n_masked, n_steps=n_steps)
 
             carry = (zeros, zeros)
             carry = head(0, carry) if hpc == 1 else lax.fori_loop(0, hpc, head, carry)
