@@ -280,21 +280,25 @@ def test_chunked_prefill_combinations(request, combo):
               implementation="triton")
 
 
-def _shapes_in(fn, *args):
-    """Every array shape in fn's jaxpr, inner jaxprs (kernels, vjp) included."""
-    shapes = []
+def _eqns(fn, *args):
+    """Every equation of fn's jaxpr, inner jaxprs (kernels, the custom_vjp backward) included."""
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
-            shapes.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            yield eqn
             for p in eqn.params.values():
                 for sub in (p if isinstance(p, (tuple, list)) else (p,)):
                     inner = getattr(sub, "jaxpr", sub)
                     if hasattr(inner, "eqns"):
-                        walk(inner)
+                        yield from walk(inner)
 
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return shapes
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def _shapes_in(fn, *args):
+    """Every array shape in fn's jaxpr, inner jaxprs (kernels, vjp) included."""
+    return [tuple(v.aval.shape) for eqn in _eqns(fn, *args) for v in eqn.outvars
+            if hasattr(v.aval, "shape")]
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
@@ -576,20 +580,9 @@ def test_dispatch_routes_ragged_lengths_to_mosaic(monkeypatch):
 def _pads(fn, *args):
     """(shape before, shape after) of each 4-d array that fn's jaxpr pads (a copy of q, k,
     v or dO), inner jaxprs (kernels, the custom_vjp backward) included."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pad" and len(eqn.invars[0].aval.shape) == 4:
-                found.append((tuple(eqn.invars[0].aval.shape), tuple(eqn.outvars[0].aval.shape)))
-            for p in eqn.params.values():
-                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
+    return [(tuple(eqn.invars[0].aval.shape), tuple(eqn.outvars[0].aval.shape))
+            for eqn in _eqns(fn, *args)
+            if eqn.primitive.name == "pad" and len(eqn.invars[0].aval.shape) == 4]
 
 
 def _ragged_grad(causal, **kw):
