@@ -385,6 +385,7 @@ def test_bad_benchmark_options_are_named():
     for script, args, msg in (("serve", ["--lengths", "bogus"], "invalid choice: 'bogus'"),
                               ("decode", ["--rounds", "0"], "--rounds must be at least 1, got 0"),
                               ("decode", ["--fp8-dot", "bf16"], "invalid choice: 'bf16'"),
+                              ("attention", ["--gqa", "0"], "--gqa must be at least 1, got 0"),
                               ("kernels", ["--shapes", "1x64x2"], "expected BATCHxSEQxHEADSxHEAD_DIM, got '1x64x2'"),
                               ("kernels", ["--reps", "0"], "--reps must be at least 1, got 0")):
         r = run_script(script, *args, timeout=300)

@@ -136,3 +136,13 @@ def test_compilation_cache_is_written(tmp_path):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert any(p.name.endswith("-cache") for p in cache.iterdir()), sorted(p.name for p in cache.iterdir())
+
+
+def test_compilation_cache_that_cannot_be_created_is_named(tmp_path, capsys):
+    """A --compilation-cache folder that cannot be made (a file is in the way) turns the
+    cache off with a message naming the folder; the command still runs."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cli.enable_compilation_cache(str(blocker / "cache"))
+    err = capsys.readouterr().err
+    assert "compilation cache off" in err and str(blocker / "cache") in err
