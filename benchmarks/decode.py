@@ -45,8 +45,8 @@ head_dim] cache):
                    (float8_e4m3fn, one float32 scale per token and KV head:
                    flashjax.kv_cache.quantize_fp8 of the bf16 pool)
   ours_contiguous_fp8  flashjax.decode_attention on the dense cache in FP8
-                   (both with DecodeConfig.fp8_dot from --fp8-dot: "q", the default,
-                   converts tiles to q's dtype, "f16" to float16)
+                   (both with DecodeConfig.fp8_dot from --fp8-dot: "auto", the default,
+                   is "f16" for bf16 q; "q" converts tiles to q's dtype, "f16" to float16)
 A peer that fails records an error string in its cell. Every output is
 checked against XLA on its first two sequences (max abs error in the JSON;
 for the FP8 peers that includes the quantization error, and
@@ -813,7 +813,7 @@ def parse_args(argv=None):
                    help="sweep the kernels on an FP8 (e4m3) cache instead (implies --sweep; GB/s of the "
                         "logical bf16 bytes): each configuration with both DecodeConfig.fp8_dot values, "
                         "beside the bf16 kernel at its defaults")
-    p.add_argument("--fp8-dot", choices=("q", "f16"),
+    p.add_argument("--fp8-dot", choices=("auto", "q", "f16"),
                    help="DecodeConfig.fp8_dot of the FP8 peers of the main grid (default: the library's "
                         "default)")
     args = p.parse_args(argv)

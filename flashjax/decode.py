@@ -115,7 +115,7 @@ _UNIFIED_WINDOW = {
 _PAGED_GATHERS = ("rows", "pages")
 _PRELOADS = ("auto", "always", "never")
 _COMBINES = ("pallas", "xla")
-_FP8_DOTS = ("q", "f16")
+_FP8_DOTS = ("auto", "q", "f16")
 
 
 def _expect_int(field, value, lo, what):
@@ -201,26 +201,26 @@ class DecodeConfig:
       long_split_tokens: the split length, in positions, from which
         `long_split_tile_bytes` applies (default 32768, see above).
       fp8_dot: the dtype of the dots on an FP8 (float8_e4m3fn) cache; no effect
-        on other caches. "q" (default): each K/V tile is converted to q's dtype
-        and the dots run there. "f16": tiles are converted to float16 (exact for
-        every e4m3 value) and both dots run in float16 with float32
-        accumulation. Why: sm_90 has no packed e4m3 -> bf16 conversion (Triton
-        goes through f16/f32 one value at a time), but has the packed
-        `cvt.rn.f16x2.e4m3x2`; on an H200 the FP8 "q" kernels take as long as
-        the bf16 ones while reading half the bytes, about the time that the
-        per-value conversions of the tiles cost (issue 20; an estimate, not yet
-        profiled). Nothing overflows or underflows in float16: q is divided
-        per row by a power of two >= max|q_row| (exact for bf16 and float16 q;
-        float32 q is rounded to float16's 11 bits) and the scores multiplied
-        back by it (with the key scales and sm_scale); the probabilities times
-        the value scales (float32) are divided per row by their largest value
-        in the tile, so the float16 weights lie in [0, 1] with the row's
-        largest exactly 1 (a row of zero weights divides by 1), and that factor
-        multiplies the tile's P @ V in float32 (one row maximum per tile more
-        than "q"). The tiles themselves are never scaled or converted to
-        float32. "f16" is the candidate default: it becomes the default if
-        `benchmarks/decode.py --sweep-fp8` on a Hopper GPU measures it faster
-        (it was written without a GPU).
+        on other caches. "auto" (default): "f16" for bfloat16 and float16 q,
+        "q" for float32 q (whose dots keep float32's precision). "q": each K/V
+        tile is converted to q's dtype and the dots run there. "f16": tiles are
+        converted to float16 (exact for every e4m3 value) and both dots run in
+        float16 with float32 accumulation. Why: sm_90 has no packed e4m3 -> bf16
+        conversion (Triton goes through f16/f32 one value at a time), but has
+        the packed `cvt.rn.f16x2.e4m3x2`. Measured on an H200
+        (`benchmarks/decode.py --sweep-fp8`, batch 64 x 32k, bf16 q, best
+        configuration of each): paged 1.95 ms with "q", 1.45 ms with "f16"
+        (1.34x; against the bf16 cache's kernel 1.02x and 1.36x), contiguous
+        1.69 and 1.40 ms. Nothing overflows or underflows in float16: q is
+        divided per row by a power of two >= max|q_row| (exact for bf16 and
+        float16 q; float32 q would be rounded to float16's 11 bits, which is why
+        "auto" keeps float32 q on "q") and the scores multiplied back by it (with
+        the key scales and sm_scale); the probabilities times the value scales
+        (float32) are divided per row by their largest value in the tile, so the
+        float16 weights lie in [0, 1] with the row's largest exactly 1 (a row of
+        zero weights divides by 1), and that factor multiplies the tile's P @ V
+        in float32 (one row maximum per tile more than "q"). The tiles
+        themselves are never scaled or converted to float32.
     """
 
     paged_gather: str = "rows"
@@ -234,7 +234,7 @@ class DecodeConfig:
     tile_bytes: int = 16 * 1024
     long_split_tile_bytes: int = 32 * 1024
     long_split_tokens: int = 32768
-    fp8_dot: str = "q"
+    fp8_dot: str = "auto"
 
     def __post_init__(self):
         # Checked (and numpy scalars made plain Python values) once, here, so a
@@ -264,6 +264,13 @@ class DecodeConfig:
 
 
 _DEFAULT_CONFIG = DecodeConfig()
+
+
+def _resolve_fp8_dot(fp8_dot: str, q_dtype) -> str:
+    """DecodeConfig.fp8_dot with "auto" resolved for q's dtype ("f16" for 16-bit q)."""
+    if fp8_dot != "auto":
+        return fp8_dot
+    return "f16" if jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "q"
 
 # Module switches of earlier versions, now fields of DecodeConfig: reading one
 # says where it went (and makes a stale `monkeypatch.setattr` fail loudly
@@ -786,7 +793,7 @@ def _run(q, k, v, ks, vs, bt, lengths, *, layout, kv_heads, tile, pages_per_tile
         gather=config.paged_gather, fallback=config.unified_fallback, preload=config.preload,
         preload_max_tiles=config.preload_max_tiles, combine=config.combine,
         # Only an FP8 cache reads fp8_dot: other caches share one compilation.
-        fp8_dot=config.fp8_dot if ks is not None else "q",
+        fp8_dot=_resolve_fp8_dot(config.fp8_dot, q.dtype) if ks is not None else "q",
     )
 
 

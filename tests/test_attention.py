@@ -7,6 +7,7 @@ compiled with the default tiles and larger shapes.
 
 import functools
 import math
+import sys
 import zlib
 
 import jax
@@ -53,12 +54,49 @@ def reference(q, k, v, **kw):
         return attention_reference(*args, dtype=REF_DTYPE, **kw)
 
 
+REF_SCORES_PER_CALL = 2 ** 26  # float32 scores one reference_grads call may hold at once
+
+
 def reference_grads(q, k, v, ct, **kw):
+    """dq, dk, dv of the reference. Long sequences run one query head at a time (its
+    KV head's dk/dv summed over the group), so a pytest-xdist worker's share of the GPU
+    holds the [q_len, kv_len] float32 score matrices (8191^2: 268 MB each) of one head
+    at a time, not of all of them."""
     with jax.enable_x64(not GPU):
         args = [jnp.asarray(x, REF_DTYPE) for x in (q, k, v)]
         ct = jnp.asarray(ct, REF_DTYPE)
-        _, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, dtype=REF_DTYPE, **kw), *args)
-        return [np.asarray(g) for g in vjp(ct)]
+        grads = lambda q, k, v, ct: jax.vjp(
+            lambda q, k, v: attention_reference(q, k, v, dtype=REF_DTYPE, **kw), q, k, v)[1](ct)
+        heads, kv_heads = q.shape[2], k.shape[2]
+        scores = q.shape[0] * q.shape[1] * k.shape[1] * heads
+        if scores <= REF_SCORES_PER_CALL or kw.get("block_mask") is not None:
+            return [np.asarray(g) for g in grads(*args, ct)]
+        group = heads // kv_heads
+        qa, ka, va = args
+        dq = np.zeros(q.shape, np.float64 if not GPU else np.float32)
+        dk = np.zeros(k.shape, dq.dtype)
+        dv = np.zeros(v.shape, dq.dtype)
+        for h in range(heads):
+            kh = h // group
+            g = grads(qa[:, :, h:h + 1], ka[:, :, kh:kh + 1], va[:, :, kh:kh + 1], ct[:, :, h:h + 1])
+            dq[:, :, h:h + 1] = np.asarray(g[0])
+            dk[:, :, kh:kh + 1] += np.asarray(g[1])
+            dv[:, :, kh:kh + 1] += np.asarray(g[2])
+        return [dq, dk, dv]
+
+
+def test_reference_grads_one_head_at_a_time_equal_all_heads(request, monkeypatch):
+    """The per-head path of reference_grads (long sequences on the GPU) gives the
+    all-heads gradients: GQA with dk/dv summed over each group, masks included."""
+    q, k, v = make_qkv(_key(request), 2, 24, 40, 6, 2, 16, jnp.float32)
+    ct = jax.random.normal(jax.random.fold_in(_key(request), 3), q.shape, jnp.float32)
+    kw = dict(causal=True, window=(16, 0), softcap=20.0)
+    whole = reference_grads(q, k, v, ct, **kw)
+    monkeypatch.setattr(sys.modules[__name__], "REF_SCORES_PER_CALL", 0)
+    split = reference_grads(q, k, v, ct, **kw)
+    for w, s in zip(whole, split):
+        assert np.abs(w).max() > 0.1
+        np.testing.assert_allclose(s, w, rtol=1e-6, atol=1e-6)
 
 
 def assert_close(actual, expected, tol, what):
@@ -884,7 +922,8 @@ def test_float32_kernels_use_tensor_core_dots_and_bounded_tiles(head_dim):
     highest = (jax.lax.Precision.HIGHEST,) * 2
     assert interp and all(p == highest for p, _, _ in interp)
     with jax.default_matmul_precision(None):  # the GPU conftest sets "highest" for the references
-        half = _kernel_dots(lambda *a: flash_attention(*a, interpret=False),
+        # (the Triton kernels: on Hopper "auto" takes the Mosaic ones, whose wgmma are no dot_general)
+        half = _kernel_dots(lambda *a: flash_attention(*a, interpret=False, implementation="triton"),
                             *[jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)] * 3)
     assert half and all(p is None for p, _, _ in half)
 

@@ -172,8 +172,8 @@ def test_combine_modes_many_splits(combine):
     ("tile_bytes", 0, "DecodeConfig.tile_bytes must be a positive int (bytes), got 0"),
     ("long_split_tile_bytes", None, "DecodeConfig.long_split_tile_bytes must be a positive int (bytes), got None"),
     ("long_split_tokens", -5, "DecodeConfig.long_split_tokens must be a positive int (positions), got -5"),
-    ("fp8_dot", "bf16", "DecodeConfig.fp8_dot must be 'q' or 'f16', got 'bf16'"),
-    ("fp8_dot", None, "DecodeConfig.fp8_dot must be 'q' or 'f16', got None"),
+    ("fp8_dot", "bf16", "DecodeConfig.fp8_dot must be 'auto', 'q' or 'f16', got 'bf16'"),
+    ("fp8_dot", None, "DecodeConfig.fp8_dot must be 'auto', 'q' or 'f16', got None"),
 ])
 def test_bad_config_values_are_named(field, value, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
@@ -579,7 +579,8 @@ def test_fp8_dot_f16_lowers_to_float16_dots_for_h100(monkeypatch):
     """The FP8 kernels with DecodeConfig(fp8_dot="f16") lower to Triton for an H100
     (sm_90) on any machine, and their Triton IR converts the FP8 tiles straight to f16
     and runs both dots on f16 operands (no FP8 -> bf16 or f32 conversion of a tile);
-    with fp8_dot="q" and bf16 q the tiles go to bf16."""
+    with fp8_dot="q" and bf16 q the tiles go to bf16; the default "auto" is "f16" for
+    16-bit q and "q" for float32 q."""
     try:
         from jax._src.pallas.triton import gpu_info as gi
         from jax._src.pallas.triton import pallas_call_registration as reg
@@ -613,7 +614,7 @@ def test_fp8_dot_f16_lowers_to_float16_dots_for_h100(monkeypatch):
         return casts, dots
 
     for qdt in (jnp.bfloat16, jnp.float16, jnp.float32):
-        for fp8_dot in ("f16", "q"):
+        for fp8_dot in ("f16", "q", "auto"):
             cfg = DecodeConfig(fp8_dot=fp8_dot)
             paged = ttir(lambda q, k, v, ks, vs, bt, ln: paged_decode_attention(
                 q, k, v, bt, ln, k_scales=ks, v_scales=vs, interpret=False, num_splits=4,
@@ -624,8 +625,8 @@ def test_fp8_dot_f16_lowers_to_float16_dots_for_h100(monkeypatch):
                 q, k, v, ln, k_scales=ks, v_scales=vs, interpret=False, num_splits=8, config=cfg),
                 S((B, H, D), qdt), S((B, L, Hkv, D), f8), S((B, L, Hkv, D), f8),
                 S((B, L, Hkv), f32), S((B, L, Hkv), f32), S((B,), jnp.int32))
-            want = "f16" if fp8_dot == "f16" else {jnp.bfloat16: "bf16", jnp.float16: "f16",
-                                                    jnp.float32: "f32"}[qdt]
+            f16 = fp8_dot == "f16" or (fp8_dot == "auto" and qdt != jnp.float32)
+            want = "f16" if f16 else {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[qdt]
             for ir in (paged, dense):
                 assert casts_and_dots(ir) == ({want}, {(want, want)}), (qdt, fp8_dot, casts_and_dots(ir))
 
