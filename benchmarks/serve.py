@@ -222,7 +222,8 @@ def serve_one(model, tok, a, reqs, pl, ol, log):
                     decode_steps=a.decode_steps)
     t = time.perf_counter()
     engine.warmup()
-    log(f"  engine compiled in {time.perf_counter() - t:.1f}s")
+    warmup_s = time.perf_counter() - t
+    log(f"  engine compiled in {warmup_s:.1f}s")
     app = create_app(engine, tok)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -239,6 +240,7 @@ def serve_one(model, tok, a, reqs, pl, ol, log):
         client(base, workload(4, 100.0, a.seed + 1, pl, ol, cfg.vocab_size, a.lengths))
         out = client(base, reqs)
         out["engine_stats"] = engine.stats()
+        out["engine_warmup_s"] = round(warmup_s, 2)  # Engine.warmup(): every step variant compiled
         return out
     finally:
         srv.should_exit = True

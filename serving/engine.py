@@ -60,9 +60,11 @@ before any later step that reuses them (the device runs calls in order).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -226,8 +228,12 @@ class Engine:
     def num_compiles(self) -> int:
         return sum(self.trace_counts.values())
 
-    def warmup(self) -> None:
-        """Compile every step variant now (all-padding inputs: nothing is written)."""
+    def warmup(self, *, compile_threads: int | None = None) -> None:
+        """Compile every step variant now (all-padding inputs: nothing is written).
+
+        The variants are traced one after another, then compiled side by side in
+        `compile_threads` threads (default: the host's cores, at most 16): XLA compiles
+        with the GIL released, and a large model's variants each take seconds."""
         with self._lock:
             self._drain()
             empty = S.SlotBatch(self.max_seqs, self.max_blocks_per_seq).arrays()
@@ -238,6 +244,11 @@ class Engine:
             for T in self.chunk_buckets:
                 pf = S.PrefillBatch(self.prefill_rows, T).arrays()
                 variants += [(empty, pf, 0), (empty, pf, 1)]
+            threads = compile_threads if compile_threads is not None else min(16, os.cpu_count() or 1)
+            if threads > 1 and len(variants) > 1:
+                lowered = [self.runner.lower(slots, pf, steps=steps) for slots, pf, steps in variants]
+                with concurrent.futures.ThreadPoolExecutor(min(threads, len(lowered))) as pool:
+                    list(pool.map(lambda low: low.compile(), lowered))
             for _ in range(2):  # twice: JAX may extend its tracing context after the first compile
                 for slots, pf, steps in variants:
                     jax.block_until_ready(self.runner.run(slots, pf, steps=steps))

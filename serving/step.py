@@ -160,6 +160,14 @@ class StepRunner:
             filtered=bool(filtered))
         return out
 
+    def lower(self, slots: dict, prefill: dict | None, *, steps: int, filtered: bool = False):
+        """The step variant of these inputs' shapes, traced and lowered (nothing runs,
+        nothing is donated). Its `.compile()` releases the GIL while XLA compiles, so
+        several variants compile side by side in threads; `run` with the same shapes
+        then finds the executable in jit's cache."""
+        return self._step.lower(self.params, self.pages, self.last_tok, self.counts, self.bias, slots, prefill,
+                                steps=int(steps), filtered=bool(filtered))
+
     def set_bias(self, slot: int, items) -> None:
         """Make `slot`'s logit-bias row hold `items` ((token, bias) pairs; empty clears it)."""
         ids = np.full((MAX_LOGIT_BIAS,), -1, np.int32)

@@ -214,6 +214,38 @@ def test_validation_and_bounded_queue(eng, model):
     assert all(h.result().outputs[0].finish_reason == "length" for h in hs)
 
 
+def test_warmup_compiles_in_threads_then_requests_compile_nothing(model):
+    """Engine.warmup lowers every step variant and compiles them in threads; requests
+    afterwards start no XLA compile at all, and give the tokens of an engine that
+    compiled its variants on first use, one at a time."""
+    from jax._src import monitoring
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    compiles = []
+
+    def listen(event, duration, **kw):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(duration)
+
+    kw = dict(num_blocks=16, max_seqs=4, block_size=4, max_num_batched_tokens=16, prefill_rows=2,
+              max_chunk=8, chunk_buckets=(8,), logprobs_k=4, decode_steps=2)
+    prompts = _prompts(5, seed=21, lo=3, hi=12)
+    params = RequestParams(temperature=0, max_tokens=6)
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        warm = Engine(model, **kw)
+        warm.warmup(compile_threads=3)
+        assert len(compiles) >= 4, compiles  # the variants (the table buckets x 2, prefill x 2)
+        compiles.clear()
+        got = [o.outputs[0].token_ids for o in warm.generate(prompts, params)]
+        assert compiles == [], f"{len(compiles)} compiles after warmup"
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    cold = Engine(model, **kw)
+    assert got == [o.outputs[0].token_ids for o in cold.generate(prompts, params)]
+    assert all(len(t) == 6 for t in got)
+
+
 def test_background_thread_and_bounded_compiles(eng):
     # warm-up: every step variant (prefill only, prefill + decode, decode only)
     eng.generate(_prompts(3, seed=8, lo=10, hi=20), RequestParams(temperature=0, max_tokens=3))
