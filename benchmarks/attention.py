@@ -190,20 +190,32 @@ def tokamax_version() -> str | None:
         return None
 
 
-def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None, gqa: bool = False):
+def window_sides(window: int | None, causal: bool) -> tuple[int, int] | None:
+    """--window W as (left, right) key offsets: W keys to the left, and W to the right
+    unless causal (flashjax's `window=` and jax.nn's `local_window_size` mean the same)."""
+    return None if window is None else (int(window), 0 if causal else int(window))
+
+
+def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None, gqa: bool = False,
+                   window: int | None = None, softcap: float | None = None):
     """(q, k, v) -> o for one peer; q is [batch, seq, heads, head_dim], k/v the same with
-    kv_heads heads (`gqa`: fewer than q's). Raises PeerUnavailable for a peer that cannot
-    run here (no GQA, tokamax missing)."""
+    kv_heads heads (`gqa`: fewer than q's); `window` (--window) and `softcap` (logit
+    soft-capping) as flashjax.flash_attention takes them. Raises PeerUnavailable for a
+    peer that cannot run here (no GQA, no window or soft-cap, tokamax missing)."""
     import jax
 
     if gqa and peer in NO_GQA_PEERS:
         raise PeerUnavailable("no GQA: JAX's bundled op takes as many K/V heads as q heads "
                               "(K/V are not repeated for it)")
+    sides = window_sides(window, causal)
+    if (window is not None or softcap is not None) and peer in ("pallas_mha", "pallas_mgpu"):
+        raise PeerUnavailable("no window / soft-cap: JAX's bundled op has neither")
     if peer in TOKAMAX_PEERS:
         tokamax = tokamax_module()
         impl = peer.removeprefix("tokamax_")
         return lambda q, k, v: tokamax.dot_product_attention(
-            q, k, v, scale=sm_scale, is_causal=causal, implementation=impl)
+            q, k, v, scale=sm_scale, is_causal=causal, implementation=impl, local_window_size=sides,
+            logits_soft_cap=softcap)
     if peer in ("flashjax", "flashjax_triton", "flashjax_det"):
         import flashjax
 
@@ -212,10 +224,16 @@ def make_attention(peer: str, *, causal: bool, sm_scale: float, block_sizes=None
             extra["implementation"] = "triton"
         if peer == "flashjax_det":
             extra["deterministic"] = True
+        if sides is not None:
+            extra["window"] = sides
+        if softcap is not None:
+            extra["softcap"] = softcap
         return lambda q, k, v: flashjax.flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, **extra)
     if peer in ("cudnn", "xla"):
+        if softcap is not None:
+            raise PeerUnavailable("no soft-cap: jax.nn.dot_product_attention has no logit soft-capping")
         return lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, scale=sm_scale, is_causal=causal, implementation=peer)
+            q, k, v, scale=sm_scale, is_causal=causal, implementation=peer, local_window_size=sides)
     if peer == "pallas_mha":
         mha = _bundled_op("attention").mha
         interpret = jax.default_backend() != "gpu"
@@ -251,8 +269,15 @@ def build(attn, mode: str):
     return fwd_bwd
 
 
-def forward_flops(batch, seq, heads, head_dim, causal) -> float:
-    return 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+def forward_flops(batch, seq, heads, head_dim, causal, window: int | None = None) -> float:
+    """Forward FLOPs: 4 * head_dim per visible (query, key) pair. Causal counts seq^2 / 2
+    pairs (the usual convention); with --window W, the pairs the window leaves visible."""
+    if window is None or window >= seq - 1:
+        return 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+    w = int(window)
+    left = (w + 1) * seq - w * (w + 1) // 2  # pairs (i, j) with i - w <= j <= i
+    pairs = left if causal else 2 * left - seq  # and the mirror image, the diagonal once
+    return 4.0 * batch * heads * pairs * head_dim
 
 
 def make_inputs(key, batch, seq, heads, head_dim, dtype, kv_heads=None):
@@ -401,7 +426,10 @@ def run_benchmark(args) -> tuple[dict, str]:
         "gqa": None if grid else args.gqa,
         "tokens_per_batch": (QUICK["tokens"] if args.quick and not grid else TOKENS),
         "headline": ISSUE19_HEADLINE if grid else (QUICK["headline"] if args.quick else HEADLINE),
-        "flops": FLOPS_NOTE,
+        "flops": FLOPS_NOTE if getattr(args, "window", None) is None else {
+            **FLOPS_NOTE, "fwd": "4 * batch * heads * head_dim * (query, key) pairs inside the window"},
+        "window": getattr(args, "window", None),
+        "softcap": getattr(args, "softcap", None),
         "timing": {"warmup": warmup, "reps": reps, "statistic": "median wall time, jax.block_until_ready",
                    "compile": "jax.jit(f).lower(...).compile(), timed separately"},
         "memory": "XLA compiled memory_analysis(): temp bytes of each implementation's jitted function",
@@ -415,8 +443,10 @@ def run_benchmark(args) -> tuple[dict, str]:
     total = len(cfgs) * len(peers)
     n = 0
     key = jax.random.key(0)
-    ref_fn = jax.jit(lambda q, k, v, causal: flashjax.attention_reference(q, k, v, causal=causal),
-                     static_argnums=3)
+    ref_fn = jax.jit(lambda q, k, v, causal: flashjax.attention_reference(
+        q, k, v, causal=causal, window=window_sides(getattr(args, "window", None), causal),
+        softcap=getattr(args, "softcap", None)),
+        static_argnums=3)
     for cfg in cfgs:
         b, s, h, kv, d, causal = (cfg[k] for k in ("batch", "seq", "heads", "kv_heads", "head_dim", "causal"))
         if time.perf_counter() - start > args.budget and not cfg["headline"]:
@@ -428,7 +458,7 @@ def run_benchmark(args) -> tuple[dict, str]:
             print(f"[{n:3d}/{total}] {_shape_label(cfg)} skipped: time budget", flush=True)
             continue
         sm_scale = 1.0 / math.sqrt(d)
-        flops = forward_flops(b, s, h, d, causal)
+        flops = forward_flops(b, s, h, d, causal, getattr(args, "window", None))
         inputs = make_inputs(key, b, s, h, d, dtype, kv_heads=kv)
         reference = None
         if cfg["headline"]:
@@ -441,7 +471,8 @@ def run_benchmark(args) -> tuple[dict, str]:
             entry = {**cfg, "peer": peer, "dtype": dtype.name, "forward_flops": flops}
             elapsed = time.perf_counter() - start
             try:
-                attn = make_attention(peer, causal=causal, sm_scale=sm_scale, gqa=kv != h)
+                attn = make_attention(peer, causal=causal, sm_scale=sm_scale, gqa=kv != h,
+                                      window=getattr(args, "window", None), softcap=getattr(args, "softcap", None))
             except PeerUnavailable as exc:  # no GQA, tokamax missing: the message as it stands
                 attn, load_error = None, str(exc)
             except Exception as exc:  # noqa: BLE001 - e.g. an import that fails
@@ -926,6 +957,11 @@ def parse_args(argv=None):
                         f"first, peers {' '.join(ISSUE19_PEERS)} unless --peers; --seqs, --head-dims and "
                         "--causal keep a part of it")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--window", type=int,
+                   help="sliding window: each query sees W keys to its left (and W to its right unless "
+                        "causal), for every peer (cuDNN/XLA: local_window_size); FLOPs count the visible pairs")
+    p.add_argument("--softcap", type=float,
+                   help="logit soft-capping C * tanh(logits / C) for every peer that has it (not cuDNN/XLA)")
     p.add_argument("--warmup", type=int, help="warmup calls (default 3; 1 with --quick)")
     p.add_argument("--reps", type=int, help="timed calls, median reported (default 10; 2 with --quick)")
     p.add_argument("--budget", type=float, default=225.0,
@@ -940,6 +976,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.gqa < 1:
         p.error(f"--gqa must be at least 1, got {args.gqa}")
+    if args.window is not None and args.window < 0:
+        p.error(f"--window must be at least 0 (keys on each side), got {args.window}")
+    if args.softcap is not None and not args.softcap > 0:
+        p.error(f"--softcap must be > 0, got {args.softcap}")
     return args
 
 

@@ -94,6 +94,36 @@ def test_attention_gqa_and_ragged_quick(tmp_path):
     assert "| 2/1 " in stdout and "Ragged lengths" in stdout and "Worst compile:" in stdout
 
 
+def test_attention_window_and_softcap_quick(tmp_path):
+    """--window and --softcap reach every peer that has them: flashjax runs both (its
+    error against the windowed, soft-capped reference is small), XLA runs the window and
+    says "no soft-cap" once a soft-cap is asked for, and JAX's bundled op says it has
+    neither; FLOPs count only the pairs inside the window."""
+    data, _ = run_quick("attention", tmp_path, "--window", "16", "--softcap", "5", "--seqs", "256",
+                        "--causal", "true", "--peers", "flashjax", "xla", "pallas_mha", "--budget", "3600")
+    assert (data["window"], data["softcap"]) == (16, 5.0)
+    by_peer = {r["peer"]: r for r in data["results"]}
+    ours = by_peer["flashjax"]
+    assert ours["fwd"]["ms"] > 0 and ours["fwd_bwd"]["ms"] > 0
+    assert ours["max_abs_err_vs_reference"] < 0.05
+    assert by_peer["xla"]["fwd"]["error"].startswith("no soft-cap")
+    assert by_peer["pallas_mha"]["fwd"]["error"].startswith("no window / soft-cap")
+    b, h, d = ours["batch"], ours["heads"], ours["head_dim"]
+    assert ours["forward_flops"] == 4.0 * b * h * d * (17 * 256 - 16 * 17 // 2)
+    assert ours["headline"]  # the shape whose output is checked against the reference
+    # the window without a soft-cap: XLA (local_window_size) runs it
+    data, _ = run_quick("attention", tmp_path, "--window", "16", "--seqs", "256", "--causal", "false",
+                        "--peers", "flashjax", "xla", "--budget", "3600")
+    for r in data["results"]:
+        assert r["fwd"]["ms"] > 0 and r["forward_flops"] == 4.0 * b * h * d * (2 * (17 * 256 - 136) - 256)
+    assert data["results"][0]["max_abs_err_vs_reference"] < 0.05
+    attention = attention_module()
+    with pytest.raises(SystemExit):
+        attention.parse_args(["--window", "-1"])
+    with pytest.raises(SystemExit):
+        attention.parse_args(["--softcap", "0"])
+
+
 def test_attention_without_tokamax_records_it_per_cell(tmp_path):
     """A tokamax whose import fails (a stub package that raises ImportError, first on
     PYTHONPATH) makes its peers' cells say so; the other peers run and the run succeeds."""
