@@ -302,7 +302,7 @@ def generate(model, prompts, max_new_tokens: int, sampling: SamplingParams | Seq
     block_size / num_blocks / max_seqs: paged cache geometry (defaults: 16,
     enough blocks for every row's whole context, one slot per prompt).
 
-    mesh: a `flashjax.models.parallel.make_mesh(model=N)` mesh for tensor
+    mesh: a `flashjax.mesh.make_mesh(model=N)` mesh for tensor
     parallelism (heads and MLP split over N devices, KV pool split by KV head).
     kv_cache_dtype: the pages' dtype (None / "auto": the model's; "bf16", "fp16",
     "fp32", "fp8").
@@ -314,7 +314,7 @@ def generate(model, prompts, max_new_tokens: int, sampling: SamplingParams | Seq
                            block_size=block_size, num_blocks=num_blocks, max_seqs=max_seqs,
                            kv_cache_dtype=kv_cache_dtype)
     graphdef, params = _split(model)
-    if mesh is not None:  # tensor parallel over mesh's "model" axis (flashjax.models.parallel)
+    if mesh is not None:  # tensor parallel over mesh's "model" axis (flashjax.models.sharding)
         params = shard_like(params, param_shardings(params, mesh, tensor_parallel=True))
     out, count, status = _generate_jit(params, *_device_args(plan), **_static(graphdef, plan), mesh=mesh)
     _check_status(status)
