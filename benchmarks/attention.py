@@ -92,6 +92,9 @@ NO_GQA_PEERS = ("pallas_mha", "pallas_mgpu")
 MODES = ("fwd", "fwd_bwd")
 MODE_LABEL = {"fwd": "forward", "fwd_bwd": "forward+backward"}
 FWD_BWD_FACTOR = 3.5
+# Calls shorter than this are timed several back to back per sample (common.time_call).
+MIN_SAMPLE_S = 0.005
+
 FLOPS_NOTE = {
     "fwd": "4 * batch * heads * q_len * kv_len * head_dim, times 0.5 when causal",
     "fwd_bwd": f"{FWD_BWD_FACTOR} x forward",
@@ -305,7 +308,7 @@ def measure(attn, mode, inputs, *, flops, warmup, reps, mem_limit):
         need = mem.get("temp_bytes", 0) + mem.get("argument_bytes", 0) + mem.get("output_bytes", 0)
         if mem_limit and need > mem_limit:
             return {**cell, "error": f"OOM (needs {need / 2**30:.1f} GiB)"}, None
-    timing = common.time_call(compiled, args, warmup=warmup, reps=reps)
+    timing = common.time_call(compiled, args, warmup=warmup, reps=reps, min_sample_s=MIN_SAMPLE_S)
     out = compiled(*args) if mode == "fwd" else None
     tflops = (flops if mode == "fwd" else FWD_BWD_FACTOR * flops) / (timing["ms"] * 1e-3) / 1e12
     return {**cell, **timing, "tflops": tflops}, out
@@ -431,6 +434,8 @@ def run_benchmark(args) -> tuple[dict, str]:
         "window": getattr(args, "window", None),
         "softcap": getattr(args, "softcap", None),
         "timing": {"warmup": warmup, "reps": reps, "statistic": "median wall time, jax.block_until_ready",
+                   "short_calls": f"calls under {MIN_SAMPLE_S * 1e3:g} ms: several back to back per sample "
+                                  "(calls_per_sample), time divided",
                    "compile": "jax.jit(f).lower(...).compile(), timed separately"},
         "memory": "XLA compiled memory_analysis(): temp bytes of each implementation's jitted function",
         "peers": {p: PEERS[p] for p in peers},

@@ -656,3 +656,28 @@ def test_structured_tokenizer_fills_the_vocabulary():
     backend.fill(backend.matcher(grammar), row)
     allowed = np.unpackbits(row.view(np.uint8), bitorder="little")[:4000]
     assert allowed.sum() >= 1 and not allowed[info["bpe_vocab"]:].any()
+
+
+def test_time_call_batches_short_calls():
+    """common.time_call with min_sample_s: a call shorter than that runs several times
+    back to back per sample and the time is divided; long calls run once per sample."""
+    import time as _time
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    calls = []
+
+    def short():
+        calls.append(1)
+        _time.sleep(0.002)
+        return 0
+
+    t = common.time_call(short, (), warmup=1, reps=3, min_sample_s=0.02)
+    assert 5 <= t["calls_per_sample"] <= 10, t
+    assert len(calls) == 1 + 1 + 3 * t["calls_per_sample"]
+    assert 1.9 <= t["min_ms"] and t["ms"] < 5, t  # per call, not per sample
+    t = common.time_call(short, (), warmup=0, reps=2)
+    assert t["calls_per_sample"] == 1
