@@ -411,6 +411,7 @@ def _pallas(kernel, *, spec, grid, inputs, in_specs, out_specs, out_shape, warps
 def _fwd_call(q, k, v, aux, spec: _Spec):
     if spec.fwd_impl == "mosaic":
         return attention_sm90.forward(q, k, v, causal=spec.causal, sm_scale=spec.sm_scale,
+                                      window=(spec.left, spec.right), softcap=spec.softcap,
                                       poison=spec.poison)
     batch, _, heads, d = q.shape
     bs = spec.blocks
@@ -558,7 +559,8 @@ def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
     lse2 = lse2.astype(jnp.float32)
     if spec.bwd_impl == "mosaic":
         return attention_sm90.backward(q, k, v, do, lse2, delta, causal=spec.causal,
-                                       sm_scale=spec.sm_scale, poison=spec.poison)
+                                       sm_scale=spec.sm_scale, window=(spec.left, spec.right),
+                                       softcap=spec.softcap, poison=spec.poison)
     q_len, kv_len = q.shape[1], k.shape[1]
     if (q_len, kv_len) == (spec.q_pad, spec.kv_pad):
         return _bwd_triton(q, k, v, do, lse2, delta, aux, spec)
@@ -735,7 +737,7 @@ class Call:
     head_dim: int
     dtype: Any
     causal: bool
-    window: bool  # a sliding window is set
+    window: tuple[int, int] | None  # the sliding window's (left, right) (normalize_window)
     softcap: float | None
     masked: bool  # q_lengths, kv_lengths or segment_ids
     sparse: bool  # block_mask
@@ -910,9 +912,11 @@ def flash_attention(
         ``"mosaic"``: Pallas Mosaic GPU kernels for Hopper, wgmma and TMA, with a
         backward that reduces dQ through TMA (``flashjax.attention_sm90``; what
         ``attention_sm90.supports`` is the one table of what it does not take: it
-        runs causal or full masks, head_dim 64/128/256, bf16/f16, GQA, any
-        q_len/kv_len with causal, and full attention with kv_len a multiple of
-        8; lengths that are multiples of 8 run unpadded (no copy of q, k, v),
+        runs causal or full masks, sliding windows and soft-cap, head_dim
+        64/128/256, bf16/f16, GQA, any q_len/kv_len with causal (or a window whose
+        right side is 0), and full attention or a window reaching right of the
+        diagonal with kv_len a multiple of 8; lengths that are multiples of 8 run
+        unpadded (no copy of q, k, v),
         others padded exactly by fewer than 8 key and 15 query rows
         (``attention_sm90.length_padding``); ``block_sizes`` only reach a Triton
         backward paired with it). ``"xla"``: the
@@ -1006,7 +1010,7 @@ def flash_attention(
     kv_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_bwd, blocks.block_k_dq))
     call = Call(
         q_len=q_len, kv_len=kv_len, head_dim=head_dim, dtype=dtype, causal=bool(causal),
-        window=win is not None, softcap=softcap,
+        window=win, softcap=softcap,
         masked=any(x is not None for x in (q_lengths, kv_lengths, segment_ids)),
         sparse=sparse, deterministic=bool(deterministic), interpret=interpret)
     fwd_impl, bwd_impl = choose_implementation(implementation, call)
