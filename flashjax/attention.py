@@ -205,15 +205,11 @@ class _Spec:
 
     def k_band(self):
         """Key offsets (a, b) visible from query x: keys in [x + a, x + b] (None: unbounded)."""
-        a = None if self.left < 0 else self.offset - self.left
-        b = None if self.right < 0 else self.offset + self.right
-        return a, b
+        return common.key_band(self.offset, self.left, self.right)
 
     def q_band(self):
         """Query offsets visible from key y: queries in [y + a, y + b] (None: unbounded)."""
-        a = None if self.right < 0 else -self.offset - self.right
-        b = None if self.left < 0 else -self.offset + self.left
-        return a, b
+        return common.query_band(self.offset, self.left, self.right)
 
 
 # ----------------------------------------------------------------------------
@@ -224,35 +220,13 @@ def _cdiv(x, t):
     return lax.div(x + (t - 1), t)
 
 
-def _tile_ranges(start, n, tile, band, other_len, other_tiles, mask_tail):
-    """Tiles of the other axis seen by own positions [start, start+n).
-
-    Returns (lo, full_lo, full_hi, hi): tiles [lo, hi) are visited, and tiles in
-    [full_lo, full_hi) are visible from every own position (no mask needed).
-    """
-    a, b = band
-    zero = jnp.int32(0)
-    lo = zero if a is None else lax.div(jnp.maximum(start + a, 0), tile)
-    hi = jnp.int32(other_tiles) if b is None else jnp.minimum(
-        _cdiv(jnp.maximum(start + n + b, 0), tile), other_tiles)
-    lo = jnp.minimum(lo, other_tiles)
-    hi = jnp.maximum(hi, lo)
-    full_lo = zero if a is None else _cdiv(jnp.maximum(start + n - 1 + a, 0), tile)
-    full_hi = jnp.int32(other_tiles) if b is None else lax.div(jnp.maximum(start + b + 1, 0), tile)
-    if mask_tail and other_len % tile:
-        full_hi = jnp.minimum(full_hi, other_len // tile)
-    full_lo = jnp.clip(full_lo, lo, hi)
-    full_hi = jnp.clip(full_hi, full_lo, hi)
-    return lo, full_lo, full_hi, hi
-
-
 def _mask(spec, q_pos, k_pos, *, geometric: bool, q_limit=None, kv_limit=None, q_seg=None,
           kv_seg=None):
     """The kernels' one mask (`common.visible`), for a tile in either orientation.
 
     The data masks (per-sequence lengths, segment ids) apply to every tile; the geometry
     (band edges, the padded key tail) only where `geometric`: tiles that the band
-    clipping of `_tile_ranges` did not find wholly visible. None if nothing is masked."""
+    clipping of `common.tile_ranges` did not find wholly visible. None if nothing is masked."""
     tail = geometric and spec.kv_pad != spec.kv_len
     return common.visible(
         q_pos, k_pos, offset=spec.offset,
@@ -307,7 +281,7 @@ def _visit_key_tiles(spec, aux, body, carry, *, q_start, bq, bk, n_k_tiles, q_le
     """Run `body(key_tile, carry, geometric)` over the key tiles a query tile sees.
 
     Block-sparse: the tile's index list (all masked). Otherwise the band from
-    `_tile_ranges`: masked edge tiles on either side, unmasked tiles between,
+    `common.tile_ranges`: masked edge tiles on either side, unmasked tiles between,
     clipped by the per-sequence lengths.
     """
     if spec.sparse:
@@ -315,7 +289,7 @@ def _visit_key_tiles(spec, aux, body, carry, *, q_start, bq, bk, n_k_tiles, q_le
         if spec.has_q_lengths:
             count = jnp.where(q_start < q_len_b, count, 0)
         return lax.fori_loop(0, count, lambda t, c: body(aux["idx"][t], c, True), carry)
-    lo, full_lo, full_hi, hi = _tile_ranges(
+    lo, full_lo, full_hi, hi = common.tile_ranges(
         q_start, bq, bk, spec.k_band(), spec.kv_len, n_k_tiles, mask_tail=True)
     if spec.has_kv_lengths:
         hi = jnp.maximum(jnp.minimum(hi, _cdiv(kv_len_b, bk)), lo)
@@ -323,22 +297,13 @@ def _visit_key_tiles(spec, aux, body, carry, *, q_start, bq, bk, n_k_tiles, q_le
     if spec.has_q_lengths:
         hi = jnp.where(q_start < q_len_b, hi, lo)
         full_lo, full_hi = _fit_full(full_lo, full_hi, hi)
-    return _visit_band(body, carry, lo, full_lo, full_hi, hi, low_edge=spec.k_band()[0] is not None)
+    return common.visit_band(body, carry, lo, full_lo, full_hi, hi, low_edge=spec.k_band()[0] is not None)
 
 
 def _fit_full(full_lo, full_hi, hi):
     """Keep the unmasked stretch [full_lo, full_hi) inside a range whose end fell to hi."""
     full_lo = jnp.minimum(full_lo, hi)
     return full_lo, jnp.clip(full_hi, full_lo, hi)
-
-
-def _visit_band(body, carry, lo, full_lo, full_hi, hi, *, low_edge: bool):
-    """`body(tile, carry, geometric)` over tiles [lo, hi): masked below full_lo
-    (only if the band has a lower edge), unmasked to full_hi, masked after."""
-    if low_edge:
-        carry = lax.fori_loop(lo, full_lo, functools.partial(body, geometric=True), carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, geometric=False), carry)
-    return lax.fori_loop(full_hi, hi, functools.partial(body, geometric=True), carry)
 
 
 # ----------------------------------------------------------------------------
@@ -446,6 +411,7 @@ def _pallas(kernel, *, spec, grid, inputs, in_specs, out_specs, out_shape, warps
 def _fwd_call(q, k, v, aux, spec: _Spec):
     if spec.fwd_impl == "mosaic":
         return attention_sm90.forward(q, k, v, causal=spec.causal, sm_scale=spec.sm_scale,
+                                      window=(spec.left, spec.right), softcap=spec.softcap,
                                       poison=spec.poison)
     batch, _, heads, d = q.shape
     bs = spec.blocks
@@ -560,7 +526,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _
             dk, dv, _ = lax.fori_loop(0, count, lambda i, cc: body(aux["idx"][i], cc, True), (dk, dv, g))
             return dk, dv
     else:
-        lo, full_lo, full_hi, hi = _tile_ranges(
+        lo, full_lo, full_hi, hi = common.tile_ranges(
             k_start, bk, bq, spec.q_band(), spec.q_len, n_q_tiles, mask_tail=False)
         if spec.kv_pad != spec.kv_len:  # the key tail tile is never "full": its padding is masked
             full_hi = jnp.where(k_start + bk > spec.kv_len, full_lo, full_hi)
@@ -573,7 +539,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, spec: _
         low_edge = spec.q_band()[0] is not None
 
         def per_head(g, c):
-            c = _visit_band(body, (*c, g), lo, full_lo, full_hi, hi, low_edge=low_edge)
+            c = common.visit_band(body, (*c, g), lo, full_lo, full_hi, hi, low_edge=low_edge)
             return c[0], c[1]
 
     if spec.group == 1:
@@ -593,7 +559,8 @@ def _bwd_call(q, k, v, o, lse2, do, dlse, aux, spec: _Spec):
     lse2 = lse2.astype(jnp.float32)
     if spec.bwd_impl == "mosaic":
         return attention_sm90.backward(q, k, v, do, lse2, delta, causal=spec.causal,
-                                       sm_scale=spec.sm_scale, poison=spec.poison)
+                                       sm_scale=spec.sm_scale, window=(spec.left, spec.right),
+                                       softcap=spec.softcap, poison=spec.poison)
     q_len, kv_len = q.shape[1], k.shape[1]
     if (q_len, kv_len) == (spec.q_pad, spec.kv_pad):
         return _bwd_triton(q, k, v, do, lse2, delta, aux, spec)
@@ -770,7 +737,7 @@ class Call:
     head_dim: int
     dtype: Any
     causal: bool
-    window: bool  # a sliding window is set
+    window: tuple[int, int] | None  # the sliding window's (left, right) (normalize_window)
     softcap: float | None
     masked: bool  # q_lengths, kv_lengths or segment_ids
     sparse: bool  # block_mask
@@ -945,9 +912,11 @@ def flash_attention(
         ``"mosaic"``: Pallas Mosaic GPU kernels for Hopper, wgmma and TMA, with a
         backward that reduces dQ through TMA (``flashjax.attention_sm90``; what
         ``attention_sm90.supports`` is the one table of what it does not take: it
-        runs causal or full masks, head_dim 64/128/256, bf16/f16, GQA, any
-        q_len/kv_len with causal, and full attention with kv_len a multiple of
-        8; lengths that are multiples of 8 run unpadded (no copy of q, k, v),
+        runs causal or full masks, sliding windows and soft-cap, head_dim
+        64/128/256, bf16/f16, GQA, any q_len/kv_len with causal (or a window whose
+        right side is 0), and full attention or a window reaching right of the
+        diagonal with kv_len a multiple of 8; lengths that are multiples of 8 run
+        unpadded (no copy of q, k, v),
         others padded exactly by fewer than 8 key and 15 query rows
         (``attention_sm90.length_padding``); ``block_sizes`` only reach a Triton
         backward paired with it). ``"xla"``: the
@@ -1041,7 +1010,7 @@ def flash_attention(
     kv_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_bwd, blocks.block_k_dq))
     call = Call(
         q_len=q_len, kv_len=kv_len, head_dim=head_dim, dtype=dtype, causal=bool(causal),
-        window=win is not None, softcap=softcap,
+        window=win, softcap=softcap,
         masked=any(x is not None for x in (q_lengths, kv_lengths, segment_ids)),
         sparse=sparse, deterministic=bool(deterministic), interpret=interpret)
     fwd_impl, bwd_impl = choose_implementation(implementation, call)

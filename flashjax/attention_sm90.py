@@ -48,18 +48,30 @@ fewer than two programs per SM are the heads split over programs that write floa
 partial sums (``BwdConfig.head_splits``). K and V are never repeated in HBM.
 
 Both cover causal (bottom-right aligned when the lengths differ) or full attention,
-head_dim 64/128/256, bf16/f16, any GQA grouping, no window, padding, segments,
-block-sparsity or soft-cap. Lengths (:func:`length_padding`):
+sliding windows (``window``: keys up to ``left`` before and ``right`` after the
+bottom-right aligned diagonal, as in :mod:`flashjax.attention`), logit soft-capping
+(``softcap * tanh(s / softcap)``), head_dim 64/128/256, bf16/f16, any GQA grouping;
+no padding, segments or block-sparsity. The mask geometry is
+:mod:`flashjax._attention_common`'s, shared with the Triton kernels: a program
+visits only the tiles its band can see (`common.tile_ranges`: the forward's key
+tiles, the backward's query tiles), runs the tiles all its rows see in full without
+any mask and masks only the band's edge tiles (`common.visible`). Soft-cap costs one
+tanh per score: the forward folds its factor ``softcap * log2 e`` into exp2's
+argument as it does the scale, and the backward folds the cap's derivative
+``1 - tanh^2`` into P before the dV and dP matmuls (`common.scores_log2`,
+`common.softcap_grad`). Lengths (:func:`length_padding`):
 
 * q_len and kv_len multiples of 8 (TMA views rows as tiles of 8): taken as they are.
   A tail tile is masked (the forward masks keys at or past kv_len; TMA reads past the
   end as zeros and drops writes past it), so nothing is padded or copied;
-* other lengths, causal: padded with zero rows to multiples of 8 (a copy of q, k and
-  v, and a slice of the outputs), laid out so that the result is exact: keys at the
-  end, queries as many at the end plus the rest in front. The kernels mask only keys
-  past the array, so a padded key must be hidden by the causal mask itself: with as
-  many query rows after the real ones as key rows after the real keys, every real
-  query keeps its bottom-right diagonal and no real query sees a padded key;
+* other lengths, causal or a window: padded with zero rows to multiples of 8 (a copy
+  of q, k and v, and a slice of the outputs), laid out so that the result is exact:
+  keys at the end, queries as many at the end plus the rest in front, so that every
+  real query keeps its bottom-right diagonal and its window. The kernels mask only
+  keys past the array, so a padded key must be hidden by the mask itself: it is when
+  the window ends at the diagonal (right side 0, as causal does), and there is none
+  when kv_len is a multiple of 8; a window with keys right of the diagonal and a
+  kv_len off 8 cannot be padded exactly, so `supports` refuses it;
 * other lengths, full attention: queries padded at the end when kv_len is a
   multiple of 8; a kv_len that is not cannot be padded exactly (a zero key would get
   softmax weight in every row), so `supports` refuses it.
@@ -79,8 +91,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from flashjax import _attention_common as common
 from flashjax import _backend
-from flashjax._attention_common import LOG2E
+from flashjax.reference import normalize_window
 
 WG_ROWS = 64  # rows per compute warpgroup: wgmma's M
 COMPUTE_WGS = 2
@@ -134,16 +147,6 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _tcdiv(x, b: int):
-    """ceil(max(x, 0) / b) of a traced int32."""
-    return lax.div(jnp.maximum(x, 0) + (b - 1), jnp.int32(b))
-
-
-def _tfloor(x, b: int):
-    """floor(max(x, 0) / b) of a traced int32."""
-    return lax.div(jnp.maximum(x, 0), jnp.int32(b))
-
-
 def _vary_like(x, like):
     """Give a kernel output the varying manual axes of the input it corresponds to.
 
@@ -184,22 +187,36 @@ def _tiles(plgpu, dtype):
     return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(128))
 
 
-def length_padding(q_len: int, kv_len: int, causal: bool) -> tuple[int, int, int] | None:
+def _bounds(causal: bool, window) -> tuple[int, int]:
+    """(left, right): keys a query sees before and after its bottom-right aligned
+    diagonal, -1 unbounded (`common.visible`'s geometry). Causal is right = 0; `window`
+    is `flash_attention`'s (an int, a (left, right) pair or None; `normalize_window`)."""
+    win = normalize_window(window, causal)
+    if win is None:
+        return -1, (0 if causal else -1)
+    return win
+
+
+def length_padding(q_len: int, kv_len: int, causal: bool,
+                   window=None) -> tuple[int, int, int] | None:
     """Zero rows that make these lengths ones the kernels take, with the same result:
     (query rows in front, query rows after, key rows after); (0, 0, 0) when both are
     multiples of LENGTH_MULTIPLE (nothing padded or copied). None when no padding is
-    exact: full attention with kv_len not a multiple of LENGTH_MULTIPLE.
+    exact: a kv_len not a multiple of LENGTH_MULTIPLE where a query may see keys to the
+    right of its diagonal (full attention, or a window with a right side > 0).
 
     The forward masks keys at or past the key array's end only (TMA zero-fills there),
-    so a zero key padded into the array is visible unless the causal mask hides it.
-    Causal, bottom-right: query i sees keys j <= i + kv_len - q_len. With pk keys after
-    the real ones, c query rows after and a in front, real query i sits at row a + i of
-    q_len + a + c and sees padded keys <= a + i + (kv_len + pk) - (q_len + a + c), that
-    is real keys <= i + kv_len - q_len + (pk - c): exact with c = pk, and then no real
-    query sees a padded key (i + kv_len - q_len < kv_len). a rounds the query rows up to
-    a multiple; those rows (zero queries) sit before the first real one, see a prefix of
-    the keys or none, and are cut off. Full attention: every query sees every key, so
-    only query rows can be padded (after the real ones).
+    so a zero key padded into the array is visible unless the mask hides it. Causal and
+    windows are aligned bottom-right: query i sits at key i + kv_len - q_len and sees
+    keys j with -left <= j - (i + kv_len - q_len) <= right (causal: right = 0). With pk
+    keys after the real ones, c query rows after and a in front, real query i sits at
+    row a + i of q_len + a + c, at key a + i + (kv_len + pk) - (q_len + a + c), that is
+    i + kv_len - q_len + (pk - c): with c = pk every real query keeps its diagonal, so
+    its window over the real keys is exact, and with right = 0 no real query sees a
+    padded key (i + kv_len - q_len < kv_len). a rounds the query rows up to a multiple;
+    those rows (zero queries) sit before the first real one and are cut off. Full
+    attention: every query sees every key, so only query rows can be padded (after the
+    real ones).
 
     Padded rows change nothing else: their outputs are cut off, so their dO and delta
     are zero and the backward gives them log-sum-exp +inf (P = 0); padded keys are zero
@@ -207,11 +224,29 @@ def length_padding(q_len: int, kv_len: int, causal: bool) -> tuple[int, int, int
     """
     m = LENGTH_MULTIPLE
     pk = -kv_len % m
-    if causal:
+    left, right = _bounds(causal, window)
+    if left >= 0 or right >= 0:  # aligned bottom-right: keep every real query's diagonal
+        if pk and right != 0:
+            return None
         return -(q_len + pk) % m, pk, pk
     if pk:
         return None
     return 0, -q_len % m, 0
+
+
+def _lengths_limit(c) -> str | None:
+    """Why these lengths cannot be padded exactly (`length_padding`), or None."""
+    q_len, kv_len = c["q_len"], c["kv_len"]
+    if length_padding(q_len, kv_len, c["causal"], c["window"]) is not None:
+        return None
+    left, right = _bounds(c["causal"], c["window"])
+    if left < 0 and right < 0:
+        return (f"lengths {q_len}/{kv_len}: full attention needs a kv_len that is a multiple "
+                f"of {LENGTH_MULTIPLE} (a padded zero key would get softmax weight; causal pads "
+                f"exactly)")
+    return (f"lengths {q_len}/{kv_len} with window {(left, right)}: a window with keys right "
+            f"of the diagonal needs a kv_len that is a multiple of {LENGTH_MULTIPLE} (a padded "
+            f"zero key would be inside it; windows with right side 0, causal ones, pad exactly)")
 
 
 # What the Hopper path does not take: one row per limit, (what, the reason for a call
@@ -223,11 +258,7 @@ _LIMITS = (
      else f"dtype {jnp.dtype(c['dtype']).name} (bf16/f16 only)"),
     ("head_dim", lambda c: None if c["head_dim"] in SUPPORTED_HEAD_DIMS
      else f"head_dim {c['head_dim']} ({'/'.join(map(str, SUPPORTED_HEAD_DIMS))} only)"),
-    ("lengths", lambda c: None if length_padding(c["q_len"], c["kv_len"], c["causal"]) is not None
-     else f"lengths {c['q_len']}/{c['kv_len']}: full attention needs a kv_len that is a multiple "
-          f"of {LENGTH_MULTIPLE} (a padded zero key would get softmax weight; causal pads exactly)"),
-    ("window", lambda c: "window (sliding-window masks)" if c["window"] else None),
-    ("softcap", lambda c: None if c["softcap"] is None else "soft-cap (logit soft-capping)"),
+    ("lengths", _lengths_limit),
     ("masked", lambda c: "padding/segment masks (q_lengths, kv_lengths, segment_ids)"
      if c["masked"] else None),
     ("sparse", lambda c: "block-sparsity (block_mask)" if c["sparse"] else None),
@@ -238,7 +269,9 @@ def supports(*, q_len, kv_len, head_dim, dtype, causal, window, softcap, masked,
              sparse) -> str | None:
     """None when the kernels run the call exactly; otherwise the reason they cannot
     (the first row of `_LIMITS` that refuses it). Lengths that are not multiples of
-    LENGTH_MULTIPLE are run padded (`length_padding`) where that is exact."""
+    LENGTH_MULTIPLE are run padded (`length_padding`) where that is exact. `window` is
+    `flash_attention`'s (None, an int or a (left, right) pair); any window and soft-cap
+    run, so `softcap` only completes the description of the call."""
     call = dict(q_len=q_len, kv_len=kv_len, head_dim=head_dim, dtype=dtype, causal=causal,
                 window=window, softcap=softcap, masked=masked, sparse=sparse)
     for _, why in _LIMITS:
@@ -248,7 +281,7 @@ def supports(*, q_len, kv_len, head_dim, dtype, causal, window, softcap, masked,
     return None
 
 
-def _check_shapes(q, k, v, causal):
+def _check_shapes(q, k, v, causal, window):
     """The padding `length_padding` gives these lengths, after checking the shapes."""
     batch, q_len, heads, d = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -256,11 +289,12 @@ def _check_shapes(q, k, v, causal):
         raise ValueError(f"head_dim {d}: the sm90 kernels take {HEAD_DIMS}")
     if k.shape != (batch, kv_len, kv_heads, d) or v.shape != k.shape or heads % kv_heads:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}")
-    pad = length_padding(q_len, kv_len, causal)
+    pad = length_padding(q_len, kv_len, causal, window)
     if pad is None:
         raise ValueError(
-            f"lengths {q_len}/{kv_len}: full attention needs kv_len a multiple of "
-            f"{LENGTH_MULTIPLE} (the sm90 kernels mask only keys past the array)")
+            f"lengths {q_len}/{kv_len}: full attention, or a window with keys right of the "
+            f"diagonal, needs kv_len a multiple of {LENGTH_MULTIPLE} (the sm90 kernels mask "
+            f"only keys past the array)")
     return pad
 
 
@@ -280,18 +314,31 @@ def _cut_rows(x, front: int, n: int, axis: int = 1):
     return lax.slice_in_dim(x, front, front + n, axis=axis)
 
 
-def _query_tiles_of_head(step, g, carry, *, causal, n_masked, n_steps):
-    """The backward's loop over all query tiles of query head h0 + g (both dK/dV kernels):
-    when causal, the first n_masked steps cross the diagonal and are masked."""
-    unmasked = functools.partial(step, masked=False, g=g)
-    if causal:
-        carry = lax.fori_loop(0, n_masked, functools.partial(step, masked=True, g=g), carry)
-        return lax.fori_loop(n_masked, n_steps, unmasked, carry)
-    return lax.fori_loop(0, n_steps, unmasked, carry)
+def _query_range(k0, block_k: int, q_band, q_len: int, n_qt: int):
+    """The backward's query tiles for the keys [k0, k0 + block_k) (`common.tile_ranges`
+    under `common.query_band`): (lo, full_lo, full_hi, hi), tiles [lo, hi) visited,
+    those outside [full_lo, full_hi) the band's masked edges. Static ints (all tiles,
+    none masked) without a band. Query rows past q_len need no mask: TMA reads them as
+    zeros (dO and delta 0: they add nothing), and keys past kv_len none either: their
+    K rows are zeros (nothing added to dQ) and their dK, dV rows are dropped."""
+    if q_band == (None, None):
+        return 0, 0, n_qt, n_qt
+    return common.tile_ranges(k0, block_k, BLOCK_Q, q_band, q_len, n_qt, mask_tail=False)
 
 
-def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
-            config: FwdConfig | None = None):
+def _query_tiles_of_head(step, g, carry, *, ranges, q_band):
+    """The backward's loop over the query tiles of query head h0 + g that see the key
+    block (both dK/dV kernels): step t takes query tile lo + t; the band's edge tiles
+    (below full_lo: the causal diagonal or a window's right side; from full_hi: a
+    window's left side) are masked, the tiles between are not."""
+    lo, full_lo, full_hi, hi = ranges
+    return common.visit_band(functools.partial(step, g=g), carry, 0, full_lo - lo,
+                             full_hi - lo, hi - lo, low_edge=q_band[0] is not None,
+                             high_edge=q_band[1] is not None)
+
+
+def forward(q, k, v, *, causal: bool, sm_scale: float, window=None,
+            softcap: float | None = None, poison: bool = False, config: FwdConfig | None = None):
     """O and the log2-domain log-sum-exp [batch, heads, q_len] (float32) of attention.
 
     One program per 128 query rows of a (batch, head): warpgroups 0 and 1 each own 64
@@ -301,17 +348,23 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
     its matmuls while the other runs its softmax (a rendezvous barrier orders them),
     so the exponentials hide behind the other warpgroup's wgmma.
 
-    Causal masks are aligned bottom-right (query i sees keys <= i + kv_len - q_len);
-    lengths that are not a multiple of the tiles are masked in the last tile (TMA
+    Causal and sliding-window masks are aligned bottom-right (query i sees keys <= i +
+    kv_len - q_len; `window` as `flash_attention` takes it: `normalize_window`): a
+    CTA visits only the key tiles its rows can see, masks only the tiles on the band's
+    edges and runs the tiles all its rows see in full without a mask. softcap: scores
+    softcap * tanh(s * sm_scale / softcap), one tanh per score (its factor softcap *
+    log2 e folds into exp2's argument as sm_scale does without it).
+    Lengths that are not a multiple of the tiles are masked in the last tile (TMA
     reads past the end as zeros and drops writes past it). Lengths that are not
     multiples of LENGTH_MULTIPLE are padded as `length_padding` says (ValueError where
     that is not exact). A row that sees no key gets O = 0 and log-sum-exp +inf.
     """
-    qa, qc, kc = _check_shapes(q, k, v, causal)
+    qa, qc, kc = _check_shapes(q, k, v, causal, window)
     if qa or qc or kc:  # lengths off LENGTH_MULTIPLE: the exact padded layout
         q_len, kv_len = q.shape[1], k.shape[1]
         o, lse = forward(_pad_rows(q, qa, qc), _pad_rows(k, 0, kc), _pad_rows(v, 0, kc),
-                         causal=causal, sm_scale=sm_scale, poison=poison, config=config)
+                         causal=causal, sm_scale=sm_scale, window=window, softcap=softcap,
+                         poison=poison, config=config)
         return _cut_rows(o, qa, q_len), _cut_rows(lse, qa, q_len, axis=2)
     plgpu = _plgpu()
     batch, q_len, heads, d = q.shape
@@ -324,9 +377,12 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
     n_qb = _cdiv(q_len, rows_per_cta)
     n_kv, n_kv_full = _cdiv(kv_len, bk), kv_len // bk
     kv_tail = kv_len % bk != 0
-    off = kv_len - q_len  # bottom-right causal alignment
-    empty_rows = causal and off < 0  # rows that see no key at all
-    scale_log2 = float(sm_scale) * LOG2E
+    off = kv_len - q_len  # bottom-right alignment: query i sits at key i + off
+    left, right = _bounds(causal, window)
+    k_band = common.key_band(off, left, right)  # keys [i + a, i + b] visible from query i
+    empty_rows = right >= 0 and off + right < 0  # rows that see no key at all
+    # Scores in log2 units are s * scale_log2: s the raw q.k, or with soft-cap its tanh.
+    scale_log2 = common.log2_scale(float(sm_scale), softcap)
     fold_scale = scale_log2 > 0  # max(s) * c is max(s * c) only for c > 0
     tr = _tiles(plgpu, dtype)
     row_vec = plgpu.Layout.WGMMA.reduce(1)
@@ -343,21 +399,20 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
         wg = lax.axis_index("wg")
         kh = lax.div(h, jnp.int32(group))
         r0 = qc * rows_per_cta
-        if causal:
-            # Key tiles up to the one holding the key the CTA's last row sees (both
-            # warpgroups run the same steps); tiles every row of the CTA sees in full
-            # come first and skip the mask.
-            n_steps = jnp.minimum(_tcdiv(r0 + rows_per_cta + off, bk), n_kv)
-            n_full = jnp.minimum(_tfloor(r0 + off + 1, bk), n_kv_full)
-        else:
-            n_steps, n_full = n_kv, n_kv_full
+        if k_band != (None, None):
+            # The key tiles [lo, hi) some row of the CTA sees (both warpgroups run the same
+            # steps); those every row sees in full, [full_lo, full_hi), skip the mask.
+            lo, full_lo, full_hi, hi = common.tile_ranges(
+                r0, rows_per_cta, bk, k_band, kv_len, n_kv, mask_tail=True)
+        else:  # full attention: every tile, only a tail tile masked
+            lo, full_lo, full_hi, hi = 0, 0, n_kv_full, n_kv
 
-        def kv_tiles(t):
-            keys = pl.ds(t * bk, bk)
+        def kv_tiles(t):  # step t: key tile lo + t
+            keys = pl.ds((lo + t) * bk, bk)
             return [(stages, k_free, k_ref.at[b, keys, kh], k_smem, k_bar),
                     (stages, v_free, v_ref.at[b, keys, kh], v_smem, v_bar)]
 
-        pl.when(wg == COMPUTE_WGS)(lambda: _produce(n_steps, kv_tiles))
+        pl.when(wg == COMPUTE_WGS)(lambda: _produce(hi - lo, kv_tiles))
 
         @pl.when(wg < COMPUTE_WGS)
         def _compute():
@@ -370,9 +425,9 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
             # Warpgroup 0 issues its first matmul before warpgroup 1 does.
             pl.when(wg == 1)(rendezvous)
 
-            def step(t, carry, masked: bool):
+            def step(t, carry, masked: bool):  # key tile t
                 acc, m, l = carry
-                slot = lax.rem(t, jnp.int32(stages))
+                slot = lax.rem(t - lo, jnp.int32(stages))
                 plgpu.barrier_wait(k_bar.at[slot])
 
                 def qk(acc_ref):
@@ -382,19 +437,19 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
 
                 s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
+                if softcap is not None:  # s becomes tanh(s * sm_scale / softcap)
+                    s = common.softcap_tanh(s, sm_scale, softcap)
                 if not fold_scale:
                     s = s * scale_log2
                 if masked:  # after any scaling: -inf times a scale <= 0 is not -inf
                     k_pos = t * bk + plgpu.broadcasted_iota(
                         jnp.int32, (WG_ROWS, bk), 1, layout=plgpu.Layout.WGMMA)
-                    visible = None
-                    if kv_tail:
-                        visible = k_pos < kv_len
-                    if causal:
+                    q_pos = None  # query positions on the key axis (+ off): for the band
+                    if k_band != (None, None):
                         q_pos = (q0 + off) + plgpu.broadcasted_iota(
                             jnp.int32, (WG_ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
-                        c = q_pos >= k_pos
-                        visible = c if visible is None else jnp.logical_and(visible, c)
+                    visible = common.visible(q_pos, k_pos, left=left, right=right,
+                                             kv_len=kv_len if kv_tail else None)
                     s = jnp.where(visible, s, -jnp.inf)
                 # m is kept in scaled log2 units. With a positive scale it folds into
                 # exp2's argument: one fused multiply-add per score instead of two ops.
@@ -434,13 +489,9 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
                 plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_vec),
                 plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_vec),
             )
-            unmasked = functools.partial(step, masked=False)
-            if causal or kv_tail:
-                carry = lax.fori_loop(0, n_full, unmasked, carry)
-                carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True),
-                                      carry)
-            else:
-                carry = lax.fori_loop(0, n_steps, unmasked, carry)
+            carry = common.visit_band(step, carry, lo, full_lo, full_hi, hi,
+                                      low_edge=k_band[0] is not None,
+                                      high_edge=k_band[1] is not None or kv_tail)
             pl.when(wg == 0)(rendezvous)  # balances warpgroup 1's first one
             acc, m, l = carry
             if empty_rows:  # O = 0 and lse = +inf where no key was seen
@@ -497,9 +548,11 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, poison: bool = False,
     return _vary_like(o, q), _vary_like(lse, q)
 
 
-def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison: bool = False,
+def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, window=None,
+             softcap: float | None = None, poison: bool = False,
              config: BwdConfig | None = None):
-    """dQ, dK, dV of softmax(q k^T * sm_scale) v.
+    """dQ, dK, dV of softmax(q k^T * sm_scale) v (under the causal or window mask, with
+    the scores soft-capped when softcap is set, as in `forward`).
 
     q, do: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
     lse2: [batch, heads, q_len] float32 log-sum-exp of the scaled scores in log2 units
@@ -508,33 +561,41 @@ def backward(q, k, v, do, lse2, delta, *, causal: bool, sm_scale: float, poison:
     poison: dK/dV start as NaN buffers (a testing aid: an unwritten row stays NaN).
     Lengths that are not multiples of LENGTH_MULTIPLE are padded as in `forward`
     (`length_padding`); the padded query rows get log-sum-exp +inf, so they add nothing.
+    A program visits only the query tiles that see its key block (the band's edge tiles
+    masked), as the forward visits key tiles. With soft-cap dS carries the cap's
+    derivative 1 - tanh^2 (`common.softcap_grad`).
     """
-    qa, qc, kc = _check_shapes(q, k, v, causal)
+    qa, qc, kc = _check_shapes(q, k, v, causal, window)
     if qa or qc or kc:
         q_len, kv_len = q.shape[1], k.shape[1]
         rows = lambda x: _pad_rows(x, qa, qc)  # noqa: E731
         dq, dk, dv = backward(rows(q), _pad_rows(k, 0, kc), _pad_rows(v, 0, kc), rows(do),
                               _pad_rows(lse2, qa, qc, axis=2, value=jnp.inf),
                               _pad_rows(delta, qa, qc, axis=2), causal=causal,
-                              sm_scale=sm_scale, poison=poison, config=config)
+                              sm_scale=sm_scale, window=window, softcap=softcap,
+                              poison=poison, config=config)
         return _cut_rows(dq, qa, q_len), _cut_rows(dk, 0, kv_len), _cut_rows(dv, 0, kv_len)
     d = q.shape[-1]
     cfg = config or BWD_CONFIGS[d]
+    left, right = _bounds(causal, window)
+    kw = dict(left=left, right=right, softcap=softcap, sm_scale=sm_scale, poison=poison, cfg=cfg)
     if cfg.split == "keys":
-        return _backward_keys(q, k, v, do, lse2, delta, causal=causal, sm_scale=sm_scale,
-                              poison=poison, cfg=cfg)
+        return _backward_keys(q, k, v, do, lse2, delta, **kw)
     if cfg.split == "dim":
-        return _backward_dim(q, k, v, do, lse2, delta, causal=causal, sm_scale=sm_scale,
-                             poison=poison, cfg=cfg)
+        return _backward_dim(q, k, v, do, lse2, delta, **kw)
     raise ValueError(f"BwdConfig.split {cfg.split!r}")
 
 
-def _causal_q_range(k0, block_k: int, off: int, n_qt: int):
-    """For the keys [k0, k0 + block_k): the first query tile that sees any of them and
-    the first from which every row sees all of them (causal, bottom-right aligned)."""
-    first = jnp.minimum(_tfloor(k0 - off, BLOCK_Q), n_qt)
-    full_from = jnp.clip(_tcdiv(k0 + block_k - 1 - off, BLOCK_Q), first, n_qt)
-    return first, full_from
+def _p_and_dsfactor(s_t, lse, *, sm_scale, softcap, masked, key_pos, q_pos, left, right):
+    """A backward tile's P^T (from the raw S^T = K Q^T and the saved log2 log-sum-exp,
+    zero where masked) and P^T times the soft-cap's derivative (P^T itself without
+    soft-cap): dS^T is the latter times (dP^T - delta). Folding the derivative in here
+    keeps the tanh from staying live through the dV and dP matmuls."""
+    s2, tanh_t = common.scores_log2(s_t, sm_scale, softcap)
+    p_t = jnp.exp2(s2 - lse)
+    if masked:
+        p_t = jnp.where(common.visible(q_pos(), key_pos(), left=left, right=right), p_t, 0.0)
+    return p_t, common.softcap_grad(p_t, tanh_t)
 
 
 def _head_splits(cfg: BwdConfig, *, batch, kv_heads, group, n_kb) -> int:
@@ -582,7 +643,8 @@ def _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale, splits):
             _vary_like(dv.astype(v.dtype), v))
 
 
-def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: BwdConfig):
+def _backward_keys(q, k, v, do, lse2, delta, *, left, right, softcap, sm_scale, poison,
+                   cfg: BwdConfig):
     """head_dim <= 128: each compute warpgroup owns 64 of the program's 128 keys."""
     plgpu = _plgpu()
     batch, q_len, heads, d = q.shape
@@ -592,8 +654,8 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
     block_k = WG_ROWS * COMPUTE_WGS
     n_qt, n_kb = _cdiv(q_len, BLOCK_Q), _cdiv(kv_len, block_k)
     off = kv_len - q_len
+    q_band = common.query_band(off, left, right)  # queries [y + a, y + b] see key y
     qs, dos = cfg.q_stages, cfg.do_stages
-    scale_log2 = float(sm_scale) * LOG2E
     tr = _tiles(plgpu, dtype)
     f32_tr = _tiles(plgpu, jnp.float32)
     wgmma_row = plgpu.Layout.WGMMA.reduce(0)  # a [BLOCK_Q] vector along S^T's columns
@@ -612,12 +674,9 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
         wg = lax.axis_index("wg")
         kh, h0, h_out = _bwd_heads(splits, group)
         k0 = kb * block_k
-        if causal:
-            first, full_from = _causal_q_range(k0, block_k, off, n_qt)
-        else:
-            first = full_from = jnp.int32(0)
-        n_steps = n_qt - first
-        n_masked = full_from - first  # the first steps cross the diagonal: masked
+        ranges = _query_range(k0, block_k, q_band, q_len, n_qt)
+        first = ranges[0]
+        n_steps = ranges[3] - first
 
         def q_tiles(u):  # step u: query tile t of head h0 + g
             g = lax.div(u, n_steps) if hpc > 1 else 0
@@ -661,14 +720,13 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
 
                 s_t = pl.run_scoped(scores, plgpu.ACC((WG_ROWS, BLOCK_Q), jnp.float32))
                 lse = plgpu.load(lse_smem.at[q_slot], layout=wgmma_row)
-                p_t = jnp.exp2(s_t * scale_log2
-                               - lax.broadcast_in_dim(lse, (WG_ROWS, BLOCK_Q), [1]))
-                if masked:
-                    key_pos = (k0 + wg * WG_ROWS) + plgpu.broadcasted_iota(
-                        jnp.int32, (WG_ROWS, BLOCK_Q), 0, layout=plgpu.Layout.WGMMA)
-                    q_pos = (q_tile * BLOCK_Q + off) + plgpu.broadcasted_iota(
-                        jnp.int32, (WG_ROWS, BLOCK_Q), 1, layout=plgpu.Layout.WGMMA)
-                    p_t = jnp.where(q_pos >= key_pos, p_t, 0.0)
+                p_t, pg_t = _p_and_dsfactor(
+                    s_t, lax.broadcast_in_dim(lse, (WG_ROWS, BLOCK_Q), [1]), sm_scale=sm_scale,
+                    softcap=softcap, masked=masked, left=left, right=right,
+                    key_pos=lambda: (k0 + wg * WG_ROWS) + plgpu.broadcasted_iota(
+                        jnp.int32, (WG_ROWS, BLOCK_Q), 0, layout=plgpu.Layout.WGMMA),
+                    q_pos=lambda: (q_tile * BLOCK_Q + off) + plgpu.broadcasted_iota(
+                        jnp.int32, (WG_ROWS, BLOCK_Q), 1, layout=plgpu.Layout.WGMMA))
                 plgpu.barrier_wait(do_bar.at[do_slot])
 
                 def dv_dp(refs):
@@ -682,7 +740,7 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
                 plgpu.barrier_wait(delta_bar.at[do_slot])
                 delta = plgpu.load(delta_smem.at[do_slot], layout=wgmma_row)
                 plgpu.barrier_arrive(do_free.at[do_slot])
-                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (WG_ROWS, BLOCK_Q), [1]))
+                ds_t = pg_t * (dp_t - lax.broadcast_in_dim(delta, (WG_ROWS, BLOCK_Q), [1]))
                 ds16 = ds_t.astype(dtype)
 
                 def dk_step(acc_ref):
@@ -721,8 +779,7 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
 
                 return dk_acc, dv_acc
 
-            head = functools.partial(_query_tiles_of_head, step, causal=causal,
-                                     n_masked=n_masked, n_steps=n_steps)
+            head = functools.partial(_query_tiles_of_head, step, ranges=ranges, q_band=q_band)
 
             carry = (zeros, zeros)
             carry = head(0, carry) if hpc == 1 else lax.fori_loop(0, hpc, head, carry)
@@ -791,7 +848,8 @@ def _backward_keys(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: B
     return _bwd_finish(q, k, v, dq_acc, dk, dv, sm_scale, splits)
 
 
-def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: BwdConfig):
+def _backward_dim(q, k, v, do, lse2, delta, *, left, right, softcap, sm_scale, poison,
+                  cfg: BwdConfig):
     """head_dim 256: both compute warpgroups take the program's 64 keys, each owning
     half of the head dimension of dK, dV and dQ (so its accumulators fit in registers).
     """
@@ -805,8 +863,8 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
     chunk = 64  # dQ columns per TMA reduction (its float32 staging is 16 KB)
     n_qt, n_kb = _cdiv(q_len, BLOCK_Q), _cdiv(kv_len, block_k)
     off = kv_len - q_len
+    q_band = common.query_band(off, left, right)  # queries [y + a, y + b] see key y
     qs, dos = cfg.q_stages, cfg.do_stages
-    scale_log2 = float(sm_scale) * LOG2E
     tr = _tiles(plgpu, dtype)
     f32_tr = _tiles(plgpu, jnp.float32)
     wgmma_row = plgpu.Layout.WGMMA.reduce(0)
@@ -824,12 +882,9 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
         kh, h0, h_out = _bwd_heads(splits, group)
         k0 = kb * block_k
         key_rows = pl.ds(k0, block_k)
-        if causal:
-            first, full_from = _causal_q_range(k0, block_k, off, n_qt)
-        else:
-            first = full_from = jnp.int32(0)
-        n_steps = n_qt - first
-        n_masked = full_from - first
+        ranges = _query_range(k0, block_k, q_band, q_len, n_qt)
+        first = ranges[0]
+        n_steps = ranges[3] - first
 
         def q_tiles(u):  # step u: query tile t of head h0 + g
             g = lax.div(u, n_steps) if hpc > 1 else 0
@@ -880,14 +935,13 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
 
                 s_t = pl.run_scoped(scores, plgpu.ACC((block_k, BLOCK_Q), jnp.float32))
                 lse = plgpu.load(lse_smem.at[q_slot], layout=wgmma_row)
-                p_t = jnp.exp2(s_t * scale_log2
-                               - lax.broadcast_in_dim(lse, (block_k, BLOCK_Q), [1]))
-                if masked:
-                    key_pos = k0 + plgpu.broadcasted_iota(
-                        jnp.int32, (block_k, BLOCK_Q), 0, layout=plgpu.Layout.WGMMA)
-                    q_pos = (q_tile * BLOCK_Q + off) + plgpu.broadcasted_iota(
-                        jnp.int32, (block_k, BLOCK_Q), 1, layout=plgpu.Layout.WGMMA)
-                    p_t = jnp.where(q_pos >= key_pos, p_t, 0.0)
+                p_t, pg_t = _p_and_dsfactor(
+                    s_t, lax.broadcast_in_dim(lse, (block_k, BLOCK_Q), [1]), sm_scale=sm_scale,
+                    softcap=softcap, masked=masked, left=left, right=right,
+                    key_pos=lambda: k0 + plgpu.broadcasted_iota(
+                        jnp.int32, (block_k, BLOCK_Q), 0, layout=plgpu.Layout.WGMMA),
+                    q_pos=lambda: (q_tile * BLOCK_Q + off) + plgpu.broadcasted_iota(
+                        jnp.int32, (block_k, BLOCK_Q), 1, layout=plgpu.Layout.WGMMA))
                 plgpu.barrier_wait(do_bar.at[do_slot])
 
                 def dv_dp(refs):
@@ -901,7 +955,7 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
                 plgpu.barrier_wait(delta_bar.at[do_slot])
                 delta = plgpu.load(delta_smem.at[do_slot], layout=wgmma_row)
                 plgpu.barrier_arrive(do_free.at[do_slot])
-                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (block_k, BLOCK_Q), [1]))
+                ds_t = pg_t * (dp_t - lax.broadcast_in_dim(delta, (block_k, BLOCK_Q), [1]))
                 ds16 = ds_t.astype(dtype)
 
                 def dk_step(acc_ref):
@@ -930,8 +984,7 @@ def _backward_dim(q, k, v, do, lse2, delta, *, causal, sm_scale, poison, cfg: Bw
                         reduction_op="add")
                 return dk_acc, dv_acc
 
-            head = functools.partial(_query_tiles_of_head, step, causal=causal,
-                                     n_masked=n_masked, n_steps=n_steps)
+            head = functools.partial(_query_tiles_of_head, step, ranges=ranges, q_band=q_band)
 
             carry = (zeros, zeros)
             carry = head(0, carry) if hpc == 1 else lax.fori_loop(0, hpc, head, carry)

@@ -457,13 +457,68 @@ def test_auto_takes_mosaic_only_where_it_applies():
     assert _uses_mosaic(grad_fn(causal=True), x)
     assert _uses_mosaic(grad_fn(causal=False), x)
     assert not _uses_mosaic(grad_fn(causal=True, implementation="triton"), x)
-    assert not _uses_mosaic(grad_fn(causal=True, window=64), x)  # unsupported: falls back
+    assert _uses_mosaic(grad_fn(causal=True, window=64), x)  # sliding window
+    assert _uses_mosaic(grad_fn(causal=False, window=(64, 32)), x)
+    assert _uses_mosaic(grad_fn(causal=True, softcap=30.0), x)  # soft-cap
+    assert _uses_mosaic(grad_fn(causal=True, window=64, softcap=30.0), x[:, :201])  # padded
+    assert not _uses_mosaic(grad_fn(causal=False, window=(64, 32)), x[:, :201])  # a padded key
     assert _uses_mosaic(grad_fn(causal=True), x[:, :200])  # a multiple of 8: unpadded
     assert _uses_mosaic(grad_fn(causal=True), x[:, :201])  # padded to 208, exactly
     assert _uses_mosaic(grad_fn(causal=False), x[:, :200])
     assert not _uses_mosaic(grad_fn(causal=False), x[:, :201])  # a zero key would count
     assert not _uses_mosaic(grad_fn(causal=True), x[..., :32])
     assert not _uses_mosaic(grad_fn(causal=True), x.astype(jnp.float32))
+
+
+# Issue 19, item 2: sliding windows on the Mosaic kernels. Each case a different head dim,
+# grouping and window shape, so that together they reach every band edge of the forward
+# and of both backward kernels (left edge, right edge, causal diagonal, tiles every row
+# sees unmasked, key blocks no query sees, rows that see no key) without the cross product.
+MOSAIC_WINDOW_CASES = {  # id: (head_dim, heads, kv_heads, q_len, kv_len, causal, window)
+    "64-causal-left": (64, 2, 2, 512, 512, True, 100),  # diagonal + left edge, no full tile
+    "128-causal-wide-gqa-q<kv": (128, 8, 2, 384, 1000, True, (300, 0)),  # full tiles between
+    "256-both-sides-gqa": (256, 4, 2, 512, 512, False, (64, 32)),
+    "64-both-sides-mqa-tails": (64, 4, 1, 1000, 1000, False, (40, 90)),
+    "128-right-only-q>kv": (128, 2, 2, 640, 384, False, (-1, 50)),  # rows that see no key
+    "256-causal-padded": (256, 2, 2, 1001, 1001, True, 300),  # lengths padded to 8
+    "64-left-only-q-padded": (64, 4, 2, 250, 1000, False, (150, -1)),  # queries padded in front
+}
+
+
+@hopper
+@pytest.mark.parametrize("case", list(MOSAIC_WINDOW_CASES))
+def test_mosaic_sliding_window(request, case):
+    """Outputs, lse and dq/dk/dv of the Mosaic kernels with a sliding window against the
+    float32 reference, outputs poisoned; "auto" takes the Mosaic kernels for the call."""
+    head_dim, heads, kv_heads, q_len, kv_len, causal, window = MOSAIC_WINDOW_CASES[case]
+    q = jax.ShapeDtypeStruct((1, q_len, heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, kv_len, kv_heads, head_dim), jnp.bfloat16)
+    assert _uses_mosaic(_ragged_grad(causal, window=window), q, kv, kv)
+    check(request, batch=1, q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads,
+          head_dim=head_dim, dtype=jnp.bfloat16, causal=causal, window=window,
+          implementation="mosaic")
+
+
+MOSAIC_SOFTCAP_CASES = {  # id: (head_dim, heads, kv_heads, q_len, kv_len, causal, kw)
+    "64-causal": (64, 4, 4, 384, 384, True, dict(softcap=2.0)),
+    "128-full-gqa": (128, 4, 2, 256, 384, False, dict(softcap=5.0, sm_scale=0.5)),
+    "256-causal-window-tails": (256, 2, 1, 1000, 1000, True, dict(softcap=20.0, window=200)),
+    "64-f16-negative-scale": (64, 2, 2, 256, 256, True, dict(softcap=3.0, sm_scale=-0.4)),
+}
+
+
+@hopper
+@pytest.mark.parametrize("case", list(MOSAIC_SOFTCAP_CASES))
+def test_mosaic_softcap(request, case):
+    """Soft-capped scores (softcap * tanh(s / softcap)) on the Mosaic kernels, forward and
+    backward, against the float32 reference; "auto" takes the Mosaic kernels for them."""
+    head_dim, heads, kv_heads, q_len, kv_len, causal, kw = MOSAIC_SOFTCAP_CASES[case]
+    dtype = jnp.float16 if "f16" in case else jnp.bfloat16
+    q = jax.ShapeDtypeStruct((1, q_len, heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((1, kv_len, kv_heads, head_dim), dtype)
+    assert _uses_mosaic(_ragged_grad(causal, **kw), q, kv, kv)
+    check(request, batch=1, q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads,
+          head_dim=head_dim, dtype=dtype, causal=causal, implementation="mosaic", **kw)
 
 
 # Every RAGGED shape with GQA 4:1 at head_dim 128; MHA at 128; some at head_dim 64 and 256.
@@ -518,7 +573,7 @@ def test_auto_ragged_deterministic_pairs_mosaic_forward_with_triton_backward(req
 def test_sm90_supports_names_each_limit():
     from flashjax.attention_sm90 import supports
 
-    ok = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.bfloat16, causal=True, window=False,
+    ok = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.bfloat16, causal=True, window=None,
               softcap=None, masked=False, sparse=False)
     assert supports(**ok) is None
     assert supports(**{**ok, "dtype": jnp.float16}) is None
@@ -535,17 +590,49 @@ def test_sm90_supports_names_each_limit():
     for change, words in [({"dtype": jnp.float32}, "float32"), ({"head_dim": 96}, "head_dim 96"),
                           ({"causal": False, "kv_len": 201}, "lengths 256/201: full attention"),
                           ({"causal": False, "q_len": 8191, "kv_len": 8191}, "8191/8191"),
-                          ({"window": True}, "window"), ({"softcap": 30.0}, "soft-cap"),
+                          ({"causal": False, "kv_len": 201, "window": (64, 32)},
+                           "lengths 256/201 with window (64, 32): a window with keys right"),
+                          ({"causal": False, "kv_len": 1001, "window": (64, -1)}, "(64, -1)"),
                           ({"masked": True}, "padding"), ({"sparse": True}, "block-sparsity")]:
         why = supports(**{**ok, **change})
         assert why is not None and words in why, (change, why)
+
+
+def test_sm90_supports_window_and_softcap():
+    """Issue 19, item 2: the Mosaic kernels take sliding windows and soft-cap, at any
+    lengths where the padding to multiples of 8 stays exact (length_padding): always with
+    a window's right side 0 (causal), at kv_len a multiple of 8 otherwise."""
+    from flashjax.attention_sm90 import supports
+
+    ok = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.bfloat16, causal=True, window=None,
+              softcap=None, masked=False, sparse=False)
+    for causal in (True, False):
+        for window in (64, (64, 0), (0, 0), (64, 32), (-1, 16), (16, -1), (-1, -1)):
+            for q_len, kv_len in [(256, 256), (1000, 384), (201, 1000), (8, 8)]:
+                call = {**ok, "causal": causal, "window": window, "q_len": q_len, "kv_len": kv_len}
+                assert supports(**call) is None, call
+                assert supports(**{**call, "softcap": 30.0}) is None, call
+        for head_dim in (128, 256):
+            assert supports(**{**ok, "causal": causal, "head_dim": head_dim, "window": 100,
+                               "softcap": 5.0}) is None
+    for q_len, kv_len in [(1001, 1001), (13, 1000), (1000, 1003), (5, 13)]:  # padded exactly
+        for window in (64, (64, 0), (0, 0)):
+            assert supports(**{**ok, "window": window, "q_len": q_len, "kv_len": kv_len}) is None
+            assert supports(**{**ok, "causal": False, "window": (3, 0), "q_len": q_len,
+                               "kv_len": kv_len, "softcap": 1.0}) is None
+    for window in ((64, 32), (-1, 1), (64, -1), 64):  # non-causal: keys right of the diagonal
+        why = supports(**{**ok, "causal": False, "window": window, "q_len": 1001,
+                          "kv_len": 1001})
+        assert why is not None and "lengths 1001/1001 with window" in why, (window, why)
+    why = supports(**{**ok, "causal": False, "window": (-1, -1), "kv_len": 1001})
+    assert why is not None and "full attention" in why  # an unbounded window is full attention
 
 
 def _hopper_call(**kw):
     from flashjax.attention import Call
 
     base = dict(q_len=256, kv_len=256, head_dim=64, dtype=jnp.dtype(jnp.bfloat16), causal=True,
-                window=False, softcap=None, masked=False, sparse=False, deterministic=False,
+                window=None, softcap=None, masked=False, sparse=False, deterministic=False,
                 interpret=False)
     return Call(**{**base, **kw})
 
@@ -572,8 +659,14 @@ def test_dispatch_table(monkeypatch):
     with pytest.raises(ValueError, match=r"implementation='xla' cannot run this call: "
                                          r"deterministic=True \(XLA autotunes"):
         choose("xla", _hopper_call(deterministic=True))
-    with pytest.raises(ValueError, match="cannot run this call: window"):
-        choose("mosaic", _hopper_call(window=True))
+    assert choose("auto", _hopper_call(window=(64, 0))) == ("mosaic", "mosaic")
+    assert choose("auto", _hopper_call(softcap=30.0, window=(64, 0))) == ("mosaic", "mosaic")
+    assert choose("auto", _hopper_call(softcap=30.0, deterministic=True)) == ("mosaic", "triton")
+    ragged_window = _hopper_call(causal=False, window=(64, 32), q_len=201, kv_len=201)
+    assert choose("auto", ragged_window) == ("triton", "triton")
+    with pytest.raises(ValueError, match=r"cannot run this call: lengths 201/201 with window "
+                                         r"\(64, 32\)"):
+        choose("mosaic", ragged_window)
     with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'mosaic', "
                                          r"'triton', 'xla'\)"):
         choose("cudnn", _hopper_call())
@@ -764,7 +857,75 @@ def test_mosaic_refusals_on_a_claimed_hopper(monkeypatch):
     assert "mpmd_map" in jaxpr(x, implementation="mosaic", block_sizes=big)
     assert "mpmd_map" in jaxpr(ragged, causal=True)  # padded to 208, exactly
     assert "mpmd_map" not in jaxpr(ragged)  # auto falls back to Triton
-    assert "mpmd_map" not in jaxpr(x, window=64)
+    assert "mpmd_map" in jaxpr(x, window=64)  # sliding windows and soft-cap: Mosaic
+    assert "mpmd_map" in jaxpr(x, softcap=30.0)
+    assert "mpmd_map" in jaxpr(ragged, causal=True, window=(64, 0), softcap=30.0)
+    assert "mpmd_map" not in jaxpr(ragged, window=(64, 32))  # a padded key would be inside it
+    with pytest.raises(ValueError, match="cannot run this call: lengths 201/201 with window"):
+        flash_attention(ragged, ragged, ragged, window=(64, 32), implementation="mosaic",
+                        interpret=False)
+
+
+def test_mosaic_window_softcap_gradients_trace_on_a_claimed_hopper(monkeypatch):
+    """Traced on CPU with a Hopper GPU claimed: the gradient of a sliding-window, soft-capped
+    call is the Mosaic forward and backward alone (no Triton kernel), unpadded at lengths
+    that are multiples of 8."""
+    from flashjax import attention as A
+
+    monkeypatch.setattr(A, "compute_capability", lambda: "9.0")
+    q = jax.ShapeDtypeStruct((1, 384, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+    for causal, kw in [(True, dict(window=100)), (False, dict(window=(40, 90), softcap=20.0)),
+                       (True, dict(softcap=5.0))]:
+        fn = _ragged_grad(causal, interpret=False, **kw)
+        jaxpr = str(jax.make_jaxpr(fn)(q, kv, kv))
+        assert jaxpr.count("mpmd_map") == 2 and "pallas_call" not in jaxpr, (causal, kw)
+        assert _pads(fn, q, kv, kv) == []
+
+
+@pytest.mark.parametrize("tile,n", [(64, 128), (128, 128), (64, 64), (16, 48)])
+@pytest.mark.parametrize("mask_tail", [True, False])
+def test_tile_ranges_are_the_band(tile, n, mask_tail):
+    """_attention_common.tile_ranges, which both the Triton and the Mosaic kernels loop by,
+    against brute force: [lo, hi) are exactly the tiles some own position sees a position
+    of (none visited in vain, none missed), [full_lo, full_hi) exactly those every own
+    position sees all of (only the band's edge tiles are masked). Positions past
+    other_len count as unseen with mask_tail, as padding that needs no mask without."""
+    from flashjax import _attention_common as common
+
+    rng = np.random.default_rng(SEED + tile + n)
+    for _ in range(300):
+        other_len = int(rng.integers(1, 6 * tile))
+        other_tiles = -(-other_len // tile)
+        own_len = int(rng.integers(1, 6 * n))
+        offset = other_len - own_len  # kv_len - q_len when own positions are queries
+        left, right = (int(x) if rng.random() < 0.75 else -1 for x in rng.integers(0, 3 * tile, 2))
+        own_is_query = bool(rng.random() < 0.5)
+        band = (common.key_band(offset, left, right) if own_is_query
+                else common.query_band(-offset, left, right))
+        start = int(rng.integers(0, -(-own_len // n))) * n
+        lo, full_lo, full_hi, hi = (int(x) for x in common.tile_ranges(
+            start, n, tile, band, other_len, other_tiles, mask_tail))
+        own = np.arange(start, start + n)[:, None]
+        other = np.arange(other_tiles * tile)[None, :]
+        q_pos, k_pos = (own, other) if own_is_query else (other, own)
+        kv_minus_q = offset if own_is_query else -offset
+        seen = common.visible(q_pos, k_pos, offset=kv_minus_q, left=left, right=right)
+        seen = np.broadcast_to(True if seen is None else seen, (n, other.size))
+        if mask_tail:
+            seen = seen & (other < other_len)
+        per_tile = seen.reshape(n, other_tiles, tile)
+        some, every = per_tile.any(axis=(0, 2)), per_tile.all(axis=(0, 2))
+        what = (tile, n, other_len, own_len, left, right, own_is_query, start, mask_tail)
+        if some.any():
+            idx = np.flatnonzero(some)
+            assert (lo, hi) == (idx[0], idx[-1] + 1), (what, lo, hi, idx)
+        else:
+            assert lo == hi, what
+        assert lo <= full_lo <= full_hi <= hi, what
+        assert every[full_lo:full_hi].all(), what
+        edges = np.r_[lo:full_lo, full_hi:hi]
+        assert not every[edges].any(), (what, lo, full_lo, full_hi, hi, every)
 
 
 def test_implementation_option_errors():

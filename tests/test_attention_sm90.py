@@ -76,7 +76,7 @@ def test_sm90_backward_head_splits_lower_for_cuda(head_dim, splits):
 
 
 def test_sm90_supports_head_dims():
-    ok = dict(q_len=256, kv_len=256, dtype=jnp.bfloat16, causal=True, window=False, softcap=None,
+    ok = dict(q_len=256, kv_len=256, dtype=jnp.bfloat16, causal=True, window=None, softcap=None,
               masked=False, sparse=False)
     for d in sm90.SUPPORTED_HEAD_DIMS:
         assert set(sm90.SUPPORTED_HEAD_DIMS) <= set(sm90.HEAD_DIMS)
@@ -98,7 +98,7 @@ def test_sm90_length_padding_is_exact():
                     assert not causal and kv_len % 8
                     assert "full attention" in sm90.supports(
                         q_len=q_len, kv_len=kv_len, head_dim=128, dtype=jnp.bfloat16,
-                        causal=causal, window=False, softcap=None, masked=False, sparse=False)
+                        causal=causal, window=None, softcap=None, masked=False, sparse=False)
                     continue
                 front, back, keys = pad
                 if q_len % 8 == 0 and kv_len % 8 == 0:
@@ -112,6 +112,64 @@ def test_sm90_length_padding_is_exact():
                 want = rj <= ri + kv_len - q_len if causal else np.ones((q_len, kv_len), bool)
                 assert np.array_equal(real[:, :kv_len], want), (q_len, kv_len, causal, pad)
                 assert not real[:, kv_len:].any(), (q_len, kv_len, causal, pad)
+
+
+def test_sm90_length_padding_is_exact_with_windows():
+    """With a sliding window the padded layout keeps every real query's bottom-right
+    diagonal, so the window the kernels apply to the padded arrays gives every real query
+    exactly its real keys; a padded zero key stays outside it when the window's right side
+    is 0 (causal) or kv_len is a multiple of 8, and otherwise length_padding refuses."""
+    windows = [(3, 0), (0, 0), (5, 2), (-1, 3), (4, -1), (9, 9), 3]
+    for causal in (True, False):
+        for window in windows:
+            left, right = sm90._bounds(causal, window)
+            for q_len in range(1, 20):
+                for kv_len in range(1, 20):
+                    pad = sm90.length_padding(q_len, kv_len, causal, window)
+                    why = sm90.supports(q_len=q_len, kv_len=kv_len, head_dim=64,
+                                        dtype=jnp.bfloat16, causal=causal, window=window,
+                                        softcap=None, masked=False, sparse=False)
+                    what = (q_len, kv_len, causal, window, pad)
+                    if pad is None:
+                        assert kv_len % 8 and right != 0, what
+                        assert "with window" in why, what
+                        continue
+                    assert why is None, what
+                    front, back, keys = pad
+                    rows, cols = q_len + front + back, kv_len + keys
+                    assert rows % 8 == 0 and cols % 8 == 0 and keys < 8 and front + back < 15
+                    diff = np.arange(cols)[None, :] - (np.arange(rows)[:, None] + cols - rows)
+                    seen = (diff <= (right if right >= 0 else cols)) & (diff >= -(left if left >= 0
+                                                                                  else cols))
+                    real = seen[front:front + q_len]
+                    rdiff = np.arange(kv_len)[None, :] - (np.arange(q_len)[:, None] + kv_len - q_len)
+                    want = ((rdiff <= (right if right >= 0 else kv_len))
+                            & (rdiff >= -(left if left >= 0 else kv_len)))
+                    assert np.array_equal(real[:, :kv_len], want), what
+                    assert not real[:, kv_len:].any(), what
+
+
+# Window and soft-cap variants: (causal, window, softcap), each at every head dim. The
+# forward's and both backward kernels' band edges on both sides, the mask and the tanh.
+MASK_VARIANTS = [(True, 100, 2.0), (False, (40, 30), None), (False, (70, -1), 5.0),
+                 (True, None, 3.0)]
+
+
+@lower_only
+@pytest.mark.parametrize("head_dim", sm90.HEAD_DIMS)
+@pytest.mark.parametrize("causal,window,softcap", MASK_VARIANTS,
+                         ids=["causal-window-cap", "window", "left-window-cap", "causal-cap"])
+def test_sm90_window_softcap_lower_for_cuda(head_dim, causal, window, softcap):
+    """Forward and backward with a sliding window and/or soft-cap lower (no GPU needed),
+    GQA, lengths off the tiles (1001 padded to 1008 where exact)."""
+    q = jax.ShapeDtypeStruct((1, 1001, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, 2, head_dim), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((1, 4, 1001), jnp.float32)
+    kw = dict(causal=causal, sm_scale=0.1, window=window, softcap=softcap)
+    fwd = _lower(lambda q, k, v: sm90.forward(q, k, v, **kw), q, kv, kv)
+    assert "mosaic_gpu" in fwd.as_text()
+    _lower(lambda q, k, v, do, lse, delta: sm90.backward(q, k, v, do, lse, delta, **kw),
+           q, kv, kv, q, rows, rows)
 
 
 @pytest.mark.parametrize("sq,sk,causal,kv_heads", [
@@ -140,7 +198,7 @@ def _close(got, want, tol, what):
                                atol=tol[0], rtol=tol[1], err_msg=what)
 
 
-def _check(b, sq, sk, h, hk, d, causal, dtype, seed=0, bcfg=None):
+def _check(b, sq, sk, h, hk, d, causal, dtype, seed=0, bcfg=None, window=None, softcap=None):
     """O, log-sum-exp, dQ, dK and dV of the sm90 kernels (outputs poisoned) against the
     float32 reference. One jit holds the forward and backward kernels and one the
     reference, so a case compiles each Mosaic kernel once (on a GPU the compiles, not
@@ -152,16 +210,18 @@ def _check(b, sq, sk, h, hk, d, causal, dtype, seed=0, bcfg=None):
 
     @jax.jit
     def kernels(q, k, v, do):
-        o, lse2 = sm90.forward(q, k, v, causal=causal, sm_scale=scale, poison=True)
+        mask = dict(causal=causal, sm_scale=scale, window=window, softcap=softcap)
+        o, lse2 = sm90.forward(q, k, v, poison=True, **mask)
         delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-        return (o, lse2, *sm90.backward(q, k, v, do, lse2, delta, causal=causal, sm_scale=scale,
-                                        poison=True, config=bcfg))
+        return (o, lse2, *sm90.backward(q, k, v, do, lse2, delta, poison=True, config=bcfg,
+                                        **mask))
 
     @jax.jit
     def reference(q, k, v, do):
         args = [x.astype(jnp.float32) for x in (q, k, v)]
         (ro, rlse), rvjp = jax.vjp(lambda q, k, v: attention_reference(
-            q, k, v, causal=causal, sm_scale=scale, return_lse=True), *args)
+            q, k, v, causal=causal, sm_scale=scale, window=window, softcap=softcap,
+            return_lse=True), *args)
         return (ro, rlse, *rvjp((do.astype(jnp.float32), jnp.zeros_like(rlse))))
 
     o, lse2, dq, dk, dv = kernels(q, k, v, do)
@@ -228,6 +288,22 @@ def test_sm90_backward_head_splits(head_dim, splits):
     float32 partial sums over 2 or 4 programs: the same gradients."""
     cfg = dataclasses.replace(sm90.BWD_CONFIGS[head_dim], head_splits=splits)
     _check(2, 384, 384, 8, 2, head_dim, True, jnp.bfloat16, seed=3, bcfg=cfg)
+
+
+# GQA 4:1 with one program per KV head taking its 4 query heads in turn (head_splits 1):
+# the ring position of a step runs on over the heads, and with a window the number of
+# query tiles a key block sees differs from block to block (some see none).
+WINDOW_SPLIT_CASES = {"64-causal-window-cap": (64, True, 100, 5.0),
+                      "256-window": (256, False, (60, 40), None)}
+
+
+@hopper
+@pytest.mark.parametrize("case", list(WINDOW_SPLIT_CASES))
+def test_sm90_window_backward_one_split(case):
+    head_dim, causal, window, softcap = WINDOW_SPLIT_CASES[case]
+    cfg = dataclasses.replace(sm90.BWD_CONFIGS[head_dim], head_splits=1)
+    _check(2, 512, 512, 8, 2, head_dim, causal, jnp.bfloat16, seed=4, bcfg=cfg, window=window,
+           softcap=softcap)
 
 
 @hopper
