@@ -111,6 +111,11 @@ def test_json_object_n2_and_bad_grammar(engine):
         engine.add_request([1, 2], RequestParams(grammar="this is not a grammar %%%"))
     with pytest.raises(ValueError, match="beam"):
         RequestParams(grammar=grammar, beam_width=2, n=1)
+    from flashjax.serving.guided import GrammarBackend
+
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        GrammarBackend(tok, vocab_size=engine.config.vocab_size, eos_id=None, threads=0)
+
 
 
 def test_malformed_response_formats_and_tokenizers():
@@ -127,3 +132,55 @@ def test_malformed_response_formats_and_tokenizers():
 
     with pytest.raises(ValueError, match="needs a tokenizer backed by the `tokenizers` library"):
         GrammarBackend(Plain(), vocab_size=10, eos_id=None)
+
+
+# ---------------------------------------------------------------------------
+# Masks of many rows at once, and the split step that overlaps them with the device
+# ---------------------------------------------------------------------------
+
+def _allowed(backend, row) -> np.ndarray:
+    return np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little")[:backend.vocab_size])
+
+
+def _grammars():
+    return [grammar_for_response_format({"type": "json_schema", "json_schema": {"schema": s}}) for s in SCHEMAS] + \
+        [grammar_for_response_format({"type": "json_object"})]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fill_rows_equals_one_row_at_a_time(engine, threads):
+    """The batch fill (on llguidance's executor; with one thread, a loop in this thread)
+    writes each matcher's own mask into its own row, for matchers of different grammars at
+    different states (fresh, mid-way, finished), and leaves every other row as it was."""
+    from flashjax.serving.guided import GrammarBackend
+
+    tok = engine.tokenizer
+    backend = GrammarBackend(tok, vocab_size=engine.config.vocab_size, eos_id=tok.eot_id, threads=threads)
+    assert (backend._executor is None) == (threads == 1)
+    rng = np.random.default_rng(0)
+    row = np.zeros(backend.words, np.int32)
+    matchers = []
+    for i, g in enumerate(_grammars() * 3):
+        m = backend.matcher(g)
+        for _ in range(4 * i if i < 8 else 400):  # the last one to the grammar's end
+            if m.is_stopped():
+                break
+            backend.fill(m, row)
+            assert m.consume_token(int(rng.choice(_allowed(backend, row))))
+        matchers.append(m)
+    assert matchers[-1].is_stopped() and not matchers[3].is_stopped()
+    dest = rng.permutation(14)[:len(matchers)]
+    mask = np.full((14, backend.words), 0x5A5A5A5A, np.int32)
+    backend.fill_rows(list(zip(matchers, dest)), mask)
+    expected = np.full_like(mask, 0x5A5A5A5A)
+    for m, i in zip(matchers, dest):
+        backend.fill(m, expected[i])
+    np.testing.assert_array_equal(mask, expected)
+    assert len({expected[i].tobytes() for i in dest}) >= 5, "the states should give different masks"
+    backend.fill_rows([], mask)  # nothing to do
+    for bad in ([(matchers[0], 1), (matchers[1], 1)], [(matchers[0], 1), (matchers[0], 2)], [(matchers[0], 14)]):
+        with pytest.raises(ValueError, match="distinct"):
+            backend.fill_rows(bad, mask)
+    with pytest.raises(ValueError, match="C-contiguous int32"):
+        backend.fill_rows([(matchers[0], 0)], mask[:, ::2])
+
