@@ -9,13 +9,22 @@
     m.consume_token(t)                          # after each sampled token
 
 A request's grammar (`RequestParams.grammar`, an llguidance grammar string) gets a
-matcher per sequence. Before each step the host writes the allowed-token bitmask of
-every constrained row, all rows in one `fill_rows` call (llguidance's thread pool,
-the GIL released); the device sets the logits of the other tokens to -inf
-before sampling, so every sampled token keeps the output inside the grammar. The
-mask depends on the token sampled just before, so steps with constrained rows run
-one decode step per call and are read back before the next is planned (no
-overlap for them; other rows in the same call are unaffected).
+matcher per sequence (n > 1: one per sample). The device sets the logits of the
+tokens outside a constrained row's bitmask to -inf before sampling, so every
+sampled token keeps the output inside the grammar.
+
+A mask depends on the token sampled just before it, so a step with constrained rows
+runs one decode step, split in two device calls (`StepRunner.forward` / `sample`,
+flashjax.serving.step): the engine dispatches the model's forward, then, while the
+device runs it, reads back the step before (its tokens advance the matchers), computes
+every constrained row's mask in one `fill_rows` call (llguidance's thread pool, the
+GIL released) and dispatches the sampling with them. So the host's work for the
+masks overlaps the forward, and the next step is planned while this one is in flight
+as for other rows. What does not overlap: planning the step and dispatching it (the
+device waits for that between two constrained steps, where unconstrained rows
+amortise it over K decode steps per call), and whatever host work exceeds the forward.
+A row whose sequence stopped in the step read back meanwhile samples a token nobody
+receives, with no mask.
 
 llguidance (Microsoft's Rust grammar engine, used by vLLM and SGLang) computes
 masks incrementally from a token trie in tens of microseconds per token. It is an
