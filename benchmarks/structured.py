@@ -33,8 +33,11 @@ sampled at `--temperature` (1.0) with seed i, all added at t=0. For each batch s
 
   constrained    response_format json_schema: the schema's llguidance grammar
                  (RequestParams.grammar), `--max-tokens` as a cap (a response cut by it
-                 is invalid); every step with a constrained row runs one decode step and
-                 is read back before the next is planned (the next mask needs the token)
+                 is invalid); every step with a constrained row runs one decode step,
+                 dispatched as the model's forward, then the sampling with the masks, which
+                 the host computes (after reading back the step before: the next mask needs
+                 its token) while the device runs the forward; `--grammar-threads` CPU
+                 threads compute a step's masks together (default: the engine's)
   unconstrained  the same prompts, temperature and seeds, ignore_eos and max_tokens = the
                  constrained response's length: every request generates the same number of
                  tokens as it did constrained (checked), with multi-step decode
@@ -386,7 +389,8 @@ def bench_batch(model, tok, reqs, batch: int, args, external):
     rows = max(1, min(batch, 4096 // chunk))
     eng = Engine(model, tokenizer=tok, num_blocks=per_seq * batch + 8, max_seqs=batch, block_size=bs,
                  max_num_batched_tokens=rows * chunk + batch, prefill_rows=rows, max_chunk=chunk,
-                 chunk_buckets=(chunk,), prefix_caching=False, decode_steps=args.decode_steps)
+                 chunk_buckets=(chunk,), prefix_caching=False, decode_steps=args.decode_steps,
+                 grammar_threads=args.grammar_threads)
     T = args.temperature
 
     def constrained(max_tokens):
@@ -434,7 +438,8 @@ def bench_batch(model, tok, reqs, batch: int, args, external):
         s["mean_tokens"] = s.pop("tokens") / s["total"]
     n_valid = len(reqs) - len(invalid)
     cell = {
-        "batch": batch, "warmup_s": round(warmup_s, 1), "constrained": con, "unconstrained": unc,
+        "batch": batch, "warmup_s": round(warmup_s, 1), "grammar_threads": eng._grammar_backend().threads,
+        "constrained": con, "unconstrained": unc,
         "tokens_matched": matched,
         "tok_s_ratio": con["tok_s"] / unc["tok_s"],
         "extra_ms_per_token": con["ms_per_token"] - unc["ms_per_token"],
@@ -470,6 +475,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="parameter and compute dtype (default bfloat16)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=8, help="engine: most decode steps per device call")
+    p.add_argument("--grammar-threads", type=int, default=None,
+                   help="engine: CPU threads computing a step's masks together (default: the engine's; 1: serial)")
     p.add_argument("--tokenizer-bytes", type=int, default=None,
                    help="standard-library bytes the presets' BPE is trained on (default 8 MB)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/structured-<device>-<date>.json)")
@@ -544,7 +551,8 @@ def run(args):
             "schemas": SCHEMAS,
             "modes": {
                 "constrained": "response_format json_schema (llguidance grammar; RequestParams.grammar), "
-                               "one decode step per call, read back before the next",
+                               "one decode step per step: forward, then sampling with the masks the host "
+                               "computes (after reading back the step before) while the forward runs",
                 "unconstrained": "same prompts/seeds, ignore_eos, max_tokens = the request's constrained length; "
                                  "multi-step decode and overlap",
             },

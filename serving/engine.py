@@ -24,6 +24,14 @@ n + 1: that row is wasted and its token dropped; nobody receives it.
 Preemption, swaps and beam search are planned with nothing in flight (the
 engine reads the step in flight back first).
 
+Structured output (`flashjax.serving.guided`): a step with grammar rows is one
+decode step dispatched in two calls, the model's forward and then the sampling
+with the rows' token masks. Between the two, while the device runs the forward,
+the engine reads back the step in flight (its tokens advance the grammar
+matchers) and computes the masks, all rows in one call to llguidance's thread
+pool. So grammar rows overlap the host like other rows, except that every step
+is planned and dispatched on its own (no multi-step calls).
+
 Multi-step decode: when no prefill is planned and no waiting request could be
 admitted, one call runs up to `decode_steps` (K, default 8) decode steps on
 the device, each row stopping at its end-of-text / stop ids / `max_tokens`.
@@ -48,7 +56,9 @@ tables cut to a power-of-two bucket of the longest row, from 16 blocks up, as
 the decode kernel sizes its grid from the table width), plus the swap and copy
 helpers; `Engine.trace_counts` counts traces. Calls with a top-k / top-p row
 use a variant with a vocabulary sort, compiled on first use (`warmup()` compiles
-the others), and structured-output masks likewise.
+the others). Steps with grammar rows compile, on first use, a forward per
+one-step variant they stand for (as many model compiles as those) and small
+model-free sampling calls (`flashjax.serving.step`).
 
 Threading: `start()` runs steps in a daemon thread while requests exist;
 `add_request` / `cancel` are thread-safe (one lock around every mutation;
@@ -110,10 +120,13 @@ class _PlanError(RuntimeError):
 class _Dispatched:
     """A step on the device whose sampled ids the host has not read yet."""
 
-    out: dict
+    out: dict | None  # None while a split step waits for its masks (`forward` set)
     prefills: list[tuple[Request, int, bool]]  # (sequence, row, samples)
     decodes: list[tuple[Request, int, int]]  # (sequence, slot, steps)
-    sync: bool  # read back at once (beam search, grammar masks need this step's tokens)
+    sync: bool  # read back at once (beam search: the next step is planned on these tokens)
+    forward: S.Forward | None = None  # a step with grammar rows: the model half, dispatched
+    guided: list[Request] = dataclasses.field(default_factory=list)  # its rows that need a mask
+    filtered: bool = False  # sampling needs the top-k / top-p variant
 
 
 class Engine:
@@ -128,6 +141,8 @@ class Engine:
     eos_id: end-of-text id (default: the tokenizer's `eot_id`, if any).
     decode_steps: most decode steps per device call when nothing waits for prefill (K).
     overlap: dispatch step n + 1 before reading step n (False: read each step at once).
+    grammar_threads: CPU threads computing a step's structured-output masks together
+      (default: 80% of the CPUs, at most 32; 1: one after another in the engine's thread).
     kv_cache_dtype: the KV pages' dtype: None / "auto" (the model's compute dtype),
       "bf16", "fp16", "fp32", or "fp8" (float8_e4m3fn with one float32 scale per
       token and KV head: half the bytes of bf16 per block, so about twice the
@@ -140,7 +155,7 @@ class Engine:
                  preemption_mode: str = "recompute", prefix_caching: bool = True,
                  max_waiting: int | None = None, eos_id: int | None = None, logprobs_k: int = 8,
                  decode_kwargs: dict | None = None, decode_steps: int = 8, overlap: bool = True,
-                 kv_cache_dtype: str | None = None):
+                 kv_cache_dtype: str | None = None, grammar_threads: int | None = None):
         self.config = model.config
         self.kv_cache_dtype = R.cache_dtype(self.config, kv_cache_dtype)  # checked before anything is built
         self.tokenizer = tokenizer
@@ -190,6 +205,9 @@ class Engine:
         self._slots = S.SlotBatch(self.max_seqs, self.max_blocks_per_seq)
         self._inflight: collections.deque[_Dispatched] = collections.deque()
         self._grammar = None  # flashjax.serving.guided.GrammarBackend, built for the first grammar
+        if grammar_threads is not None and int(grammar_threads) < 1:
+            raise ValueError(f"grammar_threads must be at least 1, got {grammar_threads!r}")
+        self.grammar_threads = grammar_threads
         self._bias_rows: dict[int, tuple] = {}  # slot -> logit_bias its device row holds (absent: none)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -319,7 +337,8 @@ class Engine:
                 raise ValueError("grammar (structured output) needs an engine with a tokenizer")
             from flashjax.serving.guided import GrammarBackend
 
-            self._grammar = GrammarBackend(self.tokenizer, vocab_size=self.config.vocab_size, eos_id=self.eos_id)
+            self._grammar = GrammarBackend(self.tokenizer, vocab_size=self.config.vocab_size, eos_id=self.eos_id,
+                                           threads=self.grammar_threads)
         return self._grammar
 
     def cancel(self, request_id: str) -> bool:
@@ -351,8 +370,6 @@ class Engine:
 
     def _step_locked(self) -> int:
         t0 = time.perf_counter()
-        if self._inflight and any(r.matcher is not None for r in self.scheduler.running):
-            self._drain()  # a grammar's next mask needs the tokens in flight
         plan = self.scheduler.schedule(allow_preempt=not self._inflight)
         if plan.blocked or (plan.empty and self._inflight):
             # a preemption is due, or every sequence waits for tokens in flight:
@@ -376,9 +393,17 @@ class Engine:
                         self.output.finish_seq(r, "error")
                 self.output.finish_handle(handle)
             return 0
-        self._inflight.append(d)
         self.host_timing["plan_s"] += t1 - t0
         self.host_timing["dispatch_s"] += time.perf_counter() - t1
+        if d.forward is not None:
+            # Grammar rows: the model's forward is on the device now. Meanwhile the steps in
+            # flight are read back (their tokens advance the matchers), then the masks are
+            # computed and the sampling half is dispatched.
+            self._drain()
+            t2 = time.perf_counter()
+            self._sample_guided(d)
+            self.host_timing["dispatch_s"] += time.perf_counter() - t2
+        self._inflight.append(d)
         keep = 1 if self.overlap and not d.sync else 0
         while len(self._inflight) > keep:
             self._collect(self._inflight.popleft())
@@ -479,18 +504,13 @@ class Engine:
             widest = max(-(-int(bm.lengths[r.slot]) // self.block_size) for r in decodes)
             width = next(w for w in self.table_buckets if w >= widest)
             arrays["tables"] = arrays["tables"][:, :width]
-        if guided:
-            t_mask = time.perf_counter()
-            mask = np.full((self.max_seqs, self._grammar.words), -1, np.int32)
-            for r in guided:
-                self._grammar.fill(r.matcher, mask[r.slot])
-            arrays["mask"] = mask
-            self.host_timing["grammar_mask_s"] += time.perf_counter() - t_mask
-            self.stats_counters["grammar_masks"] += len(guided)
         # top-k / top-p need a sort of the vocabulary: a variant of its own (compiled on first use)
         filtered = any(r.consts[0][S.TOP_K - S.TOP_K] > 0 or r.consts[1][S.TOP_P] < 1
                        for r in itertools.chain(decodes, (r for r, _ in prefills)))
-        out = self.runner.run(arrays, pf_arrays, steps=n_steps, filtered=filtered)
+        if guided:  # the model half now; `_sample_guided` dispatches the sampling with the masks
+            fwd, out = self.runner.forward(arrays, pf_arrays, decode=bool(decodes)), None
+        else:
+            fwd, out = None, self.runner.run(arrays, pf_arrays, steps=n_steps, filtered=filtered)
         c = self.stats_counters
         c["steps"] += 1
         c["device_calls"] += 1
@@ -500,7 +520,21 @@ class Engine:
         c["max_decode_batch"] = max(c["max_decode_batch"], len(decodes))
         if multi:
             c["multi_step_calls"] += 1
-        return _Dispatched(out, pf_rows, dc_rows, beams or bool(guided))
+        return _Dispatched(out, pf_rows, dc_rows, beams, fwd, guided, filtered)
+
+    def _sample_guided(self, d: _Dispatched) -> None:
+        """Compute the masks of a split step's grammar rows (their matchers have consumed every
+        token read back so far: nothing of theirs is in flight) and dispatch its sampling."""
+        t0 = time.perf_counter()
+        mask = np.full((self.max_seqs, self._grammar.words), -1, np.int32)
+        # a row whose sequence stopped in the step just read back samples a token nobody
+        # receives: no mask for it (all ids allowed)
+        rows = [(r.matcher, r.slot) for r in d.guided if not r.finished]
+        self._grammar.fill_rows(rows, mask)
+        self.host_timing["grammar_mask_s"] += time.perf_counter() - t0
+        self.stats_counters["grammar_masks"] += len(rows)
+        d.out = self.runner.sample(d.forward, mask, filtered=d.filtered)
+        d.forward = None
 
     def _set_consts(self, r: Request) -> None:
         if r.consts is None:
@@ -518,6 +552,7 @@ class Engine:
 
     def _collect(self, d: _Dispatched) -> None:
         """Read a dispatched step's sampled ids back and deliver them (lock released while waiting)."""
+        assert d.out is not None, "a split step is read back before its sampling was dispatched"
         t0 = time.perf_counter()
         self._lock.release()
         try:

@@ -23,12 +23,21 @@ after a stop are -1. The loop exits as soon as no row is live.
 Sampling: per-row temperature / top-k / top-p / seed, after OpenAI presence and
 frequency penalties (per-slot counts of generated tokens, `counts`, kept on the
 device and zeroed when a new sequence takes the slot; a re-prefill after a
-preemption counts the earlier outputs again) and a per-slot logit bias row. With
-`slots["mask"]` (structured output, `flashjax.serving.guided`) tokens outside
-each row's bitmask are excluded first.
+preemption counts the earlier outputs again) and a per-slot logit bias row.
+
+Split calls (structured output, `flashjax.serving.guided`): a one-step call can
+also be dispatched as two, `forward` (the model: pages written, logits left on
+the device) then `sample(fwd, mask)`, which excludes each row's tokens outside
+its int32 bitmask before sampling and returns what `run` would. The host
+computes the masks while the device runs the forward. Without a mask the two
+give what `run(..., steps=1 or 0)` gives: that call traces the same two halves
+in one jit.
 
 Compiles: one variant per (prefill chunk bucket or none) x (decode steps 0, 1
-or K) x table width; a mask adds variants, compiled when first used.
+or K) x table width. Split calls compile, when first used, a forward per
+(chunk bucket or none) x (decode or not) x table width, as many model compiles
+as the one-step variants they stand for, and a model-free sampling half per
+(chunk bucket or none) x (decode or not) x (top-k/top-p or not).
 Single-step and prefill calls also return log-probabilities: the sampled
 token's and the top `top_k` (beam search, OpenAI logprobs).
 """
@@ -36,6 +45,7 @@ token's and the top `top_k` (beam search, OpenAI logprobs).
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Any
 
 import jax
@@ -48,7 +58,7 @@ from flashjax.serving import runner as R
 from flashjax.serving.sampling import SamplingArrays, sample
 from flashjax.serving.scheduler import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
-__all__ = ["StepRunner", "SlotBatch", "PrefillBatch", "MAX_STOP_IDS"]
+__all__ = ["StepRunner", "Forward", "SlotBatch", "PrefillBatch", "MAX_STOP_IDS"]
 
 MAX_STOP_IDS = 4  # stop token ids per row checked on the device (eos not counted)
 
@@ -116,6 +126,16 @@ class PrefillBatch:
         return dict(tokens=self.tokens, meta=self.meta)
 
 
+@dataclasses.dataclass
+class Forward:
+    """A dispatched forward (`StepRunner.forward`) waiting for its sampling: device logits
+    and the call's inputs that sampling reads."""
+
+    logits: dict
+    slots: dict
+    prefill: dict | None
+
+
 class StepRunner:
     """Owns the KV pages and `last_tok`; runs the jitted step (pages donated).
 
@@ -140,7 +160,10 @@ class StepRunner:
         self.counts = jnp.zeros((self.max_seqs, vocab), jnp.int32)  # tokens generated per slot (penalties)
         self.bias = jnp.zeros((self.max_seqs, vocab), jnp.float32)  # logit bias per slot
         self.trace_counts: collections.Counter = collections.Counter()
+        self._open: Forward | None = None  # a forward not sampled yet
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 2, 3), static_argnames=("steps", "filtered"))
+        self._forward = jax.jit(self._forward_impl, donate_argnums=(1,), static_argnames=("decode",))
+        self._sample = jax.jit(self._sample_impl, donate_argnums=(0, 1), static_argnames=("filtered",))
         self._set_bias = jax.jit(self._set_bias_impl, donate_argnums=(0,))
         self._gather = jax.jit(self._gather_impl)
         self._scatter = jax.jit(self._scatter_impl, donate_argnums=(0,))
@@ -155,6 +178,7 @@ class StepRunner:
         log-probability), out["top_lp"] / out["top_id"] [S, top_k]; prefill calls add
         the same for prefill rows under "pf_tok_lp", "pf_top_lp", "pf_top_id".
         """
+        self._open = None
         self.pages, self.last_tok, self.counts, out = self._step(
             self.params, self.pages, self.last_tok, self.counts, self.bias, slots, prefill, steps=int(steps),
             filtered=bool(filtered))
@@ -167,6 +191,30 @@ class StepRunner:
         then finds the executable in jit's cache."""
         return self._step.lower(self.params, self.pages, self.last_tok, self.counts, self.bias, slots, prefill,
                                 steps=int(steps), filtered=bool(filtered))
+
+    def forward(self, slots: dict, prefill: dict | None, *, decode: bool) -> Forward:
+        """Dispatch the model half of a one-step call (`decode`: one decode step of the slots
+        with n_steps > 0, as `run(..., steps=1)`; else the prefill alone, as `steps=0`): the
+        pages are written and the logits stay on the device. `sample` must follow before any
+        step call (a forward left unsampled is dropped: its rows sample nothing); in between the
+        host can compute what sampling needs (grammar masks)."""
+        keep = {"ints": slots["ints"], "floats": slots["floats"]}  # sampling needs no block tables
+        keep, prefill = jax.device_put((keep, prefill))  # sent once, for both halves
+        self.pages, logits = self._forward(self.params, self.pages, self.last_tok, dict(keep, tables=slots["tables"]),
+                                           prefill, decode=bool(decode))
+        self._open = Forward(logits, keep, prefill)
+        return self._open
+
+    def sample(self, fwd: Forward, mask: np.ndarray | None = None, *, filtered: bool = False) -> dict[str, Any]:
+        """Dispatch the sampling half of `fwd` (the last `forward`); with `mask` (int32
+        [max_seqs, ceil(vocab / 32)] bitmasks, by slot) each row's tokens outside its mask are
+        excluded. Returns what `run` returns for the same call (device arrays, not waited for)."""
+        if fwd is not self._open:
+            raise RuntimeError("StepRunner.sample: not the last step call's forward (or sampled already)")
+        self._open = None
+        self.last_tok, self.counts, out = self._sample(self.last_tok, self.counts, self.bias, fwd.logits, fwd.slots,
+                                                       fwd.prefill, mask, filtered=bool(filtered))
+        return out
 
     def set_bias(self, slot: int, items) -> None:
         """Make `slot`'s logit-bias row hold `items` ((token, bias) pairs; empty clears it)."""
@@ -228,82 +276,145 @@ class StepRunner:
         bits = jnp.right_shift(words[:, v // 32], v % 32) & 1
         return jnp.where(bits != 0, logits, -jnp.inf)
 
+    @staticmethod
+    def _sampling(slots) -> SamplingArrays:
+        ints, floats = slots["ints"], slots["floats"]
+        return SamplingArrays(temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
+                              seed=jax.lax.bitcast_convert_type(ints[:, SEED], jnp.uint32))
+
+    @staticmethod
+    def _input_tokens(ints, last_tok):
+        """Each decoding row's input token: the host's, or the one the previous call sampled."""
+        return jnp.where(ints[:, USE_HOST] > 0, ints[:, HOST_TOK], last_tok)
+
+    def _prefill_logits(self, model, pages, state, prefill):
+        meta = prefill["meta"]
+        return R.prefill(model, pages, state, prefill["tokens"], meta[:, PF_SLOT], meta[:, PF_LEN],
+                         continuation=True, allocate=False)
+
+    def _decode_logits(self, model, pages, state, lengths, tok, live):
+        seq = jnp.where(live, jnp.arange(self.max_seqs, dtype=jnp.int32), -1)
+        return R.decode(model, pages, state.replace(lengths=lengths), tok, seq,
+                        decode_kwargs=self.decode_kwargs or None, allocate=False)
+
+    def _sample_prefill(self, logits, last_tok, counts, bias, slots, prefill, mask, filtered):
+        """Sample the prefill rows' next tokens from their last positions' logits [P, V]."""
+        S = self.max_seqs
+        ints, floats = slots["ints"], slots["floats"]
+        meta = prefill["meta"]
+        seq = meta[:, PF_SLOT]
+        live = seq >= 0
+        s = jnp.clip(seq, 0, S - 1)
+        starts = jnp.where(live, ints[s, LENGTH], 0)
+        # earlier outputs re-prefilled after a preemption count for the penalties again
+        T = prefill["tokens"].shape[1]
+        pos = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        is_out = live[:, None] & (jnp.arange(T)[None, :] < meta[:, PF_LEN, None]) & (pos >= meta[:, PF_OUT0, None])
+        counts = counts.at[jnp.where(is_out, s[:, None], S), prefill["tokens"]].add(1, mode="drop")
+        rows = jax.tree.map(lambda a: a[s], self._sampling(slots))
+        logits = self._adjust(logits, counts[s], floats[s, PRESENCE], floats[s, FREQUENCY], bias[s])
+        if mask is not None:
+            logits = self._mask(logits, mask[s])
+        tok = self._pick(logits, rows, meta[:, PF_STEP0], filtered)
+        out = {"prefill": tok}
+        out["pf_tok_lp"], out["pf_top_lp"], out["pf_top_id"] = self._logprobs(logits, tok)
+        write = (meta[:, PF_SAMPLE] > 0) & live
+        last_tok = last_tok.at[jnp.where(write, seq, S)].set(tok, mode="drop")
+        counts = counts.at[jnp.where(write, seq, S), tok].add(1, mode="drop")
+        return last_tok, counts, out
+
+    def _sample_decode(self, logits, counts, bias, slots, live, step, mask, filtered):
+        """Sample one decode step's tokens from its logits [S, V]: (logits as sampled, ids, counts)."""
+        S = self.max_seqs
+        floats = slots["floats"]
+        logits = self._adjust(logits, counts, floats[:, PRESENCE], floats[:, FREQUENCY], bias)
+        if mask is not None:
+            logits = self._mask(logits, mask)
+        new = self._pick(logits, self._sampling(slots), step, filtered)
+        counts = counts.at[jnp.where(live, jnp.arange(S, dtype=jnp.int32), S), new].add(1, mode="drop")
+        return logits, new, counts
+
+    def _forward_logits(self, model, pages, last_tok, slots, prefill, decode: bool):
+        """The model half of a one-step call: (pages, logits) with logits["prefill"] [P, V] (the
+        prefill rows' last positions) and, with `decode`, logits["decode"] [S, V] (one decode
+        step of every slot), neither adjusted nor masked yet."""
+        ints = slots["ints"]
+        state = self._state(slots["tables"], ints[:, LENGTH], ints[:, ACTIVE] > 0)
+        logits = {}
+        if prefill is not None:
+            logits["prefill"], pages, state = self._prefill_logits(model, pages, state, prefill)
+        if decode:
+            tok = self._input_tokens(ints, last_tok)
+            logits["decode"], pages, _ = self._decode_logits(model, pages, state, state.lengths, tok,
+                                                             ints[:, N_STEPS] > 0)
+        return pages, logits
+
+    def _sample_logits(self, logits, last_tok, counts, bias, slots, prefill, mask, filtered):
+        """The sampling half of a one-step call, on `_forward_logits`' logits (`mask`: None or
+        int32 [S, ceil(V / 32)]): (last_tok, counts, outputs as a one-step `run` returns them)."""
+        ints = slots["ints"]
+        counts = jnp.where(ints[:, RESET, None] > 0, 0, counts)
+        out = {}
+        if prefill is not None:
+            last_tok, counts, out = self._sample_prefill(logits["prefill"], last_tok, counts, bias, slots, prefill,
+                                                         mask, filtered)
+        if "decode" in logits:
+            live = ints[:, N_STEPS] > 0
+            tok = self._input_tokens(ints, last_tok)
+            lg, new, counts = self._sample_decode(logits["decode"], counts, bias, slots, live, ints[:, STEP0], mask,
+                                                  filtered)
+            out["decode"] = jnp.where(live, new, -1)[None]
+            out["tok_lp"], out["top_lp"], out["top_id"] = self._logprobs(lg, new)
+            last_tok = jnp.where(live, new, tok)
+        return last_tok, counts, out
+
+    def _forward_impl(self, params, pages, last_tok, slots, prefill, *, decode):
+        self.trace_counts["forward"] += 1
+        model = nnx.merge(self.graphdef, params)
+        return self._forward_logits(model, pages, last_tok, slots, prefill, decode)
+
+    def _sample_impl(self, last_tok, counts, bias, logits, slots, prefill, mask, *, filtered):
+        self.trace_counts["sample"] += 1
+        return self._sample_logits(logits, last_tok, counts, bias, slots, prefill, mask, filtered)
+
     def _step_impl(self, params, pages, last_tok, counts, bias, slots, prefill, *, steps, filtered):
         self.trace_counts["step"] += 1
         model = nnx.merge(self.graphdef, params)
+        if steps <= 1:  # what `forward` then `sample` dispatch as two calls, in one
+            pages, logits = self._forward_logits(model, pages, last_tok, slots, prefill, steps == 1)
+            last_tok, counts, out = self._sample_logits(logits, last_tok, counts, bias, slots, prefill, None, filtered)
+            return pages, last_tok, counts, out
         S = self.max_seqs
-        ints, floats = slots["ints"], slots["floats"]
+        ints = slots["ints"]
         counts = jnp.where(ints[:, RESET, None] > 0, 0, counts)
-        presence, frequency = floats[:, PRESENCE], floats[:, FREQUENCY]
         state = self._state(slots["tables"], ints[:, LENGTH], ints[:, ACTIVE] > 0)
-        sp = SamplingArrays(temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
-                            seed=jax.lax.bitcast_convert_type(ints[:, SEED], jnp.uint32))
         out = {}
         if prefill is not None:
-            meta = prefill["meta"]
-            seq = meta[:, PF_SLOT]
-            live = seq >= 0
-            s = jnp.clip(seq, 0, S - 1)
-            starts = jnp.where(live, ints[s, LENGTH], 0)
-            logits, pages, state = R.prefill(model, pages, state, prefill["tokens"], seq, meta[:, PF_LEN],
-                                             continuation=True, allocate=False)
-            # earlier outputs re-prefilled after a preemption count for the penalties again
-            T = prefill["tokens"].shape[1]
-            pos = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-            is_out = live[:, None] & (jnp.arange(T)[None, :] < meta[:, PF_LEN, None]) & (pos >= meta[:, PF_OUT0, None])
-            counts = counts.at[jnp.where(is_out, s[:, None], S), prefill["tokens"]].add(1, mode="drop")
-            rows = jax.tree.map(lambda a: a[s], sp)
-            logits = self._adjust(logits, counts[s], presence[s], frequency[s], bias[s])
-            if "mask" in slots:
-                logits = self._mask(logits, slots["mask"][s])
-            tok = self._pick(logits, rows, meta[:, PF_STEP0], filtered)
-            out["prefill"] = tok
-            out["pf_tok_lp"], out["pf_top_lp"], out["pf_top_id"] = self._logprobs(logits, tok)
-            write = (meta[:, PF_SAMPLE] > 0) & live
-            last_tok = last_tok.at[jnp.where(write, seq, S)].set(tok, mode="drop")
-            counts = counts.at[jnp.where(write, seq, S), tok].add(1, mode="drop")
-        if steps:
-            n_steps = ints[:, N_STEPS]
-            step0 = ints[:, STEP0]
-            eos = ints[:, EOS]
-            stop_ids = ints[:, STOP0:]
-            tok = jnp.where(ints[:, USE_HOST] > 0, ints[:, HOST_TOK], last_tok)
-            rows_all = jnp.arange(S, dtype=jnp.int32)
+            logits, pages, state = self._prefill_logits(model, pages, state, prefill)
+            last_tok, counts, out = self._sample_prefill(logits, last_tok, counts, bias, slots, prefill, None, filtered)
+        n_steps = ints[:, N_STEPS]
+        step0 = ints[:, STEP0]
+        eos = ints[:, EOS]
+        stop_ids = ints[:, STOP0:]
+        tok = self._input_tokens(ints, last_tok)
 
-            def one(j, pages, lengths, tok, alive, counts):
-                live = alive & (j < n_steps)
-                seq = jnp.where(live, rows_all, -1)
-                logits, pages, st = R.decode(model, pages, state.replace(lengths=lengths), tok, seq,
-                                             decode_kwargs=self.decode_kwargs or None, allocate=False)
-                logits = self._adjust(logits, counts, presence, frequency, bias)
-                if "mask" in slots:
-                    logits = self._mask(logits, slots["mask"])
-                new = self._pick(logits, sp, step0 + j, filtered)
-                counts = counts.at[jnp.where(live, rows_all, S), new].add(1, mode="drop")
-                stop = (new == eos) | jnp.any(new[:, None] == stop_ids, axis=1)
-                return logits, new, pages, st.lengths, jnp.where(live, new, tok), alive & ~(live & stop), \
-                    jnp.where(live, new, -1), counts
+        # A fixed trip count (no early exit): XLA then runs the loop without copying
+        # a predicate to the host each iteration, so the call is dispatched without
+        # waiting for the device and the host overlaps it. Rows that stopped idle.
+        def body(j, c):
+            pages, lengths, tok, alive, toks, counts = c
+            live = alive & (j < n_steps)
+            logits, pages, st = self._decode_logits(model, pages, state, lengths, tok, live)
+            _, new, counts = self._sample_decode(logits, counts, bias, slots, live, step0 + j, None, filtered)
+            stop = (new == eos) | jnp.any(new[:, None] == stop_ids, axis=1)
+            return (pages, st.lengths, jnp.where(live, new, tok), alive & ~(live & stop),
+                    toks.at[j].set(jnp.where(live, new, -1)), counts)
 
-            alive = n_steps > 0
-            if steps == 1:
-                logits, new, pages, _, tok, _, out_tok, counts = one(0, pages, state.lengths, tok, alive, counts)
-                out["decode"] = out_tok[None]
-                out["tok_lp"], out["top_lp"], out["top_id"] = self._logprobs(logits, new)
-            else:
-                # A fixed trip count (no early exit): XLA then runs the loop without copying
-                # a predicate to the host each iteration, so the call is dispatched without
-                # waiting for the device and the host overlaps it. Rows that stopped idle.
-                def body(j, c):
-                    pages, lengths, tok, alive, toks, counts = c
-                    _, _, pages, lengths, tok, alive, new, counts = one(j, pages, lengths, tok, alive, counts)
-                    return pages, lengths, tok, alive, toks.at[j].set(new), counts
-
-                toks = jnp.full((steps, S), -1, jnp.int32)
-                pages, _, tok, _, toks, counts = jax.lax.fori_loop(
-                    0, steps, body, (pages, state.lengths, tok, alive, toks, counts))
-                out["decode"] = toks
-            last_tok = tok
-        return pages, last_tok, counts, out
+        toks = jnp.full((steps, S), -1, jnp.int32)
+        pages, _, tok, _, toks, counts = jax.lax.fori_loop(
+            0, steps, body, (pages, state.lengths, tok, n_steps > 0, toks, counts))
+        out["decode"] = toks
+        return pages, tok, counts, out
 
     def _set_bias_impl(self, bias, slot, ids, vals):
         self.trace_counts["bias"] += 1

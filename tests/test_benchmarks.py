@@ -597,13 +597,15 @@ def test_structured_quick(tmp_path):
     assert set(cell["validity"]["by_schema"]) == set(data["config"]["schemas"]) and len(data["config"]["schemas"]) >= 5
     assert cell["tokens_matched"] and con["output_tokens"] == unc["output_tokens"] > 0
     assert con["finish_reasons"] == {"stop": con["requests"]}
-    # one mask per constrained token, each step read back at once; the unconstrained run
-    # computes none and runs multi-step calls
+    # one mask per constrained token (none for a row that stopped in the step read back
+    # while the forward ran), one decode step per call; the unconstrained run computes none
+    # and runs multi-step calls
     assert con["grammar_masks"] == con["output_tokens"] and con["multi_step_calls"] == 0
     assert con["host_s"]["grammar_mask_s"] > 0 and con["host_s"]["grammar_consume_s"] > 0
     assert unc["grammar_masks"] == 0 and unc["host_s"]["grammar_mask_s"] == 0 and unc["multi_step_calls"] > 0
     assert con["compiles"] == unc["compiles"] == 0
     assert cell["tok_s_ratio"] == pytest.approx(con["tok_s"] / unc["tok_s"])
+    assert cell["grammar_threads"] >= 1
     assert "tok/s vs unconstrained" in stdout
 
 

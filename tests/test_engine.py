@@ -525,3 +525,57 @@ def test_new_validation_messages(eng, model):
     s = bm.take_slot()
     with pytest.raises(ValueError, match="would hold 9 tokens; its table has room for 8"):
         bm.grow(s, 9)
+
+
+def test_guided_split_step_equals_the_one_call_step(model):
+    """`forward` + `sample` (the split a step with grammar rows uses) sample what one
+    `run` call samples from the same state: prefill, then a decode step with penalties and a
+    seeded row; and with a mask, a greedy row takes the best allowed id of the forward's logits."""
+    from flashjax.serving import step as S
+
+    kw = dict(num_blocks=16, max_seqs=4, block_size=4, max_blocks_per_seq=16, logprobs_k=4)
+    one, split = S.StepRunner(model, **kw), S.StepRunner(model, **kw)
+    sl = S.SlotBatch(4, 16)
+    prompts = {0: [5, 9, 2, 7, 1], 2: [3, 3, 8]}
+    pf = S.PrefillBatch(2, 8)
+    for i, (s, p) in enumerate(prompts.items()):
+        sl.tables[s, :2] = [2 * i, 2 * i + 1]
+        sl.ints[s, S.ACTIVE] = 1
+        pf.tokens[i, :len(p)] = p
+        pf.meta[i] = (s, len(p), 1, 0, len(p))
+    sl.ints[:, S.RESET] = 1
+    sl.floats[2, [S.TEMPERATURE, S.PRESENCE, S.FREQUENCY]] = (0.9, 0.5, 1.5)
+    sl.ints[2, S.SEED] = 11
+
+    def same(a, b):
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+        np.testing.assert_array_equal(np.asarray(one.last_tok), np.asarray(split.last_tok))
+        np.testing.assert_array_equal(np.asarray(one.counts), np.asarray(split.counts))
+
+    same(one.run(sl.arrays(), pf.arrays(), steps=0), split.sample(split.forward(sl.arrays(), pf.arrays(), decode=False)))
+    sl.ints[:, S.RESET] = 0
+    for step in (1, 2):  # decode from the device's last tokens
+        for s, p in prompts.items():
+            sl.ints[s, [S.LENGTH, S.N_STEPS, S.STEP0]] = (len(p) + step - 1, 1, step)
+        same(one.run(sl.arrays(), None, steps=1), split.sample(split.forward(sl.arrays(), None, decode=True)))
+    # masked: slot 0 (greedy) may only take ids 3, 40 or 77
+    for s, p in prompts.items():
+        sl.ints[s, [S.LENGTH, S.N_STEPS, S.STEP0]] = (len(p) + 2, 1, 3)
+    fwd = split.forward(sl.arrays(), None, decode=True)
+    mask = np.full((4, (VOCAB + 31) // 32), -1, np.int32)
+    mask[0] = 0
+    for t in (3, 40, 77):
+        mask[0, t // 32] |= np.int32(1 << (t % 32))
+    logits = np.asarray(fwd.logits["decode"][0])
+    assert int(np.argmax(logits)) not in (3, 40, 77), "the mask should change this row's token"
+    out = split.sample(fwd, mask)
+    assert int(out["decode"][0, 0]) == (3, 40, 77)[int(np.argmax(logits[[3, 40, 77]]))]
+    # a forward is sampled once, and only before the next call
+    with pytest.raises(RuntimeError, match="sampled already"):
+        split.sample(fwd, mask)
+    stale = split.forward(sl.arrays(), None, decode=True)
+    split.run(sl.arrays(), None, steps=1)
+    with pytest.raises(RuntimeError, match="not the last step call's forward"):
+        split.sample(stale)
