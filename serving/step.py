@@ -30,8 +30,8 @@ also be dispatched as two, `forward` (the model: pages written, logits left on
 the device) then `sample(fwd, mask)`, which excludes each row's tokens outside
 its int32 bitmask before sampling and returns what `run` would. The host
 computes the masks while the device runs the forward. Without a mask the two
-give what `run(..., steps=1 or 0)` gives: that call traces the same two halves
-in one jit.
+give what `run(..., steps=1 or 0)` gives (tests/test_guided.py compares them);
+`run` keeps its own one-jit step, the program measured in the benchmarks.
 
 Compiles: one variant per (prefill chunk bucket or none) x (decode steps 0, 1
 or K) x table width. Split calls compile, when first used, a forward per
@@ -378,43 +378,84 @@ class StepRunner:
         return self._sample_logits(logits, last_tok, counts, bias, slots, prefill, mask, filtered)
 
     def _step_impl(self, params, pages, last_tok, counts, bias, slots, prefill, *, steps, filtered):
+        # The one-call step, written out as it was measured on the H200 (2026-12-02: 8,029 tok/s
+        # llama-7b saturation); `forward` + `sample` (structured output) split the same
+        # computation over two calls, and tests/test_guided.py checks they agree with it.
         self.trace_counts["step"] += 1
         model = nnx.merge(self.graphdef, params)
-        if steps <= 1:  # what `forward` then `sample` dispatch as two calls, in one
-            pages, logits = self._forward_logits(model, pages, last_tok, slots, prefill, steps == 1)
-            last_tok, counts, out = self._sample_logits(logits, last_tok, counts, bias, slots, prefill, None, filtered)
-            return pages, last_tok, counts, out
         S = self.max_seqs
-        ints = slots["ints"]
+        ints, floats = slots["ints"], slots["floats"]
         counts = jnp.where(ints[:, RESET, None] > 0, 0, counts)
+        presence, frequency = floats[:, PRESENCE], floats[:, FREQUENCY]
         state = self._state(slots["tables"], ints[:, LENGTH], ints[:, ACTIVE] > 0)
+        sp = SamplingArrays(temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
+                            seed=jax.lax.bitcast_convert_type(ints[:, SEED], jnp.uint32))
         out = {}
         if prefill is not None:
-            logits, pages, state = self._prefill_logits(model, pages, state, prefill)
-            last_tok, counts, out = self._sample_prefill(logits, last_tok, counts, bias, slots, prefill, None, filtered)
-        n_steps = ints[:, N_STEPS]
-        step0 = ints[:, STEP0]
-        eos = ints[:, EOS]
-        stop_ids = ints[:, STOP0:]
-        tok = self._input_tokens(ints, last_tok)
+            meta = prefill["meta"]
+            seq = meta[:, PF_SLOT]
+            live = seq >= 0
+            s = jnp.clip(seq, 0, S - 1)
+            starts = jnp.where(live, ints[s, LENGTH], 0)
+            logits, pages, state = R.prefill(model, pages, state, prefill["tokens"], seq, meta[:, PF_LEN],
+                                             continuation=True, allocate=False)
+            # earlier outputs re-prefilled after a preemption count for the penalties again
+            T = prefill["tokens"].shape[1]
+            pos = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+            is_out = live[:, None] & (jnp.arange(T)[None, :] < meta[:, PF_LEN, None]) & (pos >= meta[:, PF_OUT0, None])
+            counts = counts.at[jnp.where(is_out, s[:, None], S), prefill["tokens"]].add(1, mode="drop")
+            rows = jax.tree.map(lambda a: a[s], sp)
+            logits = self._adjust(logits, counts[s], presence[s], frequency[s], bias[s])
+            if "mask" in slots:
+                logits = self._mask(logits, slots["mask"][s])
+            tok = self._pick(logits, rows, meta[:, PF_STEP0], filtered)
+            out["prefill"] = tok
+            out["pf_tok_lp"], out["pf_top_lp"], out["pf_top_id"] = self._logprobs(logits, tok)
+            write = (meta[:, PF_SAMPLE] > 0) & live
+            last_tok = last_tok.at[jnp.where(write, seq, S)].set(tok, mode="drop")
+            counts = counts.at[jnp.where(write, seq, S), tok].add(1, mode="drop")
+        if steps:
+            n_steps = ints[:, N_STEPS]
+            step0 = ints[:, STEP0]
+            eos = ints[:, EOS]
+            stop_ids = ints[:, STOP0:]
+            tok = jnp.where(ints[:, USE_HOST] > 0, ints[:, HOST_TOK], last_tok)
+            rows_all = jnp.arange(S, dtype=jnp.int32)
 
-        # A fixed trip count (no early exit): XLA then runs the loop without copying
-        # a predicate to the host each iteration, so the call is dispatched without
-        # waiting for the device and the host overlaps it. Rows that stopped idle.
-        def body(j, c):
-            pages, lengths, tok, alive, toks, counts = c
-            live = alive & (j < n_steps)
-            logits, pages, st = self._decode_logits(model, pages, state, lengths, tok, live)
-            _, new, counts = self._sample_decode(logits, counts, bias, slots, live, step0 + j, None, filtered)
-            stop = (new == eos) | jnp.any(new[:, None] == stop_ids, axis=1)
-            return (pages, st.lengths, jnp.where(live, new, tok), alive & ~(live & stop),
-                    toks.at[j].set(jnp.where(live, new, -1)), counts)
+            def one(j, pages, lengths, tok, alive, counts):
+                live = alive & (j < n_steps)
+                seq = jnp.where(live, rows_all, -1)
+                logits, pages, st = R.decode(model, pages, state.replace(lengths=lengths), tok, seq,
+                                             decode_kwargs=self.decode_kwargs or None, allocate=False)
+                logits = self._adjust(logits, counts, presence, frequency, bias)
+                if "mask" in slots:
+                    logits = self._mask(logits, slots["mask"])
+                new = self._pick(logits, sp, step0 + j, filtered)
+                counts = counts.at[jnp.where(live, rows_all, S), new].add(1, mode="drop")
+                stop = (new == eos) | jnp.any(new[:, None] == stop_ids, axis=1)
+                return logits, new, pages, st.lengths, jnp.where(live, new, tok), alive & ~(live & stop), \
+                    jnp.where(live, new, -1), counts
 
-        toks = jnp.full((steps, S), -1, jnp.int32)
-        pages, _, tok, _, toks, counts = jax.lax.fori_loop(
-            0, steps, body, (pages, state.lengths, tok, n_steps > 0, toks, counts))
-        out["decode"] = toks
-        return pages, tok, counts, out
+            alive = n_steps > 0
+            if steps == 1:
+                logits, new, pages, _, tok, _, out_tok, counts = one(0, pages, state.lengths, tok, alive, counts)
+                out["decode"] = out_tok[None]
+                out["tok_lp"], out["top_lp"], out["top_id"] = self._logprobs(logits, new)
+            else:
+                # A fixed trip count (no early exit): XLA then runs the loop without copying
+                # a predicate to the host each iteration, so the call is dispatched without
+                # waiting for the device and the host overlaps it. Rows that stopped idle.
+                def body(j, c):
+                    pages, lengths, tok, alive, toks, counts = c
+                    _, _, pages, lengths, tok, alive, new, counts = one(j, pages, lengths, tok, alive, counts)
+                    return pages, lengths, tok, alive, toks.at[j].set(new), counts
+
+                toks = jnp.full((steps, S), -1, jnp.int32)
+                pages, _, tok, _, toks, counts = jax.lax.fori_loop(
+                    0, steps, body, (pages, state.lengths, tok, alive, toks, counts))
+                out["decode"] = toks
+            last_tok = tok
+        return pages, last_tok, counts, out
 
     def _set_bias_impl(self, bias, slot, ids, vals):
         self.trace_counts["bias"] += 1
