@@ -683,3 +683,22 @@ def test_time_call_batches_short_calls():
     assert 1.9 <= t["min_ms"] and t["ms"] < 5, t  # per call, not per sample
     t = common.time_call(short, (), warmup=0, reps=2)
     assert t["calls_per_sample"] == 1
+
+
+def test_serve_table_shows_a_failed_loop_baseline():
+    """A one-jit loop baseline that failed (out of memory, say) shows its error in the
+    table and leaves the ratios empty instead of ending the run."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import serve
+    finally:
+        sys.path.remove(str(BENCH))
+    server = {"ok": 3, "requests": 3, "throughput_tok_s": 100.0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2,
+              "tpot_p50_s": 0.01, "tpot_p99_s": 0.02, "kv_utilization_mean": 0.5}
+    run = {"preset": "tiny", "params": 1e6, "server": server,
+           "static_batching": {"error": "JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory"}}
+    text = serve.table([run])
+    row = text.strip().splitlines()[-1]
+    assert "JaxRuntimeError: RESOURCE_EXHAUSTED" in row and "| - " in row
+    ok = dict(run, static_batching={"throughput_tok_s": 50.0, "step_p50_s": 0.02})
+    assert "| 2.00 " in serve.table([ok]).strip().splitlines()[-1]
