@@ -291,3 +291,21 @@ def test_masks_overlap_the_forward_and_skip_rows_that_stopped(engine, monkeypatc
     overlapped = sum(seg.index("sample") > 1 for seg in segments)  # a collect between forward and sample
     assert overlapped >= len(segments) - 2, events
     assert engine.blocks.num_used == 0
+
+
+def test_sample_refuses_a_forward_that_is_not_the_open_one(engine):
+    """StepRunner.sample takes only the last forward, once: sampling a stale or already
+    sampled forward would apply its logits to another step's state."""
+    from flashjax.serving import step as S
+
+    run = engine.runner
+    slots = S.SlotBatch(engine.max_seqs, engine.max_blocks_per_seq).arrays()
+    fwd = run.forward(slots, None, decode=True)
+    run.sample(fwd)
+    with pytest.raises(RuntimeError, match="not the last step call's forward"):
+        run.sample(fwd)
+    stale = run.forward(slots, None, decode=True)
+    last = run.forward(slots, None, decode=True)
+    with pytest.raises(RuntimeError, match="not the last step call's forward"):
+        run.sample(stale)
+    run.sample(last)  # all-padding slots: nothing was written or sampled for a sequence
